@@ -1,0 +1,64 @@
+"""Backend selection shared by every op.
+
+``backend="auto"`` picks Triton for CUDA tensors and the plain-torch reference for CPU tensors; the environment
+variable ``RLVR_KERNELS_BACKEND`` (``auto`` | ``triton`` | ``torch``) overrides what ``"auto"`` resolves to.
+``backend="triton"`` on CPU tensors needs the Triton interpreter, which Triton only enables when
+``TRITON_INTERPRET=1`` is set before ``triton`` is first imported (the test suite's conftest does this).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platforms without triton
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run under the NumPy interpreter (``TRITON_INTERPRET=1``)."""
+    if not triton_available():
+        return False
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover - older triton
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` into ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when Triton is asked for where it cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("RLVR_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"RLVR_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the 'triton' package, which is not installed")
+        if device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(
+                "backend='triton' on a CPU tensor runs the Triton interpreter, which must be enabled by setting "
+                "TRITON_INTERPRET=1 before triton is imported; use backend='torch' (or 'auto') on CPU otherwise"
+            )
+    return backend
+
+
+def max_grid() -> int:
+    """Largest number of programs we launch along one grid dimension (kernels loop over the rest)."""
+    return 65535
