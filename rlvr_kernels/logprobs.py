@@ -1,0 +1,354 @@
+"""Per-token log-probs and entropies: ``fused_linear_logprobs`` (hidden states x lm_head) and ``logprobs_from_logits``.
+
+Both are autograd-aware. On the Triton backend the linear form never materialises the ``[N, V]`` logits: the forward
+is one vocab pass that saves 8 bytes per token (lse, entropy); the backward recomputes logit tiles chunk by chunk
+of the vocabulary, writes ``dz`` for one chunk into a buffer of at most ``BACKWARD_CHUNK_BYTES`` and turns it into dX,
+dW and db with GEMMs. dW is written once per vocabulary chunk by one GEMM and dX is accumulated over chunks in a
+fixed order, so the backward is deterministic (no atomics). The torch backend is the plain-torch reference in
+``rlvr_kernels.reference.logprobs``, chunked over tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlvr_kernels._backend import resolve_backend
+from rlvr_kernels.reference import logprobs as ref
+
+# Upper bound on the dz buffer of one backward vocabulary chunk (Triton backend).
+BACKWARD_CHUNK_BYTES = 512 << 20
+# Rows x K x H elements per chunk when gathering extra ids (CPPO's Top-K divergences).
+_GATHER_CHUNK_ELEMENTS = 1 << 24
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_temperature(temperature: float) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
+def _check_int_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 token ids), got {t.dtype}")
+
+
+def _check_ids_range(ids: torch.Tensor, vocab: int, name: str, ignore_index: int | None = None) -> None:
+    """Every id in [0, vocab) (ids equal to ``ignore_index`` excepted); one host sync."""
+    if ids.numel() == 0:
+        return
+    check = ids if ignore_index is None else ids[ids != ignore_index]
+    if check.numel() == 0:
+        return
+    bad = (check < 0) | (check >= vocab)
+    if bool(bad.any()):
+        value = int(check[bad][0])
+        extra = "" if ignore_index is None else f" (other than ignore_index={ignore_index})"
+        raise ValueError(f"{name} must lie in [0, {vocab}){extra}; found {value}")
+
+
+def _check_float_tensor(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
+
+
+def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, gather_ids) -> None:
+    _check_float_tensor(hidden, "hidden")
+    _check_float_tensor(weight, "weight")
+    _check_int_tensor(targets, "targets")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H]")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H] (nn.Linear layout), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight's hidden size {weight.shape[1]} does not match hidden's last dimension {hidden.shape[-1]}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_float_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    _check_temperature(temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_ids_range(targets, weight.shape[0], "targets", ignore_index)
+    if gather_ids is not None:
+        _check_int_tensor(gather_ids, "gather_ids")
+        if gather_ids.dim() != targets.dim() + 1 or tuple(gather_ids.shape[:-1]) != tuple(targets.shape):
+            raise ValueError(
+                f"gather_ids must have shape [..., K] with leading shape {tuple(targets.shape)}, "
+                f"got {tuple(gather_ids.shape)}"
+            )
+        if gather_ids.device != hidden.device:
+            raise ValueError(f"gather_ids is on {gather_ids.device} but hidden is on {hidden.device}")
+        _check_ids_range(gather_ids, weight.shape[0], "gather_ids")
+
+
+def _gathered_logits(x, w, b, ids, inv_temp) -> torch.Tensor:
+    """fp32 ``[N, K]`` scaled logits at ``ids``: row-chunked dot products, O(N K H)."""
+    n, h = x.shape
+    k = ids.shape[1]
+    out = torch.empty((n, k), device=x.device, dtype=torch.float32)
+    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * h))
+    for s in range(0, n, chunk):
+        i = ids[s : s + chunk]
+        z = torch.einsum("rh,rkh->rk", x[s : s + chunk].float(), w[i].float())
+        if b is not None:
+            z = z + b[i].float()
+        out[s : s + chunk] = z * inv_temp
+    return out
+
+
+def _gathered_onehot_grads(x, w, ids, gg, inv_temp, dx, dw, db) -> None:
+    """Add the ``onehot(ids)`` part of the gathered outputs' gradient to dx, dw, db (row-chunked)."""
+    n, h = x.shape
+    k = ids.shape[1]
+    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * h))
+    for s in range(0, n, chunk):
+        i = ids[s : s + chunk]
+        g = gg[s : s + chunk] * inv_temp
+        if dx is not None:
+            dx[s : s + chunk] += torch.einsum("rk,rkh->rh", g, w[i].float()).to(dx.dtype)
+        if dw is not None:
+            rows = (g.unsqueeze(-1) * x[s : s + chunk].float().unsqueeze(1)).reshape(-1, h)
+            dw.index_add_(0, i.reshape(-1), rows.to(dw.dtype))
+        if db is not None:
+            db.index_add_(0, i.reshape(-1), g.reshape(-1))
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Triton path of :func:`fused_linear_logprobs` on flattened ``[N, H]`` inputs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, gather_ids, temperature, ignore_index):
+        from rlvr_kernels.kernels import logprobs as K
+
+        inv_temp = 1.0 / temperature
+        lse, ent, zt = K.merge_split_stats(*K.linear_stats_forward(hidden, weight, bias, targets, inv_temp))
+        ignored = targets == ignore_index
+        logp = torch.where(ignored, 0.0, zt - lse)
+        ent_out = torch.where(ignored, 0.0, ent)
+        if gather_ids is not None:
+            zg = _gathered_logits(hidden, weight, bias, gather_ids, inv_temp)
+            gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse.unsqueeze(1))
+        else:
+            gathered = logp.new_zeros((hidden.shape[0], 0))
+        ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, lse, ent)
+        ctx.inv_temp = inv_temp
+        ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)
+        return logp, ent_out, gathered
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_gath):
+        from rlvr_kernels.kernels import logprobs as K
+
+        x, w, b, tgt, ids, lse, ent = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, h = x.shape
+        v = w.shape[0]
+        keep = (tgt != ctx.ignore_index).float()
+        gl = g_logp.float() * keep if g_logp is not None else keep.new_zeros(n)
+        gh = g_ent.float() * keep if g_ent is not None else None
+        gg = g_gath.float() * keep.unsqueeze(1) if (g_gath is not None and ids is not None) else None
+        cp = gl + gg.sum(1) if gg is not None else gl
+        cols = K.backward_chunk_columns(n, v, 4 if x.dtype == torch.float16 else x.element_size(),
+                                        BACKWARD_CHUNK_BYTES)
+        single = cols >= v
+        # fp16 dz would underflow small gradients: keep it in fp32 and upcast the weight chunk for the GEMMs.
+        buf_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        acc_dtype = x.dtype if (single or x.dtype == torch.float32) and buf_dtype == x.dtype else torch.float32
+        dx = torch.zeros((n, h), device=x.device, dtype=acc_dtype) if need_x else None
+        dw = torch.empty_like(w) if need_w else None
+        db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_b else None
+        if n and (need_x or need_w or need_b):
+            buf = torch.empty((n, cols), device=x.device, dtype=buf_dtype)
+            xm = x if buf_dtype == x.dtype else x.to(buf_dtype)
+            for v0 in range(0, v, cols):
+                v1 = min(v, v0 + cols)
+                dz = buf[:, : v1 - v0]
+                K.linear_dlogits(x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz)
+                wc = w[v0:v1] if buf_dtype == w.dtype else w[v0:v1].to(buf_dtype)
+                if need_x:
+                    if dx.dtype == buf_dtype:
+                        dx.addmm_(dz, wc)
+                    else:
+                        dx += (dz @ wc).to(dx.dtype)
+                if need_w:
+                    if dw.dtype == buf_dtype:
+                        torch.mm(dz.T, xm, out=dw[v0:v1])
+                    else:
+                        dw[v0:v1] = (dz.T @ xm).to(dw.dtype)
+                if need_b:
+                    db[v0:v1] = dz.sum(0, dtype=torch.float32)
+        elif need_w:
+            dw.zero_()
+        if gg is not None and n:
+            _gathered_onehot_grads(x, w, ids, gg, ctx.inv_temp, dx, dw, db)
+        return (
+            None if dx is None else dx.to(x.dtype),
+            dw,
+            None if db is None else db.to(b.dtype),
+            None, None, None, None,
+        )
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    gather_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Per-token log-probs (and entropies) of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16 (float64 on the torch backend): the last hidden states.
+        weight: ``[V, H]`` lm_head weight (nn.Linear layout), same dtype and device as ``hidden``.
+        targets: int64 ``[...]`` (hidden's leading shape), each in ``[0, V)`` or equal to ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature: logits are divided by it (> 0); gradients carry the same ``1 / T``.
+        ignore_index: rows with this target give ``logp = 0``, ``entropy = 0`` and no gradient.
+        return_entropy: also return the full-vocabulary entropy ``-sum_v p_v log p_v``.
+        gather_ids: optional int64 ``[..., K]``: also return the log-probs at these ids (CPPO's Top-K divergences).
+        backend: ``"auto"`` (Triton on CUDA, torch reference on CPU), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)`` fp32 of ``targets``' shape (entropy is None when not requested), plus ``gathered``
+        fp32 ``[..., K]`` as a third element when ``gather_ids`` is given. All outputs are differentiable with
+        respect to hidden, weight and bias; the entropy gradient is exact, ``-p (log p + H) / T`` times its
+        upstream gradient. (float64 inputs on the torch backend give float64 outputs.)
+
+    Memory: the Triton path saves 8 bytes per token and never materialises the logits; the torch path keeps
+    O(N + chunk * V). Raises ``TypeError``/``ValueError`` naming the argument on bad input, before any kernel runs.
+    """
+    _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, gather_ids)
+    lead = tuple(targets.shape)
+    h = hidden.shape[-1]
+    x = hidden.reshape(-1, h)
+    t = targets.reshape(-1).long()
+    ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
+    which = resolve_backend(backend, hidden.device)
+    if which == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64")
+    if which == "triton" and x.shape[0] > 0:
+        logp, ent, gathered = _FusedLinearLogprobs.apply(x, weight, bias, t, ids, float(temperature), ignore_index)
+        if gather_ids is None:
+            gathered = None
+    else:
+        logp, ent, gathered = ref.linear_logprobs(
+            x, weight, t, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
+            return_entropy=return_entropy, gather_ids=ids,
+        )
+    logp = logp.reshape(lead)
+    ent = ent.reshape(lead) if return_entropy else None
+    if gather_ids is None:
+        return logp, ent
+    return logp, ent, gathered.reshape(lead + (gather_ids.shape[-1],))
+
+
+class _LogprobsFromLogits(torch.autograd.Function):
+    """Triton path of :func:`logprobs_from_logits` on ``[N, V]`` logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index):
+        from rlvr_kernels.kernels import logprobs as K
+
+        inv_temp = 1.0 / temperature
+        logp, ent, lse = K.logits_forward(logits, targets, inv_temp, ignore_index)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.inv_temp = inv_temp
+        ctx.ignore_index = ignore_index
+        ctx.set_materialize_grads(False)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        from rlvr_kernels.kernels import logprobs as K
+
+        logits, tgt, lse, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
+        gh = g_ent.float().contiguous() if g_ent is not None else None
+        dz = K.logits_backward(logits, tgt, lse, ent, gl, gh, ctx.inv_temp, ctx.ignore_index)
+        return dz, None, None, None
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    backend: str = "auto",
+):
+    """Per-token log-probs and entropies from logits a model already produced (TRL's default path).
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 on the torch backend); not modified.
+        targets: int64 ``[...]`` (logits' leading shape), in ``[0, V)`` or ``ignore_index``.
+        temperature, ignore_index, return_entropy, backend: as in :func:`fused_linear_logprobs`.
+
+    Returns:
+        ``(logp, entropy)`` fp32 of ``targets``' shape (entropy None when not requested), differentiable with
+        respect to ``logits``. The Triton backward writes the gradient in the logits' dtype directly (no fp32 copy
+        of the logits is made); the forward reads them once, row by row.
+    """
+    _check_float_tensor(logits, "logits")
+    _check_int_tensor(targets, "targets")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
+        )
+    if targets.device != logits.device:
+        raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
+    _check_temperature(temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v = logits.shape[-1]
+    _check_ids_range(targets, v, "targets", ignore_index)
+    lead = tuple(targets.shape)
+    z = logits.reshape(-1, v)
+    t = targets.reshape(-1).long()
+    which = resolve_backend(backend, logits.device)
+    if which == "triton" and logits.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64")
+    if which == "triton" and z.shape[0] > 0:
+        if z.stride(-1) != 1:
+            z = z.contiguous()
+        logp, ent = _LogprobsFromLogits.apply(z, t, float(temperature), ignore_index)
+    else:
+        logp, ent = ref.logprobs_from_logits(
+            z, t, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

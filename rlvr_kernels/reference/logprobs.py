@@ -1,0 +1,195 @@
+"""Plain-torch reference for per-token log-probs and entropies (the CPU path and the oracle of the Triton kernels).
+
+Math, for scaled logits ``z = (x @ W.T + b) / T`` of one token with target ``y``::
+
+    logp    = z_y - logsumexp(z)
+    entropy = -sum_v p_v log p_v,  p = softmax(z)
+
+Computed in float32, or float64 when an input is float64. Rows whose target is ``ignore_index`` give 0 for both
+outputs (and no gradient). ``logprobs_from_logits`` differentiates through these ops with autograd; the linear form
+runs over token chunks with the analytic gradient (:func:`dlogits_from_scaled_logits`), recomputing each chunk's
+logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V).
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one [chunk, V] fp32 buffer; the chunked linear path holds a handful of them at once.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any given tensor is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def logprobs_from_scaled_logits(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    gather_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-prob of ``targets``, entropy and optional gathered log-probs from already scaled logits.
+
+    z: ``[N, V]`` float32/float64 (already divided by the temperature); targets: int64 ``[N]``;
+    gather_ids: int64 ``[N, K]`` or None. Returns ``(logp [N], entropy [N] | None, gathered [N, K] | None)`` in
+    ``z``'s dtype; rows with ``targets == ignore_index`` give 0 (also in ``gathered``).
+    """
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(targets), targets)
+    logz = torch.log_softmax(z, dim=-1)
+    zero = z.new_zeros(())
+    logp = torch.where(ignored, zero, logz.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
+    entropy = None
+    if return_entropy:
+        # Masked vocabulary entries (z = -inf) contribute 0, not 0 * -inf; the where keeps their gradient finite too.
+        finite_logz = torch.where(torch.isfinite(logz), logz, zero)
+        entropy = torch.where(ignored, zero, -(logz.exp() * finite_logz).sum(-1))
+    gathered = None
+    if gather_ids is not None:
+        gathered = torch.where(ignored.unsqueeze(-1), zero, logz.gather(-1, gather_ids))
+    return logp, entropy, gathered
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference of :func:`rlvr_kernels.logprobs_from_logits` on ``[N, V]`` logits, chunked over rows.
+
+    Returns fp32 (fp64 for fp64 logits) ``logp [N]`` and ``entropy [N]`` (None when not requested).
+    """
+    cdt = compute_dtype(logits)
+    n, v = logits.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
+    logps, ents = [], []
+    for s in range(0, n, chunk):
+        z = logits[s : s + chunk].to(cdt) / temperature
+        lp, ent, _ = logprobs_from_scaled_logits(
+            z, targets[s : s + chunk], ignore_index=ignore_index, return_entropy=return_entropy
+        )
+        logps.append(lp)
+        ents.append(ent)
+    if n == 0:
+        empty = logits.new_zeros((0,), dtype=cdt) + logits.sum() * 0
+        return empty, (empty.clone() if return_entropy else None)
+    return torch.cat(logps), (torch.cat(ents) if return_entropy else None)
+
+
+def _scaled_logits(x, w, b, inv_temp):
+    z = x.to(w.dtype) @ w.T
+    if b is not None:
+        z = z + b
+    return z * inv_temp
+
+
+def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
+    """``dL/dz`` for one chunk: ``g_logp (onehot - p) - (c_p - g_logp) p - g_ent p (log p + H)``.
+
+    z ``[n, V]`` scaled logits; lse, entropy, g_logp, c_p ``[n]`` (c_p = g_logp + sum of the gathered outputs'
+    gradients, which take their ``-p`` part here); g_ent ``[n]`` or None. Rows to ignore carry zero gradients.
+    The caller multiplies by ``1 / T`` and adds the gathered outputs' one-hot part.
+    """
+    logp_v = z - lse.unsqueeze(1)
+    p = logp_v.exp()
+    dz = -c_p.unsqueeze(1) * p
+    if g_ent is not None:
+        finite = torch.where(p > 0, logp_v + entropy.unsqueeze(1), torch.zeros_like(p))
+        dz -= g_ent.unsqueeze(1) * p * finite
+    safe = torch.where(g_logp != 0, targets, torch.zeros_like(targets)).clamp_min(0)
+    dz.scatter_add_(1, safe.unsqueeze(1), g_logp.unsqueeze(1))
+    return dz
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """Token-chunked forward and analytic backward: O(N) saved, one ``[chunk, V]`` block live at a time."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk):
+        n = x.shape[0]
+        cdt = w.dtype
+        logp = x.new_empty(n, dtype=cdt)
+        ent = x.new_empty(n, dtype=cdt)
+        lse = x.new_empty(n, dtype=cdt)
+        k = 0 if gather_ids is None else gather_ids.shape[1]
+        gathered = x.new_empty((n, k), dtype=cdt)
+        for s in range(0, n, chunk):
+            z = _scaled_logits(x[s : s + chunk], w, b, inv_temp)
+            ids = None if gather_ids is None else gather_ids[s : s + chunk]
+            lp, en, g = logprobs_from_scaled_logits(z, targets[s : s + chunk], ignore_index=ignore_index,
+                                                    gather_ids=ids)
+            logp[s : s + chunk], ent[s : s + chunk] = lp, en
+            lse[s : s + chunk] = torch.logsumexp(z, dim=1)
+            if g is not None:
+                gathered[s : s + chunk] = g
+        ctx.save_for_backward(x, w, b, targets, gather_ids, lse, ent)
+        ctx.inv_temp, ctx.ignore_index, ctx.chunk = inv_temp, ignore_index, chunk
+        ctx.set_materialize_grads(False)
+        return logp, ent, gathered
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_gath):
+        x, w, b, targets, ids, lse, ent = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n, cdt = x.shape[0], w.dtype
+        keep = (targets != ctx.ignore_index).to(cdt)
+        gl = g_logp.to(cdt) * keep if g_logp is not None else keep * 0
+        gh = g_ent.to(cdt) * keep if g_ent is not None else None
+        gg = g_gath.to(cdt) * keep.unsqueeze(1) if (g_gath is not None and ids is not None) else None
+        cp = gl + gg.sum(1) if gg is not None else gl
+        dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
+        dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+        db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
+        for s in range(0, n, ctx.chunk):
+            e = min(n, s + ctx.chunk)
+            xc = x[s:e].to(cdt)
+            z = _scaled_logits(xc, w, b, ctx.inv_temp)
+            dz = dlogits_from_scaled_logits(z, lse[s:e], ent[s:e], targets[s:e], gl[s:e],
+                                            None if gh is None else gh[s:e], cp[s:e])
+            if gg is not None:
+                dz.scatter_add_(1, ids[s:e], gg[s:e])
+            dz *= ctx.inv_temp
+            if need_x:
+                dx[s:e] = dz @ w
+            if need_w:
+                dw.addmm_(dz.T, xc)
+            if need_b:
+                db += dz.sum(0)
+        return dx, dw, db, None, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    gather_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Reference of :func:`rlvr_kernels.fused_linear_logprobs` on flattened inputs.
+
+    hidden ``[N, H]``, weight ``[V, H]``, targets int64 ``[N]``, bias ``[V]`` or None, gather_ids int64 ``[N, K]`` or
+    None. Computes in float32 (float64 if an input is float64); the weight is cast once (a weight-sized copy when
+    it is not already in that dtype). Token chunks of ``chunk_size`` rows (default: about ``CHUNK_ELEMENTS / V``);
+    the forward saves O(N) values and the backward recomputes each chunk's logits, so memory stays
+    O(N + chunk * V) plus the gradients. Returns ``(logp [N], entropy [N] | None, gathered [N, K] | None)``;
+    the entropy output is computed either way and dropped when not requested.
+    """
+    cdt = compute_dtype(hidden, weight, bias)
+    w = weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    chunk = chunk_size or max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
+    logp, ent, gathered = _ChunkedLinearLogprobs.apply(
+        hidden, w, b, targets, gather_ids, 1.0 / temperature, ignore_index, chunk
+    )
+    return logp, (ent if return_entropy else None), (gathered if gather_ids is not None else None)
