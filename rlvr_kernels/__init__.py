@@ -3,6 +3,7 @@ from rlvr_kernels.layout import check_cu_seqlens, cu_seqlens_from_lengths, packe
 from rlvr_kernels.logprobs import fused_linear_logprobs, logprobs_from_logits
 
 # --- token ops (schedule / credit) ---
+from rlvr_kernels.schedule import TemporalSchedule; from rlvr_kernels.credit import trajectory_percentile, tp_schedule_mask, forking_token_mask, entropy_shaped_advantages, d3s_token_mask  # noqa: E702,E501
 # --- token ops (cppo / delta) ---
 
 __version__ = "0.1.0"

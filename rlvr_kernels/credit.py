@@ -1,0 +1,439 @@
+"""Token-level credit-allocation ops for RLVR: trajectory percentiles, TP-Schedule masks, forking tokens,
+entropy-shaped advantages and the D^3S token criterion.
+
+Layouts (every op accepts both and gives identical results):
+
+- padded: ``mask [B, T]`` (bool, or any real dtype read as ``mask != 0``; right padding) and per-token tensors
+  ``[B, T]``;
+- packed: ``mask [total]`` plus ``cu_seqlens`` (int ``[B + 1]``, see :func:`rlvr_kernels.check_cu_seqlens`) and
+  per-token tensors ``[total]``.
+
+Conventions: positions ``t`` are 0-based within the row; ``L`` = last valid index + 1 (the length, equal to the valid
+count ``n`` for right-padded rows); statistics in fp32, per-row integers (cut-offs, budgets) in float64 on the host;
+outputs are fp32 or bool, in the layout of the input. Invalid (masked) positions are 0 / False in every output, even
+if the input holds non-finite values there. ``backend="auto" | "triton" | "torch"`` as in :mod:`rlvr_kernels._backend`;
+``block_size`` (Triton only) is the number of tokens a program handles per loop step (tests use small ones).
+
+The Triton kernels run one program per row, looping over blocks of the row (rows of 64k+ tokens work) and over rows
+(no grid dimension above 65535); see :mod:`rlvr_kernels.kernels.credit` and :mod:`rlvr_kernels.kernels.select`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from rlvr_kernels._backend import resolve_backend
+from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
+from rlvr_kernels.reference import credit as ref
+
+__all__ = [
+    "trajectory_percentile",
+    "tp_schedule_mask",
+    "forking_token_mask",
+    "entropy_shaped_advantages",
+    "d3s_token_mask",
+    "D3S_SCOPES",
+]
+
+D3S_SCOPES = ("batch", "sequence")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# argument checking and the two layouts
+# ----------------------------------------------------------------------------------------------------------------------
+def _unit_scalar(name: str, value) -> float:
+    """A python/numpy real or a one-element tensor in [0, 1] -> float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not (0.0 <= v <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return v
+
+
+def _positive_scalar(name: str, value, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v >= 0.0 if allow_zero else v > 0.0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return v
+
+
+def _check_block(block_size) -> Optional[int]:
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    b = int(block_size)
+    if b < 16 or b & (b - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {b}")
+    return b
+
+
+class _Rows:
+    """The validated layout of one call: padded ``[B, T]`` or packed ``[total]`` + ``cu_seqlens``."""
+
+    def __init__(self, mask, cu_seqlens):
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be a bool (or real) tensor, got {mask.dtype}")
+        self.device = mask.device
+        self.shape = tuple(mask.shape)
+        if cu_seqlens is None:
+            if mask.dim() != 2:
+                raise ValueError(
+                    f"mask must be [B, T] in the padded layout, got shape {self.shape} "
+                    "(pass cu_seqlens for the packed 1-D layout)"
+                )
+            self.packed = False
+            self.cu = None
+            self.B, self.T = self.shape
+        else:
+            if mask.dim() != 1:
+                raise ValueError(f"mask must be 1-D [total] when cu_seqlens is given, got shape {self.shape}")
+            if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device != mask.device:
+                raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but mask is on {mask.device}")
+            self.cu = check_cu_seqlens(cu_seqlens, mask.shape[0])
+            self.packed = True
+            self.B = self.cu.numel() - 1
+            self.T = None
+        self.valid = mask if mask.dtype == torch.bool else mask != 0
+
+    # --- checks of the other tensors ------------------------------------------------------------------------------
+    def check_token_tensor(self, name: str, x, *, integer_ok: bool = False) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not (x.dtype.is_floating_point or (integer_ok and not x.is_complex() and x.dtype != torch.bool)):
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"{name} must have the shape of mask {self.shape}, got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but mask is on {self.device}")
+        return x
+
+    def check_advantages(self, adv) -> tuple[torch.Tensor, bool]:
+        """Returns (advantages, per_token). Per row: ``[B]`` or ``[B, 1]``; per token: the shape of mask."""
+        if not isinstance(adv, torch.Tensor):
+            raise TypeError(f"advantages must be a torch.Tensor, got {type(adv).__name__}")
+        if not adv.dtype.is_floating_point:
+            raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
+        if adv.device != self.device:
+            raise ValueError(f"advantages is on {adv.device} but mask is on {self.device}")
+        shape = tuple(adv.shape)
+        if shape == self.shape:
+            return adv, True
+        if shape in ((self.B,), (self.B, 1)):
+            return adv.reshape(self.B), False
+        raise ValueError(
+            f"advantages must be per row [B]={(self.B,)} (or [B, 1]) or per token {self.shape}, got {shape}"
+        )
+
+    def check_finite(self, name: str, x: torch.Tensor, per_token: bool = True) -> None:
+        if x.numel() == 0 or not x.dtype.is_floating_point:
+            return
+        if per_token:
+            bad = ~torch.isfinite(x) & self.valid
+        else:
+            bad = ~torch.isfinite(x) & (self.counts() > 0)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has non-finite values at valid positions")
+
+    # --- per-row quantities ------------------------------------------------------------------------------------
+    def _row_ids(self) -> torch.Tensor:
+        spans = self.cu[1:] - self.cu[:-1]
+        return torch.repeat_interleave(torch.arange(self.B, device=self.device), spans)
+
+    def lengths(self) -> torch.Tensor:
+        """L = last valid index + 1 per row (int64 [B])."""
+        if not self.packed:
+            return ref.row_lengths(self.valid)
+        total = self.shape[0]
+        row = self._row_ids()
+        pos = torch.arange(1, total + 1, device=self.device) - self.cu[:-1][row]
+        end = torch.where(self.valid, pos, torch.zeros_like(pos))
+        return torch.zeros(self.B, dtype=torch.int64, device=self.device).scatter_reduce_(
+            0, row, end, reduce="amax", include_self=True
+        )
+
+    def counts(self) -> torch.Tensor:
+        """n = number of valid tokens per row (int64 [B])."""
+        if not self.packed:
+            return ref.valid_counts(self.valid)
+        cs = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=self.device)
+        cs[1:] = torch.cumsum(self.valid.to(torch.int64), 0)
+        return cs[self.cu[1:]] - cs[self.cu[:-1]]
+
+    # --- the flat "rows" view of the Triton kernels ---------------------------------------------------------------
+    def valid8(self) -> torch.Tensor:
+        return self.valid.contiguous().reshape(-1).view(torch.int8)
+
+    def starts_spans(self):
+        if self.packed:
+            return self.cu[:-1].contiguous(), (self.cu[1:] - self.cu[:-1]).contiguous()
+        starts = torch.arange(self.B, device=self.device, dtype=torch.int64) * self.T
+        return starts, torch.full((self.B,), self.T, dtype=torch.int64, device=self.device)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous().reshape(-1)
+
+    def unflat(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(self.shape)
+
+    # --- the padded view of the torch reference --------------------------------------------------------------------
+    def padded_valid(self) -> torch.Tensor:
+        if not self.packed:
+            return self.valid
+        return packed_to_padded(self.valid, self.cu, fill=False)
+
+    def to_padded(self, x: torch.Tensor, per_token: bool = True) -> torch.Tensor:
+        if not self.packed or not per_token:
+            return x
+        return packed_to_padded(x, self.cu, fill=0)
+
+    def from_padded(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return y
+        return padded_to_packed(y, self.cu)
+
+
+def _backend(backend: str, rows: _Rows) -> str:
+    return resolve_backend(backend, rows.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------------------------------
+def trajectory_percentile(
+    mask: torch.Tensor,
+    *,
+    values: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Trajectory percentile of every token in its own row (TP-Schedule, tp-schedule.md section 1).
+
+    Without ``values``: the relative position ``t / L`` (fp32) of token ``t``, with ``L`` the row length (last valid
+    index + 1); in ``[0, (L - 1) / L]``. This is TP-Schedule's criterion: a token is targeted at cut-off q iff
+    its position is ``>= b = min(floor(L q), L - 1)`` (use :func:`tp_schedule_mask` for the exact integer cut-off).
+
+    With ``values`` (float or integer, shape of ``mask``, no NaN on valid tokens): the rank percentile
+    ``rank / n`` where ``rank`` is the 0-based ASCENDING rank of the token's value among the ``n`` valid tokens of
+    its row, ties broken by lower index (the earlier token ranks lower); in ``[0, (n - 1) / n]``. This path is a
+    segmented stable sort in torch (O(L log L)) for both backends; a per-row Triton kernel would be O(L^2).
+
+    Shapes: ``mask [B, T]`` (padded) or ``[total]`` with ``cu_seqlens``; returns fp32 of the same shape, 0 on invalid
+    tokens. A row without valid tokens is all 0; a one-token row gives 0.
+    """
+    rows = _Rows(mask, cu_seqlens)
+    block = _check_block(block_size)
+    if values is not None:
+        rows.check_token_tensor("values", values, integer_ok=True)
+        if values.dtype.is_floating_point and bool((torch.isnan(values) & rows.valid).any()):
+            raise ValueError("values has NaN at valid positions")
+        _backend(backend, rows)  # validate the name even though both backends sort in torch
+        v = values if values.dtype in (torch.float32, torch.float64) or not values.dtype.is_floating_point \
+            else values.float()
+        out = ref.rank_percentile(rows.to_padded(v), rows.padded_valid())
+        return rows.from_padded(out)
+    if _backend(backend, rows) == "torch":
+        return rows.from_padded(ref.position_percentile(rows.padded_valid()))
+    from rlvr_kernels.kernels import credit as kern
+
+    starts, spans = rows.starts_spans()
+    out = kern.position_percentile(rows.valid8(), rows.lengths(), starts, spans, block=block)
+    return rows.unflat(out)
+
+
+def tp_schedule_mask(
+    mask: torch.Tensor,
+    q,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    reverse: bool = False,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """TP-Schedule's targeted tokens (tp-schedule.md sections 1 and 6.1): ``t >= b`` with ``b = min(floor(L q), L - 1)``.
+
+    ``q`` in ``[0, 1]`` is the schedule value ``TemporalSchedule(...)(k)`` of the current step (python float or a
+    one-element tensor). The cut-off is computed per row in float64 in torch and passed to the kernel as an integer,
+    so (L, q) -> b: (10, 0.55) -> 5, (10, 0.99) -> 9, (1, 0.99) -> 0, (1000, 0.99) -> 990, (7, 0.5) -> 3, (10, 0) -> 0.
+    ``L`` is the row length (last valid index + 1); at least the last token of every non-empty row stays targeted;
+    q = 0 targets the whole row (plain GRPO). The result is a binary loss mask: aggregate the loss over the tokens it
+    keeps (``sum(m l) / sum(m)``, token-mean over active tokens, as in the official code).
+
+    ``reverse=True`` (EXPERIMENTAL, early-first, not in the paper's experiments; tp-schedule.md 6.5) keeps
+    ``t < max(ceil(L (1 - q)), 1)`` instead, so at least the first token stays targeted.
+
+    Returns a bool tensor of the shape of ``mask`` (False on invalid tokens and empty rows).
+    """
+    rows = _Rows(mask, cu_seqlens)
+    q = _unit_scalar("q", q)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    block = _check_block(block_size)
+    if _backend(backend, rows) == "torch":
+        return rows.from_padded(ref.tp_schedule_mask(rows.padded_valid(), q, reverse=reverse))
+    from rlvr_kernels.kernels import credit as kern
+
+    lo, hi = ref.tp_bounds(rows.lengths(), q, reverse=reverse)
+    starts, spans = rows.starts_spans()
+    return rows.unflat(kern.range_mask(rows.valid8(), lo, hi, starts, spans, block=block))
+
+
+def forking_token_mask(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Forking (high-entropy) tokens per row: the top ``ceil(n rho)`` valid tokens by entropy, ties to the lower index.
+
+    TP-Schedule's "Forking Tok. -> Schedule" variant (tp-schedule.md section 3, ``compute_entropy_topk_response_mask``,
+    and 6.8 for the deterministic tie rule), where ``rho = 1 - q(k)`` grows from 0.01 to 1; with a fixed ``rho = 0.2``
+    it is a per-row version of the 80/20 forking-token rule. ``n`` is the row's number of valid tokens and the budget
+    ``ceil(n rho)`` is computed in float64 (note ``ceil(10 * 0.3) = 4`` in binary floating point, exactly as in the
+    official Python code). ``rho = 0`` keeps nothing.
+
+    ``entropy``: float tensor of the shape of ``mask`` (any float dtype, compared in fp32; finite on valid tokens).
+    Returns bool of the shape of ``mask``. Triton path: a radix select of the k-th largest entropy per row on the fp32
+    bit pattern, then one blocked pass with a prefix count of ties (:mod:`rlvr_kernels.kernels.select`); no sort.
+    """
+    rows = _Rows(mask, cu_seqlens)
+    rows.check_token_tensor("entropy", entropy)
+    rho = _unit_scalar("rho", rho)
+    block = _check_block(block_size)
+    rows.check_finite("entropy", entropy)
+    if _backend(backend, rows) == "torch":
+        out = ref.forking_token_mask(rows.to_padded(entropy), rows.padded_valid(), rho)
+        return rows.from_padded(out)
+    from rlvr_kernels.kernels import credit as kern
+
+    k = ref.topk_budget(rows.counts(), rho)
+    starts, spans = rows.starts_spans()
+    return rows.unflat(kern.topk_mask(rows.flat(entropy), rows.valid8(), starts, spans, k, block=block))
+
+
+def entropy_shaped_advantages(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    scale,
+    *,
+    alpha: float = 0.4,
+    kappa: float = 2.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Entropy-shaped advantages ``A' = (A + scale * min(alpha H, |A| / kappa)) * mask`` (fp32).
+
+    The entropy-advantage rule of Cheng et al. 2025 (``scale = 1``) and its TP-Schedule variant "Entropy Adv. ->
+    Schedule" with ``scale = q(k)`` (tp-schedule.md section 3 and 6.9, ``apply_entropy_soft_weight_to_advantage``;
+    alpha = 0.4, kappa = 2 as in the released scripts). The bonus is >= 0 and at most ``|A| / kappa``, so the sign of A
+    is kept; a zero advantage stays exactly 0. ``H`` should be the detached old-policy entropy.
+
+    Shapes: ``entropy`` like ``mask`` (``[B, T]``, or ``[total]`` with ``cu_seqlens``); ``advantages`` per row
+    ``[B]`` (or ``[B, 1]``) broadcast over the row, or per token like ``mask`` (in the packed layout a 1-D tensor of
+    length ``total`` is read per token). ``scale`` in ``[0, 1]``, ``alpha >= 0``, ``kappa > 0``. Advantages and
+    entropies must be finite on valid tokens. Returns fp32 of the shape of ``mask``, exactly 0 on invalid tokens.
+    """
+    rows = _Rows(mask, cu_seqlens)
+    adv, per_token = rows.check_advantages(advantages)
+    rows.check_token_tensor("entropy", entropy)
+    scale = _unit_scalar("scale", scale)
+    alpha = _positive_scalar("alpha", alpha, allow_zero=True)
+    kappa = _positive_scalar("kappa", kappa, allow_zero=False)
+    block = _check_block(block_size)
+    rows.check_finite("advantages", adv, per_token)
+    rows.check_finite("entropy", entropy)
+    if _backend(backend, rows) == "torch":
+        out = ref.entropy_shaped_advantages(
+            rows.to_padded(adv, per_token), rows.to_padded(entropy), rows.padded_valid(), scale, alpha, kappa
+        )
+        return rows.from_padded(out)
+    from rlvr_kernels.kernels import credit as kern
+
+    starts, spans = rows.starts_spans()
+    out = kern.token_advantage_op(
+        adv, entropy, rows.valid8(), starts, spans, per_token=per_token, op=kern.OP_ENTROPY_SHAPED,
+        scale=scale, alpha=alpha, kappa=kappa, block=block,
+    )
+    return rows.unflat(out)
+
+
+def d3s_token_mask(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho,
+    *,
+    scope: str = "batch",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """D^3S token criterion (Wang et al., "Learning More with Less", ICLR 2026, arXiv 2509.22115; schedules.md).
+
+    Scores every valid token by ``|A| H`` (fp32; ``A`` its advantage, ``H`` the detached full-vocabulary entropy of the
+    current policy) and keeps the top ``ceil(n rho)`` valid tokens by score (``n`` valid tokens in scope, budget in
+    float64), ties to the lower flat index: over the whole batch (``scope="batch"``, default; flat row-major order,
+    which is also the packed order) or within each row (``scope="sequence"``). Aggregate the loss over the kept tokens
+    only. Tokens with a zero advantage score 0 and are kept only when the budget reaches them (lowest index first).
+
+    Under a schedule use ``rho = 1 - q(k)``: the dynamic down-sampling starts aggressive and relaxes to keeping every
+    token. Our default starting keep-fraction is ``rho_0 = 0.2`` (the 80/20 high-entropy-token convention; the paper's
+    own value was not available to us), i.e. ``TemporalSchedule(start_value=0.8, end_value=0.0, total_steps=T)`` and
+    ``rho = 1 - schedule(k)``.
+
+    Shapes as in :func:`entropy_shaped_advantages` (advantages per row or per token). Returns bool like ``mask``.
+    Triton path: one kernel writes the scores, then the radix select of :mod:`rlvr_kernels.kernels.select` (one
+    program for ``scope="batch"``, one per row for ``"sequence"``). The sample-level D^3S step (choosing rollouts
+    within a group) belongs to the data pipeline and is not provided here.
+    """
+    rows = _Rows(mask, cu_seqlens)
+    if not isinstance(scope, str) or scope not in D3S_SCOPES:
+        raise ValueError(f"scope must be one of {D3S_SCOPES}, got {scope!r}")
+    adv, per_token = rows.check_advantages(advantages)
+    rows.check_token_tensor("entropy", entropy)
+    rho = _unit_scalar("rho", rho)
+    block = _check_block(block_size)
+    rows.check_finite("advantages", adv, per_token)
+    rows.check_finite("entropy", entropy)
+    if _backend(backend, rows) == "torch":
+        out = ref.d3s_token_mask(
+            rows.to_padded(adv, per_token), rows.to_padded(entropy), rows.padded_valid(), rho, scope=scope
+        )
+        return rows.from_padded(out)
+    from rlvr_kernels.kernels import credit as kern
+
+    starts, spans = rows.starts_spans()
+    valid8 = rows.valid8()
+    scores = kern.token_advantage_op(
+        adv, entropy, valid8, starts, spans, per_token=per_token, op=kern.OP_D3S_SCORE, block=block
+    )
+    if scope == "sequence":
+        k = ref.topk_budget(rows.counts(), rho)
+    else:
+        n = valid8.numel()
+        starts = torch.zeros(1, dtype=torch.int64, device=rows.device)
+        spans = torch.full((1,), n, dtype=torch.int64, device=rows.device)
+        k = ref.topk_budget(rows.valid.sum(dtype=torch.int64).reshape(1), rho)
+    return rows.unflat(kern.topk_mask(scores, valid8, starts, spans, k, block=block))
+
