@@ -168,11 +168,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, h = x.shape
         v = w.shape[0]
-        keep = (tgt != ctx.ignore_index).float()
-        gl = g_logp.float() * keep if g_logp is not None else keep.new_zeros(n)
-        gh = g_ent.float() * keep if g_ent is not None else None
-        gg = g_gath.float() * keep.unsqueeze(1) if (g_gath is not None and ids is not None) else None
-        cp = gl + gg.sum(1) if gg is not None else gl
+        gl, gh, gg, cp = ref.upstream_coefficients(tgt, ctx.ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
         cols = K.backward_chunk_columns(n, v, 4 if x.dtype == torch.float16 else x.element_size(),
                                         BACKWARD_CHUNK_BYTES)
         single = cols >= v

@@ -48,7 +48,7 @@ def test_logits_kernel_bf16():
 
 
 def test_many_rows_grid_limit():
-    """More row blocks than 65535 programs: kernels loop instead of launching a larger grid."""
+    """More rows than 65535: the logits kernel loops over rows instead of launching a larger grid."""
     n, h, v = 70000, 64, 512
     x = torch.randn(n, h, device="cuda") * 0.1
     w = torch.randn(v, h, device="cuda") * 0.1

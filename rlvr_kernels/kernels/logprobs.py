@@ -40,6 +40,34 @@ INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
 
 
 @triton.jit
+def _logit_tile(
+    X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Unscaled fp32 logits ``x_rows @ w_cols.T (+ bias)`` of one ``[BLOCK_N, BLOCK_V]`` tile (masked loads read 0)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        x = tl.load(
+            X + rows64[:, None] * stride_xn + ks[None, :] * stride_xh,
+            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        w = tl.load(
+            W + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
+            mask=col_ok[None, :] & k_ok[:, None], other=0.0,
+        )
+        if UPCAST:  # the interpreter's tl.dot is wrong on half-precision operands
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _linear_stats_fwd_kernel(
     X, W, Bias, Tgt, Mo, So, Ao, Zo,
     N, V, H,
@@ -65,24 +93,10 @@ def _linear_stats_fwd_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                x = tl.load(
-                    X + rows64[:, None] * stride_xn + ks[None, :] * stride_xh,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0,
-                )
-                w = tl.load(
-                    W + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0,
-                )
-                if UPCAST:
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-            if HAS_BIAS:
-                acc += tl.load(Bias + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc = _logit_tile(
+                X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+            )
             z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 1))
             alpha = tl.exp(m - m_new)
@@ -120,24 +134,10 @@ def _linear_dlogits_kernel(
         rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            x = tl.load(
-                X + rows64[:, None] * stride_xn + ks[None, :] * stride_xh,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0,
-            )
-            w = tl.load(
-                W + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
-                mask=col_ok[None, :] & k_ok[:, None], other=0.0,
-            )
-            if UPCAST:
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(Bias + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _logit_tile(
+            X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
+            HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+        )
         lse = tl.load(Lse + rows64, mask=row_ok, other=0.0)
         gl = tl.load(GL + rows64, mask=row_ok, other=0.0)
         cp = tl.load(CP + rows64, mask=row_ok, other=0.0)

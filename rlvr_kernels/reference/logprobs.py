@@ -107,6 +107,20 @@ def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
     return dz
 
 
+def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_ids, dtype):
+    """Per-row gradient coefficients from the upstream gradients (None = unused output), zero on ignored rows.
+
+    Returns ``(g_logp [N], g_ent [N] | None, g_gath [N, K] | None, c_p [N])`` in ``dtype``, where
+    ``c_p = g_logp + sum_k g_gath[:, k]`` multiplies the ``-p`` term that every log-prob output contributes.
+    """
+    keep = (targets != ignore_index).to(dtype)
+    gl = g_logp.to(dtype) * keep if g_logp is not None else keep * 0
+    gh = g_ent.to(dtype) * keep if g_ent is not None else None
+    gg = g_gath.to(dtype) * keep.unsqueeze(1) if (g_gath is not None and gather_ids is not None) else None
+    cp = gl + gg.sum(1) if gg is not None else gl
+    return gl, gh, gg, cp
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     """Token-chunked forward and analytic backward: O(N) saved, one ``[chunk, V]`` block live at a time."""
 
@@ -138,11 +152,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         x, w, b, targets, ids, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, cdt = x.shape[0], w.dtype
-        keep = (targets != ctx.ignore_index).to(cdt)
-        gl = g_logp.to(cdt) * keep if g_logp is not None else keep * 0
-        gh = g_ent.to(cdt) * keep if g_ent is not None else None
-        gg = g_gath.to(cdt) * keep.unsqueeze(1) if (g_gath is not None and ids is not None) else None
-        cp = gl + gg.sum(1) if gg is not None else gl
+        gl, gh, gg, cp = upstream_coefficients(targets, ctx.ignore_index, g_logp, g_ent, g_gath, ids, cdt)
         dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
         dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
         db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
