@@ -349,10 +349,14 @@ def logits_forward(
 def logits_backward(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
     g_logp: torch.Tensor, g_ent: torch.Tensor | None, inv_temp: float, ignore_index: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. ``logits [N, V]``, in the logits' dtype (no fp32 copy of the logits)."""
+    """Gradient w.r.t. ``logits [N, V]``, in the logits' dtype (no fp32 copy of the logits).
+
+    ``out`` may be ``logits`` itself: each program reads a block and then overwrites the same block (in place).
+    """
     n, v = logits.shape
-    dz = torch.empty((n, v), device=logits.device, dtype=logits.dtype)
+    dz = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
     if n:
         block = _row_block(v)
         _logits_bwd_kernel[(min(n, max_grid()),)](

@@ -1,0 +1,215 @@
+"""Plain-torch token-level policy objectives and aggregation (the math behind ``RLVRLoss``; autograd-friendly).
+
+Every function works on padded ``[B, T]`` float32 tensors. Per-token terms follow the trainers they replace:
+- ``grpo | bnpo | dr_grpo | dapo``: PPO clip ``-min(c A, clip(c, 1-eps_low, 1+eps_high) A)`` (Liger / TRL),
+  optional INTELLECT-2 ``delta`` clamp of ``c``, optional verl dual clip (``dual_clip`` = verl's ``clip_ratio_c``);
+- ``cispo``: ``-sg(clamp(c, cispo_min, eps_high)) A log p`` (Liger/TRL clamp only from above; verl's ``cispo`` also
+  from below, ``cispo_min = 1 - clip_ratio_low``);
+- ``sapo``: the sigmoid gate ``-(4 / tau) sigmoid(tau (c - 1)) A`` with tau by the sign of A;
+- ``luspo``: the PPO clip term, aggregated with the sequence-length weight of TRL's ``luspo``;
+- ``vespo``: ``-sg(phi_seq) A log p`` with the gamma weight ``phi(w) = exp(lambda + k log w - lambda w)``;
+- ``dppo | cppo``: ``-M A rho`` (or ``-M A sg(min(rho, cap)) log p`` with ``ratio_cap``), ``M`` a detached
+  direction-aware trust-region mask (DPPO, arXiv 2602.04879; CPPO, arXiv 2606.10968 Eq. 11); the log-ratio is
+  clamped to +-20 as both official codes do.
+``c`` is the importance ratio ``exp(logp - old)``: per token, or per sequence (GSPO) as ``exp`` of the masked mean.
+Then ``x vllm_is_ratio`` (except vespo, which folds it into phi), then ``+ beta k3(ref, logp)`` (times ``c`` with the
+bias-corrected KL). The aggregation divides by constants that the caller computes once for the whole batch
+(:func:`normalizer`), so the same functions give the loss of any subset of whole sequences (the fused path).
+Empty rows and all-zero masks give 0, never NaN (every divisor is clamped to >= 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+LOSS_TYPES = PPO_CLIP_TYPES + ("cispo", "sapo", "vespo", "dppo", "cppo")
+VERL_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def importance_log_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """``[B, T]`` per-token log-ratio, or ``[B, 1]`` masked sequence mean (GSPO) when ``level == "sequence"``."""
+    if level == "token":
+        return log_ratio
+    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+
+
+def vespo_phi(advantages, log_ratio, mask, is_ratio, k_pos, lam_pos, k_neg, lam_neg) -> torch.Tensor:
+    """VESPO's detached ``[B, 1]`` gamma weight of the sequence ratio (normalised so that ``phi(1) = 1``)."""
+    with torch.no_grad():
+        lo = math.log(1e-8)
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            log_w = log_w + torch.log(is_ratio).clamp(lo, 20.0).sum(-1, keepdim=True)
+        log_w = log_w.clamp(lo, 20.0)
+        nonneg = advantages[:, :1] >= 0
+        k = torch.where(nonneg, k_pos, k_neg)
+        lam = torch.where(nonneg, lam_pos, lam_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def policy_token_loss(
+    cfg,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    is_ratio: torch.Tensor | None = None,
+    trust_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss ``[B, T]`` and per-token diagnostics for one objective.
+
+    cfg: an object with the ``RLVRLoss`` settings (loss_type, epsilon_low/high, delta, dual_clip, cispo_min,
+    importance_sampling_level, beta, use_bias_correction_kl, sapo/vespo parameters, ratio_cap).
+    logp: ``[B, T]`` current log-probs (differentiable); old_logp / ref_logp: ``[B, T]`` detached;
+    advantages: ``[B, T]`` (already broadcast and shaped); mask: ``[B, T]`` float; is_ratio: ``[B, T]`` or
+    ``[B, 1]``; trust_mask: ``[B, T]`` float for dppo/cppo.
+    Returns ``(per_token_loss, aux)`` with aux ``kl`` (or None), ``clipped`` (bool ``[B, T]``, Liger's clip metric),
+    ``low_clipped``/``high_clipped`` and ``coef``.
+    """
+    lt = cfg.loss_type
+    log_ratio = logp - old_logp
+    if lt in ("dppo", "cppo"):
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
+    log_w = importance_log_weights(log_ratio, mask, cfg.importance_sampling_level)
+    coef = torch.exp(log_w)
+    A = advantages
+    zeros = torch.zeros_like(A, dtype=torch.bool)
+    low, high = zeros, zeros
+    if lt in PPO_CLIP_TYPES:
+        c2 = coef.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+        low, high = coef < 1.0 - cfg.epsilon_low, coef > 1.0 + cfg.epsilon_high
+        c1 = coef.clamp(max=cfg.delta) if cfg.delta is not None else coef
+        loss = -torch.min(c1 * A, c2 * A)
+        if cfg.dual_clip is not None:
+            loss = torch.where(A < 0, torch.min(loss, -A * cfg.dual_clip), loss)
+    elif lt == "cispo":
+        c2 = coef.clamp(min=cfg.cispo_min, max=cfg.epsilon_high).detach()
+        high = coef > cfg.epsilon_high
+        if cfg.cispo_min is not None:
+            low = coef < cfg.cispo_min
+        loss = -c2 * A * logp
+    elif lt == "sapo":
+        tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+        loss = -(torch.sigmoid(tau * (coef - 1.0)) * 4.0 / tau) * A
+    elif lt == "vespo":
+        phi = vespo_phi(A, log_ratio, mask, is_ratio, cfg.vespo_k_pos, cfg.vespo_lambda_pos,
+                        cfg.vespo_k_neg, cfg.vespo_lambda_neg)
+        loss = -phi * A * logp
+    elif lt in ("dppo", "cppo"):
+        m = trust_mask
+        if cfg.ratio_cap is not None:
+            loss = -A * coef.detach().clamp(max=cfg.ratio_cap) * logp * m
+        else:
+            loss = -A * coef * m
+        low = (m == 0) & (A < 0)
+        high = (m == 0) & (A > 0)
+    else:  # validated earlier
+        raise ValueError(f"unknown loss_type {lt!r}")
+    loss = loss.expand_as(A) if loss.shape != A.shape else loss
+    if is_ratio is not None and lt != "vespo":
+        loss = loss * is_ratio
+    kl = None
+    if cfg.beta != 0.0:
+        kl = k3_kl(ref_logp, logp)
+        if cfg.use_bias_correction_kl:
+            kl = kl * torch.exp(log_w)
+        loss = loss + cfg.beta * kl
+    clipped = ((low & (A < 0)) | (high & (A > 0))).expand_as(A)
+    return loss, {"kl": kl, "clipped": clipped, "low_clipped": (low & (A < 0)).expand_as(A),
+                  "high_clipped": (high & (A > 0)).expand_as(A), "coef": coef}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | torch.Tensor,
+              horizon: float | None = None) -> torch.Tensor:
+    """Scalar loss of ``per_token [B, T]`` over ``mask`` with a batch-global ``norm`` from :func:`normalizer`.
+
+    Modes: ``token-sum-over-norm`` (sum of masked tokens / norm: bnpo, dapo, cispo, dr_grpo, verl token-mean),
+    ``seq-mean-token-mean`` (per-sequence token mean, summed, / norm: grpo, sapo, verl seq-mean-token-mean),
+    ``seq-mean-token-sum`` (per-sequence token sum / norm), ``seq-mean-token-sum-norm`` (that / horizon),
+    ``luspo`` (TRL's masked per-sequence sum, / norm = B; Liger's token-level luspo also sums padded positions,
+    weighted by the sequence length: at the recommended sequence level both agree).
+    """
+    masked = per_token * mask
+    if mode == "token-sum-over-norm":
+        return masked.sum() / norm
+    if mode == "seq-mean-token-mean":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / norm
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / norm
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / norm / horizon
+    if mode == "luspo":  # TRL: (per_token_loss * mask).sum(-1).mean(), norm = B
+        return masked.sum() / norm
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def aggregation_mode(cfg, T: int) -> tuple[str, float | None]:
+    """``(mode, horizon)`` of :func:`aggregate` for a configuration (no communication, no batch statistics)."""
+    agg = cfg.aggregation
+    if agg is None:
+        if cfg.loss_type in ("grpo", "sapo"):
+            return "seq-mean-token-mean", None
+        if cfg.loss_type == "luspo":
+            return "luspo", None
+        return "token-sum-over-norm", None
+    if agg == "token-mean":
+        return "token-sum-over-norm", None
+    if agg == "seq-mean-token-sum-norm":
+        return agg, float(cfg.loss_horizon) if cfg.loss_horizon is not None else float(T)
+    return agg, None
+
+
+def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None, global_batch_size=None,
+               batch_num_tokens=None) -> torch.Tensor:
+    """The batch-global divisor of :func:`aggregate` (fp32 0-dim), from the active-token count of every row.
+
+    row_counts: ``[B]`` active tokens per row. Without ``cfg.aggregation`` the loss type's own normaliser is used,
+    as Liger and TRL define it: grpo/sapo/luspo B (after a per-sequence mean for grpo/sapo); bnpo the token count;
+    dr_grpo B * max_completion_length; dapo/cispo/vespo/dppo/cppo ``num_items_in_batch`` (else the all-reduced
+    token count) / world size. With a verl mode, ``batch_num_tokens`` and ``global_batch_size`` (verl's
+    ``global_batch_info``) replace the local token count and the count of rows with an active token.
+    """
+    B = row_counts.shape[0]
+    f32 = dict(device=row_counts.device, dtype=torch.float32)
+    tokens = row_counts.sum().to(torch.float32)
+    agg = cfg.aggregation
+    if agg is None:
+        lt = cfg.loss_type
+        if lt in ("grpo", "sapo", "luspo"):
+            return torch.tensor(float(max(B, 1)), **f32)
+        if lt == "bnpo":
+            return tokens.clamp(min=1.0)
+        if lt == "dr_grpo":
+            return torch.tensor(float(max(B, 1) * cfg.max_completion_length), **f32)
+        world = _world_size()
+        if num_items_in_batch is not None:
+            n = torch.as_tensor(num_items_in_batch, **f32) / world
+        else:
+            n = tokens
+            if world > 1:
+                n = n.clone()
+                torch.distributed.all_reduce(n)
+            n = n / world
+        return n.clamp(min=1.0)
+    if agg == "token-mean":
+        n = batch_num_tokens if batch_num_tokens is not None else tokens
+        return torch.as_tensor(n, **f32).clamp(min=1.0)
+    seqs = global_batch_size if global_batch_size is not None else (row_counts > 0).sum()
+    return torch.as_tensor(seqs, **f32).clamp(min=1.0)
