@@ -4,7 +4,14 @@ from rlvr_kernels.logprobs import fused_linear_logprobs, logprobs_from_logits
 from rlvr_kernels.loss import LossConfig, LossMetrics, RLVRLoss, rlvr_loss
 
 # --- token ops (schedule / credit) ---
-from rlvr_kernels.schedule import TemporalSchedule; from rlvr_kernels.credit import trajectory_percentile, tp_schedule_mask, forking_token_mask, entropy_shaped_advantages, d3s_token_mask  # noqa: E702,E501
+from rlvr_kernels.credit import (
+    d3s_token_mask,
+    entropy_shaped_advantages,
+    forking_token_mask,
+    tp_schedule_mask,
+    trajectory_percentile,
+)
+from rlvr_kernels.schedule import TemporalSchedule
 # --- token ops (cppo / delta) ---
 
 __version__ = "0.1.0"

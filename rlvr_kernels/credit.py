@@ -266,7 +266,7 @@ def tp_schedule_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """TP-Schedule's targeted tokens (tp-schedule.md sections 1 and 6.1): ``t >= b`` with ``b = min(floor(L q), L - 1)``.
+    """TP-Schedule's targeted tokens (tp-schedule.md sections 1, 6.1): ``t >= b``, ``b = min(floor(L q), L - 1)``.
 
     ``q`` in ``[0, 1]`` is the schedule value ``TemporalSchedule(...)(k)`` of the current step (python float or a
     one-element tensor). The cut-off is computed per row in float64 in torch and passed to the kernel as an integer,

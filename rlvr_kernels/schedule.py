@@ -102,7 +102,9 @@ class TemporalSchedule:
         if not (math.isfinite(gamma) and gamma > 0.0):
             raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
         if mode == "gamma" and end_value != 0.0:
-            raise ValueError(f"end_value must be 0 for mode='gamma' (q = (start_value * (1 - p)) ** gamma), got {end_value!r}")
+            raise ValueError(
+                f"end_value must be 0 for mode='gamma' (q = (start_value * (1 - p)) ** gamma), got {end_value!r}"
+            )
         k_min, k_max = int(total_steps * begin), int(total_steps * end)
         if k_max <= k_min:
             raise ValueError(

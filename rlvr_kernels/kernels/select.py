@@ -101,7 +101,7 @@ def row_kth_largest_key(X, Valid, start, length, k, HAS_VALID: tl.constexpr, BLO
     n_valid = k_rem * 0
     prefix = start * 0  # int64 zero
     for p in tl.static_range(8):
-        shift: tl.constexpr = 28 - 4 * p
+        shift = 28 - 4 * p
         counts = tl.zeros([16], dtype=tl.int32)
         for j0 in range(0, length, BLOCK):
             key, ok = _load_keys(X, Valid, start, length, j0, HAS_VALID, BLOCK)
