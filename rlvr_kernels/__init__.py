@@ -13,5 +13,7 @@ from rlvr_kernels.credit import (
 )
 from rlvr_kernels.schedule import TemporalSchedule
 # --- token ops (cppo / delta) ---
+from rlvr_kernels.cppo import CPPOMask, cppo_mask
+from rlvr_kernels.delta import DeltaEstimator, delta_coefficients
 
 __version__ = "0.1.0"

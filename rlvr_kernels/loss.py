@@ -33,7 +33,7 @@ CREDITS = ("none", "tp_schedule", "forking", "entropy_adv", "d3s", "delta")
 IS_LEVELS = ("token", "sequence")
 # Bytes of one fused-path logits block (fp32 [rows, V]); on CPU a smaller block keeps the reference path lean.
 FUSED_CHUNK_BYTES = 1 << 30
-FUSED_CHUNK_BYTES_CPU = 1 << 27
+FUSED_CHUNK_BYTES_CPU = 1 << 25
 
 
 class LossMetrics(list):
@@ -81,6 +81,7 @@ class LossConfig:
     dual_clip: Optional[float] = None
     cispo_min: Optional[float] = None
     ratio_cap: Optional[float] = None
+    log_ratio_clip: Optional[float] = None
     entropy_coef: float = 0.0
     credit: str = "none"
     schedule: Optional[TemporalSchedule] = None
@@ -135,7 +136,7 @@ class LossConfig:
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("delta", "ratio_cap", "loss_horizon", "max_completion_length"):
+        for name in ("delta", "ratio_cap", "log_ratio_clip", "loss_horizon", "max_completion_length"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be positive, got {v}")
@@ -206,6 +207,8 @@ class RLVRLoss(nn.Module):
       ``epsilon_low/high`` are the binary-TV divergence thresholds as in verl's ``dppo_tv``; for cppo
       ``epsilon_high`` is CPPO's delta and ``cppo_*`` are its parameters); ``ratio_cap`` gives the truncated-IS form
       ``-M A sg(min(rho, cap)) log p`` (verl's, cap 20). ``importance_sampling_level="sequence"`` is GSPO.
+    - ``log_ratio_clip``: clamp ``log p - log p_old`` to ``[-c, c]`` before ``exp`` (verl clamps at 20 in every
+      policy loss; Liger and TRL do not, hence the default None; dppo/cppo always clamp at 20).
     - ``aggregation``: one of verl's ``token-mean | seq-mean-token-mean | seq-mean-token-sum |
       seq-mean-token-sum-norm`` (``loss_horizon`` for the last; default T) instead of the loss type's normaliser.
     - ``dual_clip`` (verl's ``clip_ratio_c``), ``cispo_min`` (verl's two-sided CISPO clamp), ``entropy_coef`` (an
@@ -215,7 +218,8 @@ class RLVRLoss(nn.Module):
       D^3S keep ``rho = 1 - q(k)`` (or ``credit_rho`` without a schedule); entropy-shaped advantages use scale
       ``q(k)`` (or 1). ``delta`` multiplies A by precomputed DelTA coefficients (forward keyword
       ``delta_coefficients [B, T]``).
-    - ``fused``: ``"auto"`` (fused 3-GEMM path when a gradient is needed and the configuration allows it),
+    - ``fused``: ``"auto"`` (fused 3-GEMM path when a gradient is needed, the configuration allows it and one
+      sequence's fp32 ``[T, V]`` logits fit the chunk budget: 1 GiB on GPU, 32 MiB on CPU),
       ``True``, ``False`` (composable path); ``backend`` as in :func:`fused_linear_logprobs`.
 
     Returns ``(loss, metrics)`` as Liger does: ``metrics[0]`` the KL mean when ``beta != 0``, ``metrics[-1]`` the clip
@@ -260,7 +264,7 @@ class RLVRLoss(nn.Module):
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
                 vllm_is_ratio=None, num_items_in_batch=None, *, step: Optional[int] = None,
                 rollout_per_token_logps=None, delta_coefficients=None, old_entropy=None,
-                global_batch_size=None, batch_num_tokens=None):
+                global_batch_size=None, batch_num_tokens=None, dp_size: int = 1):
         """Loss of one micro-batch.
 
         Args (Liger's): ``_input [B, T, H]`` last hidden states; ``lin_weight [V, H]``; ``selected_token_ids [B, T]``;
@@ -271,13 +275,14 @@ class RLVRLoss(nn.Module):
         Extra: ``step`` (1-based optimizer step, for the schedule); ``rollout_per_token_logps`` (mu for dppo/cppo;
         default ``old_per_token_logps``); ``delta_coefficients [B, T]``; ``old_entropy [B, T]`` (entropy_adv's
         H, default the current policy's, detached); ``global_batch_size`` / ``batch_num_tokens`` (verl's
-        ``global_batch_info`` for the verl aggregation modes).
+        ``global_batch_info`` for the verl aggregation modes) and ``dp_size`` (verl multiplies those modes by the
+        data-parallel size, because DDP/FSDP average the ranks' gradients).
         """
         return rlvr_loss(self.config, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
                          ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
                          num_items_in_batch, step=step, rollout_per_token_logps=rollout_per_token_logps,
                          delta_coefficients=delta_coefficients, old_entropy=old_entropy,
-                         global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens)
+                         global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens, dp_size=dp_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,7 +429,8 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
 def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
               ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
               vllm_is_ratio=None, num_items_in_batch=None, *, step=None, rollout_per_token_logps=None,
-              delta_coefficients=None, old_entropy=None, global_batch_size=None, batch_num_tokens=None):
+              delta_coefficients=None, old_entropy=None, global_batch_size=None, batch_num_tokens=None,
+              dp_size: int = 1):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``."""
     mu = rollout_per_token_logps if rollout_per_token_logps is not None else old_per_token_logps
     _check_inputs(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
@@ -447,7 +453,10 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (_input, lin_weight, bias))
     fused = cfg.fused
     if fused == "auto":
-        fused = needs_grad and not (cfg.credit == "d3s" and cfg.d3s_scope == "batch")
+        # the fused path works on whole sequences: it pays off when one row's [T, V] fp32 logits block fits the
+        # chunk budget; longer rows take the composable path (token chunks, O(chunk * V) memory)
+        fused = (needs_grad and not (cfg.credit == "d3s" and cfg.d3s_scope == "batch")
+                 and T * lin_weight.shape[0] * 4 <= _chunk_budget(_input.device))
     counts = _active_counts(cfg, mask, q)
     logp = ent = None
     if not fused:
@@ -461,7 +470,8 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
             keep = d3s_token_mask(batch.adv, ent.detach(), mask.bool(), rho, scope="batch", backend=cfg.backend)
             counts = (mask * keep.to(mask.dtype)).sum(-1)
     norm = ref_loss.normalizer(cfg, counts, T, num_items_in_batch=num_items_in_batch,
-                               global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens)
+                               global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens,
+                               dp_size=dp_size)
     ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
     if fused:
         info: dict = {}
@@ -517,9 +527,13 @@ def _metrics(cfg, sums, batch, q) -> LossMetrics:
 # fused path
 
 
+def _chunk_budget(device: torch.device) -> int:
+    """Bytes of the fp32 ``[rows * T, V]`` logits block the fused path holds at a time."""
+    return FUSED_CHUNK_BYTES if device.type == "cuda" else FUSED_CHUNK_BYTES_CPU
+
+
 def _chunk_rows(B: int, T: int, V: int, device: torch.device) -> int:
-    budget = FUSED_CHUNK_BYTES if device.type == "cuda" else FUSED_CHUNK_BYTES_CPU
-    return max(1, min(B, budget // max(1, T * V * 4)))
+    return max(1, min(B, _chunk_budget(device) // max(1, T * V * 4)))
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -554,25 +568,23 @@ class _FusedLoss(torch.autograd.Function):
 
                 z = _logits_fp32(xc, w, b)
                 lp, ent, lse = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
-                lp_leaf = lp.view(-1, T).requires_grad_()
-                ent_leaf = ent.view(-1, T).requires_grad_()
-                with torch.enable_grad():
-                    chunk_loss, chunk_sums, active = token_pass(cfg, lp_leaf, ent_leaf, rows, q, norm, ent_norm)
-                    g_lp, g_ent = torch.autograd.grad(chunk_loss, [lp_leaf, ent_leaf], allow_unused=True)
-                g_lp = g_lp.reshape(-1).contiguous() if g_lp is not None else torch.zeros_like(lp)
-                g_ent = g_ent.reshape(-1).contiguous() if g_ent is not None else None
+            else:
+                z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
+                lp, ent, lse, _ = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index)
+            # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
+            lp_leaf = lp.view(-1, T).float().requires_grad_()
+            ent_leaf = ent.view(-1, T).float().requires_grad_()
+            with torch.enable_grad():
+                chunk_loss, chunk_sums, active = token_pass(cfg, lp_leaf, ent_leaf, rows, q, norm, ent_norm)
+                g_lp, g_ent = torch.autograd.grad(chunk_loss, [lp_leaf, ent_leaf], allow_unused=True)
+            g_lp = g_lp.reshape(-1).contiguous() if g_lp is not None else torch.zeros_like(lp, dtype=torch.float32)
+            g_ent = g_ent.reshape(-1).contiguous() if g_ent is not None else None
+            if use_triton:
                 dz = K.logits_backward(z, tc, lse, ent, g_lp, g_ent, inv_temp, cfg.ignore_index, out=z).to(w.dtype)
             else:
-                z = xc @ w_mm.T
-                if b is not None:
-                    z = z + b.to(cdt)
-                with torch.enable_grad():
-                    zs = (z * inv_temp).requires_grad_()
-                    lp, ent, _ = ref_lp.logprobs_from_scaled_logits(zs, tc, ignore_index=cfg.ignore_index)
-                    chunk_loss, chunk_sums, active = token_pass(cfg, lp.view(-1, T).float(),
-                                                                ent.view(-1, T).float(), rows, q, norm, ent_norm)
-                    (dz,) = torch.autograd.grad(chunk_loss, [zs])
-                dz = dz * inv_temp
+                gl, gh, _, cp = ref_lp.upstream_coefficients(tc, cfg.ignore_index, g_lp, g_ent, None, None, cdt)
+                dz = ref_lp.dlogits_from_scaled_logits(z, lse, ent, tc, gl, gh, cp, overwrite=True)
+                dz *= inv_temp
             loss += chunk_loss.detach().float()
             actives.append(active.detach())
             for k, v in chunk_sums.items():

@@ -1,5 +1,5 @@
 """RLVRLoss: parity with Liger's LigerFusedLinearGRPOLoss (installed from PyPI), fused == composable, credit rules
-composed as specified, bad input. verl and TRL parity are in test_loss_peers.py."""
+composed as specified, bad input. verl parity is in test_loss_peers.py, TRL parity in test_integration_trl.py."""
 from __future__ import annotations
 
 import itertools

@@ -83,25 +83,54 @@ def logprobs_from_logits(
 
 
 def _scaled_logits(x, w, b, inv_temp):
+    """``(x @ w.T + b) * inv_temp`` as one fresh ``[n, V]`` tensor (bias and scale applied in place)."""
     z = x.to(w.dtype) @ w.T
     if b is not None:
-        z = z + b
-    return z * inv_temp
+        z += b
+    if inv_temp != 1.0:
+        z *= inv_temp
+    return z
 
 
-def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
+def scaled_logit_stats(
+    z: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, gather_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """No-grad statistics of one chunk of scaled logits, with one ``[n, V]`` temporary.
+
+    z ``[n, V]`` (already divided by the temperature), targets int64 ``[n]``, gather_ids ``[n, K]`` or None.
+    Returns ``(logp [n], entropy [n], lse [n], gathered [n, K] | None)`` in ``z``'s dtype; ignored rows give 0
+    (``lse`` is kept for them). Entries with ``z = -inf`` have ``p = 0`` and add nothing (``xlogy(0, 0) = 0``).
+    """
+    lse = torch.logsumexp(z, dim=1)
+    ignored = targets == ignore_index
+    safe = torch.where(ignored, torch.zeros_like(targets), targets)
+    zero = z.new_zeros(())
+    logp = torch.where(ignored, zero, z.gather(1, safe.unsqueeze(1)).squeeze(1) - lse)
+    p = torch.sub(z, lse.unsqueeze(1)).exp_()
+    entropy = torch.where(ignored, zero, -p.xlogy_(p).sum(1))
+    gathered = None
+    if gather_ids is not None:
+        gathered = torch.where(ignored.unsqueeze(1), zero, z.gather(1, gather_ids) - lse.unsqueeze(1))
+    return logp, entropy, lse, gathered
+
+
+def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p, *, overwrite: bool = False):
     """``dL/dz`` for one chunk: ``g_logp (onehot - p) - (c_p - g_logp) p - g_ent p (log p + H)``.
 
     z ``[n, V]`` scaled logits; lse, entropy, g_logp, c_p ``[n]`` (c_p = g_logp + sum of the gathered outputs'
     gradients, which take their ``-p`` part here); g_ent ``[n]`` or None. Rows to ignore carry zero gradients.
-    The caller multiplies by ``1 / T`` and adds the gathered outputs' one-hot part.
+    The caller multiplies by ``1 / T`` and adds the gathered outputs' one-hot part. ``overwrite=True`` writes the
+    result into ``z``'s storage (one ``[n, V]`` temporary instead of four).
     """
-    logp_v = z - lse.unsqueeze(1)
+    logp_v = torch.sub(z, lse.unsqueeze(1), out=z) if overwrite else z - lse.unsqueeze(1)
     p = logp_v.exp()
-    dz = -c_p.unsqueeze(1) * p
     if g_ent is not None:
-        finite = torch.where(p > 0, logp_v + entropy.unsqueeze(1), torch.zeros_like(p))
-        dz -= g_ent.unsqueeze(1) * p * finite
+        # -p * (c_p + g_ent (log p + H)); log p = -inf where p = 0 (masked vocabulary) must not give 0 * inf
+        dz = logp_v.nan_to_num_(nan=0.0, neginf=0.0).add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
+        dz.add_(c_p.unsqueeze(1)).mul_(p).neg_()
+    else:
+        dz = logp_v.copy_(p).mul_(-c_p.unsqueeze(1))
+    del p
     safe = torch.where(g_logp != 0, targets, torch.zeros_like(targets)).clamp_min(0)
     dz.scatter_add_(1, safe.unsqueeze(1), g_logp.unsqueeze(1))
     return dz
@@ -136,10 +165,8 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             z = _scaled_logits(x[s : s + chunk], w, b, inv_temp)
             ids = None if gather_ids is None else gather_ids[s : s + chunk]
-            lp, en, g = logprobs_from_scaled_logits(z, targets[s : s + chunk], ignore_index=ignore_index,
-                                                    gather_ids=ids)
-            logp[s : s + chunk], ent[s : s + chunk] = lp, en
-            lse[s : s + chunk] = torch.logsumexp(z, dim=1)
+            lp, en, ls, g = scaled_logit_stats(z, targets[s : s + chunk], ignore_index=ignore_index, gather_ids=ids)
+            logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
             if g is not None:
                 gathered[s : s + chunk] = g
         ctx.save_for_backward(x, w, b, targets, gather_ids, lse, ent)
@@ -161,7 +188,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             xc = x[s:e].to(cdt)
             z = _scaled_logits(xc, w, b, ctx.inv_temp)
             dz = dlogits_from_scaled_logits(z, lse[s:e], ent[s:e], targets[s:e], gl[s:e],
-                                            None if gh is None else gh[s:e], cp[s:e])
+                                            None if gh is None else gh[s:e], cp[s:e], overwrite=True)
             if gg is not None:
                 dz.scatter_add_(1, ids[s:e], gg[s:e])
             dz *= ctx.inv_temp

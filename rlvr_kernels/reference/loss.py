@@ -70,7 +70,9 @@ def policy_token_loss(
     """Per-token loss ``[B, T]`` and per-token diagnostics for one objective.
 
     cfg: an object with the ``RLVRLoss`` settings (loss_type, epsilon_low/high, delta, dual_clip, cispo_min,
-    importance_sampling_level, beta, use_bias_correction_kl, sapo/vespo parameters, ratio_cap).
+    importance_sampling_level, beta, use_bias_correction_kl, sapo/vespo parameters, ratio_cap, log_ratio_clip:
+    verl clamps ``logp - old_logp`` to +-20 before ``exp`` in every policy loss, Liger and TRL do not; dppo/cppo
+    always clamp at 20 as their papers' code does).
     logp: ``[B, T]`` current log-probs (differentiable); old_logp / ref_logp: ``[B, T]`` detached;
     advantages: ``[B, T]`` (already broadcast and shaped); mask: ``[B, T]`` float; is_ratio: ``[B, T]`` or
     ``[B, 1]``; trust_mask: ``[B, T]`` float for dppo/cppo.
@@ -79,8 +81,9 @@ def policy_token_loss(
     """
     lt = cfg.loss_type
     log_ratio = logp - old_logp
-    if lt in ("dppo", "cppo"):
-        log_ratio = log_ratio.clamp(-20.0, 20.0)
+    clip = 20.0 if lt in ("dppo", "cppo") else getattr(cfg, "log_ratio_clip", None)
+    if clip is not None:
+        log_ratio = log_ratio.clamp(-clip, clip)
     log_w = importance_log_weights(log_ratio, mask, cfg.importance_sampling_level)
     coef = torch.exp(log_w)
     A = advantages
@@ -177,15 +180,18 @@ def aggregation_mode(cfg, T: int) -> tuple[str, float | None]:
 
 
 def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None, global_batch_size=None,
-               batch_num_tokens=None) -> torch.Tensor:
+               batch_num_tokens=None, dp_size: int = 1) -> torch.Tensor:
     """The batch-global divisor of :func:`aggregate` (fp32 0-dim), from the active-token count of every row.
 
     row_counts: ``[B]`` active tokens per row. Without ``cfg.aggregation`` the loss type's own normaliser is used,
     as Liger and TRL define it: grpo/sapo/luspo B (after a per-sequence mean for grpo/sapo); bnpo the token count;
     dr_grpo B * max_completion_length; dapo/cispo/vespo/dppo/cppo ``num_items_in_batch`` (else the all-reduced
     token count) / world size. With a verl mode, ``batch_num_tokens`` and ``global_batch_size`` (verl's
-    ``global_batch_info``) replace the local token count and the count of rows with an active token.
+    ``global_batch_info``) replace the local token count and the count of rows with an active token, and the
+    divisor is divided by ``dp_size`` (verl's ``agg_loss`` multiplies by it).
     """
+    if not (isinstance(dp_size, int) and dp_size >= 1):
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
     B = row_counts.shape[0]
     f32 = dict(device=row_counts.device, dtype=torch.float32)
     tokens = row_counts.sum().to(torch.float32)
@@ -210,6 +216,6 @@ def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None
         return n.clamp(min=1.0)
     if agg == "token-mean":
         n = batch_num_tokens if batch_num_tokens is not None else tokens
-        return torch.as_tensor(n, **f32).clamp(min=1.0)
+        return torch.as_tensor(n, **f32).clamp(min=1.0) / dp_size
     seqs = global_batch_size if global_batch_size is not None else (row_counts > 0).sum()
-    return torch.as_tensor(seqs, **f32).clamp(min=1.0)
+    return torch.as_tensor(seqs, **f32).clamp(min=1.0) / dp_size

@@ -1,0 +1,574 @@
+"""What the benchmark runs: the ops, the implementations of each, and how one point is measured.
+
+A *point* is a dict ``{op, impl, case, N, H, V, T, dtype}``; :func:`build` turns it into a zero-argument ``step``
+callable (one forward, or one forward + backward) on fresh inputs, and :func:`measure` times it and takes its peak
+memory. Every builder raises :class:`NotAvailable` (or any exception) when the implementation cannot run here; the
+caller turns that into a record with an ``error`` field instead of a number.
+
+Ops:
+- ``logprobs_fwd``: per-token log-prob + entropy from hidden states ``[N, H]`` and an lm_head ``[V, H]``, no grad.
+- ``logprobs_fwd_bwd``: the same plus the backward of ``sum(logp) + sum(entropy)`` (the composable path).
+- ``loss_fused``: a DAPO loss (PPO clip, token mean, beta = 0) from hidden states, forward + backward.
+- ``token_pass``: the ``[B, T]`` token-level ops alone (``case`` names which: percentile, TP mask, forking, ...).
+- ``loss_<name>``: whole ``RLVRLoss`` objectives and credit rules, forward + backward (e.g. ``loss_dapo_forking``).
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import statistics
+import time
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+LOGPROB_OPS = ("logprobs_fwd", "logprobs_fwd_bwd")
+# implementations per op, in the order they are run and shown
+LOGPROB_IMPLS = ("cublas_gemm", "rlvr_kernels", "torch_full_logits", "torch_compile", "trl_unfused", "liger_flsce",
+                 "verl_triton", "verl_torch")
+LOSS_FUSED_IMPLS = ("cublas_gemm", "rlvr_kernels", "rlvr_kernels_composable", "torch_full_logits", "torch_compile",
+                    "trl_unfused", "liger_grpo", "liger_flsce", "verl_triton", "verl_torch")
+TOKEN_CASES = ("percentile", "tp_mask", "forking", "entropy_adv", "d3s", "cppo_mask", "delta_coef")
+# GEMM-equivalents each op is bounded by: its cublas_gemm row runs that many [N,H]x[H,V]-sized GEMMs
+GEMMS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 4, "loss_fused": 3}
+
+# Whole losses: name -> (RLVRLoss keywords, extra forward inputs, Liger's LigerFusedLinearGRPOLoss keywords or None)
+# Every loss has beta = 0 and old log-probs unless it says otherwise; "needs" names optional modules of the package.
+LOSS_VARIANTS = {
+    "grpo": dict(ours=dict(loss_type="grpo"), liger=dict(loss_type="grpo")),
+    "dapo": dict(ours=dict(loss_type="dapo", epsilon_high=0.28), liger=dict(loss_type="dapo", epsilon_high=0.28)),
+    "bnpo": dict(ours=dict(loss_type="bnpo"), liger=dict(loss_type="bnpo")),
+    "dr_grpo": dict(ours=dict(loss_type="dr_grpo", max_completion_length="T"),
+                    liger=dict(loss_type="dr_grpo", max_completion_length="T")),
+    "cispo": dict(ours=dict(loss_type="cispo", epsilon_high=4.0), liger=dict(loss_type="cispo", epsilon_high=4.0)),
+    "gspo": dict(ours=dict(loss_type="grpo", importance_sampling_level="sequence"),
+                 liger=dict(loss_type="grpo", importance_sampling_level="sequence")),
+    "grpo_kl": dict(ours=dict(loss_type="grpo", beta=0.04), liger=dict(loss_type="grpo", beta=0.04), ref=True),
+    "dppo": dict(ours=dict(loss_type="dppo")),
+    "cppo": dict(ours=dict(loss_type="cppo"), needs="rlvr_kernels.cppo"),
+    "dapo_tp_schedule": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="tp_schedule", schedule=True)),
+    "dapo_forking": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="forking")),
+    "dapo_entropy_adv": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="entropy_adv")),
+    "dapo_d3s": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="d3s")),
+    "dapo_delta": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="delta"), needs="rlvr_kernels.delta"),
+    "dapo_entropy_bonus": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, entropy_coef=0.01)),
+}
+LOSS_VARIANT_IMPLS = ("rlvr_kernels", "liger_grpo")
+
+# Modules each implementation imports (preloaded by the CPU fork server so that a point does not pay for them).
+PEER_MODULES = {
+    "trl_unfused": ("trl.trainer.utils",),
+    "liger_flsce": ("liger_kernel.ops.fused_linear_scaled_cross_entropy",),
+    "liger_grpo": ("liger_kernel.chunked_loss",),
+    "verl_torch": ("verl.utils.experimental.torch_functional",),
+    "verl_triton": ("verl.utils.kernel.linear_cross_entropy",),
+}
+
+
+class NotAvailable(RuntimeError):
+    """The implementation cannot run on this device / in this checkout (the message says why)."""
+
+
+def loss_ops() -> tuple:
+    return tuple(f"loss_{name}" for name in LOSS_VARIANTS)
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _import(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - a peer that does not import gets a row saying why
+        raise NotAvailable(f"cannot import {name}: {type(exc).__name__}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+class Inputs:
+    """Fresh inputs of one point, on ``device``: hidden ``x [B, T, H]``, weight ``w [V, H]``, targets ``t [B, T]``,
+    loss mask ``mask [B, T]`` (fp32), per-row advantages ``adv [B]``, old / ref log-probs ``[B, T]``."""
+
+    def __init__(self, p: dict, device: str, *, grad: bool):
+        import torch
+
+        dtype = getattr(torch, DTYPES[p["dtype"]])
+        n, h, v, T = p["N"], p["H"], p["V"], p["T"]
+        if n % T:
+            raise ValueError(f"N={n} must be a multiple of the sequence length T={T}")
+        B = n // T
+        gen = torch.Generator(device=device).manual_seed(0)
+        # logits of unit scale: x ~ N(0, 1), w ~ N(0, 1/H)
+        self.x = torch.randn(B, T, h, device=device, generator=gen).to(dtype)
+        self.w = (torch.randn(v, h, device=device, generator=gen) / math.sqrt(h)).to(dtype)
+        self.t = torch.randint(0, v, (B, T), device=device, generator=gen)
+        self.mask = torch.ones(B, T, device=device)
+        self.adv = torch.randn(B, device=device, generator=gen)
+        self.old = -torch.rand(B, T, device=device, generator=gen) * 8.0 - 2.0
+        self.ref = self.old + 0.05 * torch.randn(B, T, device=device, generator=gen)
+        self.B, self.T = B, T
+        if grad:
+            self.x.requires_grad_()
+            self.w.requires_grad_()
+
+    def x2d(self):
+        return self.x.view(-1, self.x.shape[-1])
+
+    def grad_bytes(self) -> int:
+        return self.x.numel() * self.x.element_size() + self.w.numel() * self.w.element_size()
+
+    def clear_grads(self):
+        self.x.grad = None
+        self.w.grad = None
+
+
+def dapo_loss_torch(logp, old, adv, mask, eps_low=0.2, eps_high=0.2):
+    """Plain-torch DAPO objective on per-token log-probs ``[B, T]`` (PPO clip, token mean over the batch): the loss
+    the peers that only produce log-probs are completed with."""
+    import torch
+
+    ratio = torch.exp(logp - old)
+    a = adv.unsqueeze(1)
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _torch_full_logits(x2d, w, t):
+    """Plain torch with the full ``[N, V]`` fp32 logits: log-softmax, gather, entropy."""
+    import torch
+
+    z = (x2d @ w.T).float()
+    logz = torch.log_softmax(z, -1)
+    return logz.gather(-1, t[:, None])[:, 0], -(logz.exp() * logz).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-token log-probs + entropy from hidden states, one function per implementation: (inp, device) -> fn()
+# returning (logp [N], entropy [N]); called under no_grad for logprobs_fwd.
+
+
+def _lp_fn(impl: str, inp: Inputs, device: str):
+    import torch
+
+    x2d, w, t = inp.x2d(), inp.w, inp.t.view(-1)
+    if impl == "rlvr_kernels":
+        from rlvr_kernels import fused_linear_logprobs
+
+        return lambda: fused_linear_logprobs(x2d, w, t)
+    if impl == "torch_full_logits":
+        return lambda: _torch_full_logits(x2d, w, t)
+    if impl == "torch_compile":
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        compiled = torch.compile(_torch_full_logits)
+        return lambda: compiled(x2d, w, t)
+    if impl == "trl_unfused":
+        utils = _import("trl.trainer.utils")
+        B, T = inp.B, inp.T
+
+        def trl():
+            # TRL's trainer works on [B, T, V] logits from the model's lm_head.
+            logits = (x2d @ w.T).view(B, T, -1)
+            return utils.selective_log_softmax(logits, inp.t).view(-1), utils.entropy_from_logits(logits).view(-1)
+        return trl
+    if impl == "liger_flsce":
+        mod = _import("liger_kernel.ops.fused_linear_scaled_cross_entropy")
+        fn = mod.LigerFusedLinearScaledCrossEntropyFunction
+
+        def liger():
+            nll, ent = fn.apply(x2d, w, t, 1.0, -100, 1, True)[:2]
+            return -nll, ent
+        return liger
+    if impl == "verl_triton":
+        if device != "cuda":
+            raise NotAvailable("verl's Triton linear_cross_entropy runs only on CUDA tensors (its kernels are "
+                               "GPU Triton); verl_torch is its CPU path")
+        if x2d.shape[-1] % 128:
+            raise NotAvailable(f"verl's linear_cross_entropy needs H % 128 == 0, got H={x2d.shape[-1]}")
+        lce = _import("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
+        return lambda: lce(x2d, w, t, 1.0, "none")
+    if impl == "verl_torch":
+        mod = _import("verl.utils.experimental.torch_functional")
+        f = mod.FusedLinearForPPO(chunk_size=512)
+        return lambda: f(x2d, w, t, 1.0)
+    raise ValueError(f"unknown implementation {impl!r} for the log-prob ops")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# builders
+
+
+def _gemm_step(inp: Inputs, gemms: int):
+    """``gemms`` GEMMs of the op's shapes in the input dtype, outputs preallocated: 1 = logits; 3 = logits, dX, dW
+    (fused loss); 4 = logits, recomputed logits, dX, dW (composable forward + backward)."""
+    import torch
+
+    x, w = inp.x2d().detach(), inp.w.detach()
+    z = torch.empty(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    dx = torch.empty_like(x)
+    dw = torch.empty_like(w)
+
+    def step():
+        torch.mm(x, w.T, out=z)
+        if gemms == 4:
+            torch.mm(x, w.T, out=z)
+        if gemms >= 3:
+            torch.mm(z, w, out=dx)
+            torch.mm(z.T, x, out=dw)
+    return step
+
+
+def _build_logprobs(p: dict, device: str):
+    import torch
+
+    bwd = p["op"] == "logprobs_fwd_bwd"
+    inp = Inputs(p, device, grad=bwd)
+    if p["impl"] == "cublas_gemm":
+        return _gemm_step(inp, GEMMS[p["op"]]), 0
+    fn = _lp_fn(p["impl"], inp, device)
+
+    def step():
+        if bwd:
+            logp, ent = fn()
+            (logp.sum() + ent.float().sum()).backward()
+            inp.clear_grads()
+        else:
+            with torch.no_grad():
+                fn()
+    return step, (inp.grad_bytes() if bwd else 0)
+
+
+def _build_loss_fused(p: dict, device: str):
+    import torch
+
+    impl = p["impl"]
+    inp = Inputs(p, device, grad=True)
+    if impl == "cublas_gemm":
+        return _gemm_step(inp, GEMMS["loss_fused"]), 0
+    B, T = inp.B, inp.T
+    if impl in ("rlvr_kernels", "rlvr_kernels_composable"):
+        from rlvr_kernels import RLVRLoss
+
+        lf = RLVRLoss(beta=0.0, loss_type="dapo", fused=impl == "rlvr_kernels")
+
+        def run():
+            return lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, old_per_token_logps=inp.old)[0]
+    elif impl == "liger_grpo":
+        mod = _import("liger_kernel.chunked_loss")
+        lf = mod.LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", use_ref_model=False,
+                                          compiled=device == "cuda")
+
+        def run():
+            return lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, old_per_token_logps=inp.old)[0]
+    else:
+        if impl == "torch_compile":
+            import torch._dynamo
+
+            torch._dynamo.reset()
+
+            def full(x, w, t, old, adv, mask):
+                z = (x.view(-1, x.shape[-1]) @ w.T).float()
+                logz = torch.log_softmax(z, -1)
+                logp = logz.gather(-1, t.view(-1, 1)).view(B, T)
+                with torch.no_grad():
+                    ent = -(logz.exp() * logz).sum(-1)
+                return dapo_loss_torch(logp, old, adv, mask), ent
+            compiled = torch.compile(full)
+
+            def run():
+                return compiled(inp.x, inp.w, inp.t, inp.old, inp.adv, inp.mask)[0]
+        else:
+            if impl == "torch_full_logits":
+                def lp():
+                    z = (inp.x2d() @ inp.w.T).float()
+                    logz = torch.log_softmax(z, -1)
+                    with torch.no_grad():  # entropy as a metric, as the trainers log it
+                        -(logz.exp() * logz).sum(-1)
+                    return logz.gather(-1, inp.t.view(-1, 1))[:, 0]
+            elif impl == "trl_unfused":
+                utils = _import("trl.trainer.utils")
+
+                def lp():
+                    logits = (inp.x2d() @ inp.w.T).view(B, T, -1)
+                    with torch.no_grad():
+                        utils.entropy_from_logits(logits)
+                    return utils.selective_log_softmax(logits, inp.t)
+            else:
+                fn = _lp_fn(impl, inp, device)
+
+                def lp():
+                    return fn()[0]
+
+            def run():
+                return dapo_loss_torch(lp().view(B, T).float(), inp.old, inp.adv, inp.mask)
+
+    def step():
+        run().backward()
+        inp.clear_grads()
+    return step, inp.grad_bytes()
+
+
+def _build_loss_variant(p: dict, device: str):
+    name = p["op"][len("loss_"):]
+    spec = LOSS_VARIANTS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown loss {name!r}")
+    impl = p["impl"]
+    needs = spec.get("needs")
+    if needs and not _module_available(needs):
+        raise NotAvailable(f"{needs} is not in this checkout")
+    inp = Inputs(p, device, grad=True)
+
+    def fill(kw):
+        return {k: (inp.T if v == "T" else v) for k, v in kw.items()}
+
+    extra = {"old_per_token_logps": inp.old}
+    if spec.get("ref"):
+        extra["ref_per_token_logps"] = inp.ref
+    if impl == "rlvr_kernels":
+        from rlvr_kernels import RLVRLoss, TemporalSchedule
+
+        kw = fill(spec["ours"])
+        if kw.pop("schedule", False):
+            kw["schedule"] = TemporalSchedule(total_steps=100)
+            extra["step"] = 10
+        if kw.get("beta", 0.0) == 0.0:
+            kw["beta"] = 0.0
+        if kw.get("credit") == "delta":
+            extra["delta_coefficients"] = _delta_coefficients(inp)
+        lf = RLVRLoss(**kw)
+    elif impl == "liger_grpo":
+        if spec.get("liger") is None:
+            raise NotAvailable(f"Liger's LigerFusedLinearGRPOLoss has no {name}")
+        mod = _import("liger_kernel.chunked_loss")
+        kw = dict(beta=0.0, use_ref_model=bool(spec.get("ref")), compiled=device == "cuda")
+        kw.update(fill(spec["liger"]))
+        lf = mod.LigerFusedLinearGRPOLoss(**kw)
+    else:
+        raise ValueError(f"unknown implementation {impl!r} for {p['op']}")
+
+    def step():
+        lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, **extra)[0].backward()
+        inp.clear_grads()
+    return step, inp.grad_bytes()
+
+
+def _delta_coefficients(inp: Inputs):
+    """DelTA coefficients from the old policy's hidden states (computed once per rollout batch, outside the step)."""
+    import torch
+
+    from rlvr_kernels.delta import delta_coefficients
+
+    with torch.no_grad():
+        out = delta_coefficients(inp.x.detach(), inp.old, inp.adv, inp.mask.bool())
+    return getattr(out, "coefficients", out)
+
+
+def _token_inputs(p: dict, device: str):
+    import torch
+
+    n, T = p["N"], p["T"]
+    B = n // T
+    gen = torch.Generator(device=device).manual_seed(0)
+    lengths = torch.randint(T // 2, T + 1, (B,), device=device, generator=gen)
+    mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+    ent = torch.rand(B, T, device=device, generator=gen) * 3.0
+    adv = torch.randn(B, device=device, generator=gen)
+    logp = -torch.rand(B, T, device=device, generator=gen) * 4.0
+    mu = logp + 0.1 * torch.randn(B, T, device=device, generator=gen)
+    return mask, ent, adv, logp, mu
+
+
+def _build_token_pass(p: dict, device: str):
+    import torch
+
+    case, impl = p["case"], p["impl"]
+    if impl == "rlvr_kernels":
+        backend = "auto"
+    elif impl == "torch_reference":
+        backend = "torch"
+    else:
+        raise ValueError(f"unknown implementation {impl!r} for token_pass")
+    mask, ent, adv, logp, mu = _token_inputs(p, device)
+    if case in ("percentile", "tp_mask", "forking", "entropy_adv", "d3s"):
+        import rlvr_kernels as rk
+
+        fn = {
+            "percentile": lambda: rk.trajectory_percentile(mask, backend=backend),
+            "tp_mask": lambda: rk.tp_schedule_mask(mask, 0.7, backend=backend),
+            "forking": lambda: rk.forking_token_mask(ent, mask, 0.2, backend=backend),
+            "entropy_adv": lambda: rk.entropy_shaped_advantages(adv, ent, mask, 0.5, backend=backend),
+            "d3s": lambda: rk.d3s_token_mask(adv, ent, mask, 0.2, backend=backend),
+        }[case]
+    elif case == "cppo_mask":
+        if not _module_available("rlvr_kernels.cppo"):
+            raise NotAvailable("rlvr_kernels.cppo is not in this checkout")
+        from rlvr_kernels.cppo import cppo_mask
+
+        def fn():
+            return cppo_mask(logp, mu, adv, mask, backend=backend)
+    elif case == "delta_coef":
+        if not _module_available("rlvr_kernels.delta"):
+            raise NotAvailable("rlvr_kernels.delta is not in this checkout")
+        from rlvr_kernels.delta import delta_coefficients
+
+        gen = torch.Generator(device=device).manual_seed(1)
+        dtype = getattr(torch, DTYPES[p["dtype"]])
+        hidden = torch.randn(*mask.shape, p["H"], device=device, generator=gen).to(dtype)
+
+        def fn():
+            return delta_coefficients(hidden, logp, adv, mask, backend=backend)
+    else:
+        raise ValueError(f"unknown token_pass case {case!r}")
+
+    def step():
+        with torch.no_grad():
+            fn()
+    return step, 0
+
+
+def build(p: dict, device: str):
+    """``(step, grad_bytes)`` for one point; raises when the implementation cannot run."""
+    op = p["op"]
+    if op in LOGPROB_OPS:
+        return _build_logprobs(p, device)
+    if op == "loss_fused":
+        return _build_loss_fused(p, device)
+    if op == "token_pass":
+        return _build_token_pass(p, device)
+    if op.startswith("loss_"):
+        return _build_loss_variant(p, device)
+    raise ValueError(f"unknown op {op!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def _proc_status_kib(field: str):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    """Return freed heap to the OS and reset the kernel's peak-RSS mark (Linux >= 4.0); False where unsupported."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def _sync(device):
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def measure(p: dict, device: str, timing: dict) -> dict:
+    """Median time (ms) and peak memory (MiB) of one point, after ``timing['warmup']`` warm-up steps.
+
+    GPU: CUDA events around each step; peak = ``max_memory_allocated`` during the timed steps minus what was
+    allocated before them (the inputs). CPU: ``perf_counter``; peak = growth of the resident set during the timed
+    steps over the resident set before them (the peak mark is reset after warm-up; the caller runs each CPU point in
+    a fresh process). Steps that take a gradient drop it at their end, so the peak includes the gradients once.
+    """
+    import resource
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t_build = time.perf_counter()
+    step, grad_bytes = build(p, device)
+    for _ in range(timing["warmup"]):
+        step()
+    _sync(device)
+    warm_s = time.perf_counter() - t_build
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        hwm_ok = _reset_rss_peak()
+        base = _proc_status_kib("VmRSS") if hwm_ok else None
+    times = []
+    t_end = time.perf_counter() + timing["target_s"]
+    while len(times) < timing["min_reps"] or (time.perf_counter() < t_end and len(times) < timing["max_reps"]):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            s = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - s) * 1e3)
+    if device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    elif base is not None:
+        peak = (_proc_status_kib("VmHWM") - base) / 1024
+    else:  # no resettable peak mark: growth of ru_maxrss over the whole run, warm-up included
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru0) / 1024
+    peak = max(0.0, peak)
+    res = {
+        "ms_median": statistics.median(times),
+        "ms_min": min(times),
+        "reps": len(times),
+        "peak_mem_mib": peak,
+        "warmup_s": round(warm_s, 3),
+    }
+    if grad_bytes:
+        res["grads_mib"] = grad_bytes / 2**20
+        res["extra_mem_mib"] = max(0.0, peak - grad_bytes / 2**20)
+    return res
+
+
+def measure_safe(p: dict, device: str, timing: dict) -> dict:
+    try:
+        return measure(p, device, timing)
+    except NotAvailable as exc:
+        return {"error": f"not available: {exc}"[:400]}
+    except Exception as exc:  # noqa: BLE001 - any failure of an implementation becomes a row saying why
+        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return {"error": msg[:400]}
+    finally:
+        gc.collect()
+
+
+def worker(q, points, device, timing):
+    """Child process: measure ``points`` in order, reporting each result on ``q`` as ``(index, result)``."""
+    # Objects inherited from the fork server (torch, the peers) are never garbage: keep the collector off them, so
+    # that it neither spends time on them nor touches (copies) their pages.
+    gc.freeze()
+    for i, p in enumerate(points):
+        q.put(("start", i, None))
+        q.put(("done", i, measure_safe(p, device, timing)))

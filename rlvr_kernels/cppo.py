@@ -1,0 +1,219 @@
+"""CPPO (cumulative prefix-divergence policy optimization) token mask.
+
+Paper: Mao, Zhou, Tao et al., "Beyond Uniform Token-Level Trust Region in LLM Reinforcement Learning",
+arXiv 2606.10968v2 (Tencent Hunyuan): Eq. 8-10 (prefix budget, position weight, mask), Eq. 22 (dynamic budget),
+Alg. 1; spec ``cppo.md``. CPPO is only a detached token mask on the DPPO ratio-advantage surrogate
+``-M_t A_t rho_t`` (use it through ``RLVRLoss(loss_type="cppo")`` or apply :attr:`CPPOMask.mask` yourself).
+
+Layouts as in :mod:`rlvr_kernels.credit`: padded ``[B, T]`` (bool ``mask``, right padding; holes allowed) or packed
+``[total]`` plus ``cu_seqlens``; both give identical results. ``backend="auto" | "triton" | "torch"`` as in
+:mod:`rlvr_kernels._backend`; the Triton kernel is :mod:`rlvr_kernels.kernels.cppo` and the torch reference
+:mod:`rlvr_kernels.reference.cppo`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from rlvr_kernels.credit import _backend, _check_block, _positive_scalar, _Rows, _unit_scalar
+from rlvr_kernels.reference import cppo as ref
+from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
+
+__all__ = ["cppo_mask", "CPPOMask", "CPPOAnchorWarning", "DIVERGENCES", "BUDGETS"]
+
+
+class CPPOAnchorWarning(UserWarning):
+    """``logp_mu`` equals ``logp`` on every valid token: every divergence is 0 and CPPO masks nothing (spec A9)."""
+
+
+@dataclass(frozen=True)
+class CPPOMask:
+    """Result of :func:`cppo_mask` (all tensors detached, in the layout of the input).
+
+    - ``mask``: bool, ``True`` = keep the token's surrogate term ``-A_t rho_t``; False on invalid tokens;
+    - ``divergence``: fp32 ``D_t``, 0 on invalid tokens;
+    - ``weight``: fp32 position weight ``w_t`` (Eq. 9), 0 on invalid tokens;
+    - ``delta_b``: fp32 ``[B]`` (``[S]`` packed), the prefix budget each row used (``+inf`` for ``budget="none"``);
+    - ``masked_fraction``: fp32 scalar, the fraction of valid tokens masked out (0 when there is none).
+    """
+
+    mask: torch.Tensor
+    divergence: torch.Tensor
+    weight: torch.Tensor
+    delta_b: torch.Tensor
+    masked_fraction: torch.Tensor
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_topk(rows: _Rows, name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != len(rows.shape) + 1 or tuple(x.shape[:-1]) != rows.shape or x.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape {rows.shape + ('K',)} (the shape of mask plus K >= 1 columns), "
+                         f"got {tuple(x.shape)}")
+    if x.device != rows.device:
+        raise ValueError(f"{name} is on {x.device} but mask is on {rows.device}")
+    if x.numel() and bool((torch.isnan(x) | (x == float("inf"))).any(-1).logical_and(rows.valid).any()):
+        raise ValueError(f"{name} has NaN or +inf at valid positions (-inf, probability 0, is allowed)")
+    return x
+
+
+def cppo_mask(
+    logp: torch.Tensor,
+    logp_mu: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    delta: float = 0.15,
+    w_min: float = 0.8,
+    delta_b: float = 0.02,
+    budget: str = "dynamic",
+    quantile: float = 0.9,
+    max_mult: float = 2.0,
+    quantile_scale: float = 1.0,
+    horizon: Optional[int] = None,
+    divergence: str = "binary_tv",
+    logp_topk: Optional[torch.Tensor] = None,
+    logp_mu_topk: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> CPPOMask:
+    """CPPO's direction-aware token mask with a position-weighted cumulative prefix budget (arXiv 2606.10968v2).
+
+    For every valid token ``t`` (0-based position in its row) with divergence ``D_t`` between the rollout policy mu
+    and the current policy pi (the anchor mu is the ROLLOUT engine's log-probs, frozen for all updates of a rollout
+    batch, not a recomputed pi_old), the mask is (Eq. 8-10, Alg. 1)::
+
+        w_t = 1 - (1 - w_min) * min(t / max(H - 1, 1), 1)              (Eq. 9; H = row length, or horizon)
+        Z_t = w_t D_t,  S_{t-1} = sum_{j<t} Z_j,  W_{t-1} = sum_{j<t} w_j   (exclusive; every token counts)
+        c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})
+        M_t = valid_t and (A_t (rho_t - 1) <= 0  or  Z_t <= c_t)
+
+    ``A (rho - 1) <= 0`` (the update moves pi back toward mu; ``A = 0`` is kept) is evaluated exactly by the signs of
+    ``A`` and of the log-ratio (the ±20 clamp of the log-ratio does not change its sign). ``budget``:
+    ``"dynamic"`` (default, Eq. 22 / verl PR): per row ``delta_b_row = clamp(quantile_scale * Q_q(D), delta_b,
+    max_mult * delta_b)`` with ``Q_q`` the linear-interpolation quantile (as ``torch.quantile``) of the row's UNWEIGHTED
+    ``D`` over valid tokens; a row without valid tokens uses ``delta_b``. ``"fixed"``: ``delta_b`` for every row.
+    ``"none"``: no prefix budget, ``c_t = delta`` (with ``w_min=1`` this is exactly DPPO's mask ``toward_mu or
+    D <= delta``).
+
+    Divergences (``divergence``, cppo.md 1; KL is ``KL(mu || pi)``; see
+    :func:`rlvr_kernels.reference.cppo.divergence`): ``"binary_tv"`` (default, A3: the released code's; needs only
+    the sampled-token log-probs), ``"binary_kl"``, ``"topk_tv"``, ``"topk_kl"`` (the paper's main runs used Top-K TV
+    with K = 20). The Top-K forms need ``logp_topk`` / ``logp_mu_topk`` of shape ``mask.shape + (K,)``: the log-probs
+    of pi and of mu at the ids ``TopK(mu) ∪ {a_t}``, gathered by the caller (e.g.
+    ``rlvr_kernels.fused_linear_logprobs(..., gather_ids=ids)`` for pi, the rollout engine for mu). Convention: each
+    id at most once, since a duplicate would be counted twice. We recommend Stable-RL's fixed width: K columns, where
+    ``a_t`` replaces the K-th top-K id when it is not already among them. The paper's K+1 union also works: K+1
+    columns whose last one is ``a_t``, or ``-inf`` in both tensors when ``a_t`` is already in the top-K (a ``-inf``
+    column is an empty bucket). The "other" bucket is ``max(1 - sum, 0)``, and probabilities are clamped to >= 1e-12
+    inside logs. ``logp`` / ``logp_mu`` are still needed for the toward-mu test.
+
+    Shapes and dtypes: ``logp``, ``logp_mu``: ``[B, T]`` (or ``[total]`` with ``cu_seqlens``), any float dtype,
+    finite on valid tokens, computed in fp32 (A8). ``advantages``: per row ``[B]`` (or ``[B, 1]``; ``[S]`` packed) or
+    per token like ``mask``. ``mask``: bool (or real, read as ``!= 0``). ``cu_seqlens``: int ``[S + 1]``.
+
+    Ambiguity resolutions (cppo.md 7): A1, ``horizon=None`` uses each row's own length ``L`` = last valid index + 1
+    (paper, UniRL); ``horizon=max_response_length`` reproduces the authors' verl PR (positions beyond it get
+    ``w_min``). In both, ``w_0 = 1``, so a one-token row has ``w = 1``. A2: upper clamp ``max_mult = 2``. A3: Binary-TV
+    is the default. A6: for masks with holes (multi-turn), ``w`` and ``D`` are zeroed at masked positions, and
+    positions stay absolute (verl semantics). A7: KL uses the same machinery; the paper's KL thresholds are
+    ``delta=0.1, delta_b=0.002, budget="fixed"``. A8: fp32 everywhere. The prefix term
+    ``delta_b W_{t-1} - S_{t-1}`` is accumulated as a single exclusive sum of ``delta_b w_j - Z_j``, which is the same
+    quantity without cancelling two large sums on long rows. A9: a :class:`CPPOAnchorWarning` is issued (once per call
+    site, by the default warning filter) when ``logp_mu`` equals ``logp`` on every valid token.
+
+    Returns a :class:`CPPOMask`. Computed under ``no_grad``; nothing is written to the inputs. ``block_size`` (Triton
+    only, power of two >= 16) is the number of tokens per loop step. The kernel uses one program per row, loops over
+    blocks with a running carry, and has grid ``<= 65535``, so rows of 64k+ tokens and 100k+ rows work.
+    """
+    rows = _Rows(mask, cu_seqlens)
+    logp = rows.check_token_tensor("logp", logp)
+    logp_mu = rows.check_token_tensor("logp_mu", logp_mu)
+    adv, per_token = rows.check_advantages(advantages)
+    delta = _positive_scalar("delta", delta, allow_zero=False)
+    w_min = _real("w_min", w_min)
+    if not (0.0 < w_min <= 1.0):
+        raise ValueError(f"w_min must lie in (0, 1], got {w_min!r}")
+    delta_b = _positive_scalar("delta_b", delta_b, allow_zero=True)
+    quantile = _unit_scalar("quantile", quantile)
+    max_mult = _real("max_mult", max_mult)
+    if not (math.isfinite(max_mult) and max_mult >= 1.0):
+        raise ValueError(f"max_mult must be a finite number >= 1, got {max_mult!r}")
+    quantile_scale = _positive_scalar("quantile_scale", quantile_scale, allow_zero=True)
+    if horizon is not None:
+        if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
+            raise TypeError(f"horizon must be None or an int, got {type(horizon).__name__}")
+        horizon = int(horizon)
+        if horizon < 1:
+            raise ValueError(f"horizon must be None or an int >= 1, got {horizon}")
+    if not isinstance(budget, str) or budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence.startswith("topk"):
+        if logp_topk is None or logp_mu_topk is None:
+            raise ValueError(f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
+                             "the ids TopK(mu) ∪ {a_t}, shape mask.shape + (K,))")
+        _check_topk(rows, "logp_topk", logp_topk)
+        _check_topk(rows, "logp_mu_topk", logp_mu_topk)
+        if logp_topk.shape != logp_mu_topk.shape:
+            raise ValueError(f"logp_topk and logp_mu_topk must have the same shape, got {tuple(logp_topk.shape)} "
+                             f"and {tuple(logp_mu_topk.shape)}")
+    elif logp_topk is not None or logp_mu_topk is not None:
+        raise ValueError(f"logp_topk / logp_mu_topk are only used by the topk divergences, not {divergence!r}")
+    block = _check_block(block_size)
+    use = _backend(backend, rows)
+    rows.check_finite("logp", logp)
+    rows.check_finite("logp_mu", logp_mu)
+    rows.check_finite("advantages", adv, per_token)
+
+    logp = logp.detach()
+    logp_mu = logp_mu.detach()
+    adv = adv.detach()
+    valid = rows.valid
+    n_valid = valid.sum(dtype=torch.int64)
+    if valid.numel() and bool(n_valid > 0) and bool(((logp == logp_mu) | ~valid).all()):
+        warnings.warn(
+            "cppo_mask: logp_mu equals logp on every valid token, so every divergence is 0 and CPPO masks nothing "
+            "(spec A9). The anchor mu must be the rollout engine's log-probs, frozen for all updates of the rollout "
+            "batch; a recomputed pi_old equals pi on the first update.",
+            CPPOAnchorWarning,
+            stacklevel=2,
+        )
+
+    with torch.no_grad():
+        D = None
+        if divergence != "binary_tv" or use == "torch":
+            D = ref.divergence(divergence, logp, logp_mu, logp_topk, logp_mu_topk)
+        kw = dict(delta=delta, w_min=w_min, delta_b=delta_b, budget=budget, quantile=quantile,
+                  quantile_scale=quantile_scale, max_mult=max_mult, horizon=horizon)
+        if use == "torch":
+            keep, D, w, db = ref.cppo_mask(
+                rows.to_padded(logp), rows.to_padded(logp_mu), rows.to_padded(adv, per_token), rows.padded_valid(),
+                rows.to_padded(D), **kw,
+            )
+            keep, D, w = rows.from_padded(keep), rows.from_padded(D), rows.from_padded(w)
+        else:
+            from rlvr_kernels.kernels import cppo as kern
+
+            starts, spans = rows.starts_spans()
+            keep, D, w, db = kern.cppo_mask(logp, logp_mu, D, adv, rows.valid8(), starts, spans, per_token=per_token,
+                                            block=block, **kw)
+            keep, D, w = rows.unflat(keep), rows.unflat(D), rows.unflat(w)
+        n_masked = (valid & ~keep).sum(dtype=torch.int64)
+        frac = (n_masked.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)).reshape(())
+        return CPPOMask(mask=keep, divergence=D, weight=w, delta_b=db, masked_fraction=frac)

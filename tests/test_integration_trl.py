@@ -1,0 +1,264 @@
+"""TRL integration (rlvr_kernels.integrations.trl) against trl 1.16.0 from PyPI, on CPU and offline.
+
+A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer built here, a toy prompt set and a toy reward:
+- RLVRGRPOTrainer with the defaults trains like TRL's GRPOTrainer (same seed -> same loss, grad norm and entropy at
+  every step), for a dapo run with gradient accumulation and a grpo run with a reference model and two iterations;
+- the RLVRLoss path with neutral settings (forking keeping every token, a zero entropy bonus on the advantage, DPPO
+  on-policy) gives TRL's loss and grad norm too: the normalisation and the hidden-state routing are TRL's;
+- every method runs two steps with a finite loss, logs its rlvr/ metrics, and the schedule value advances;
+- the ZeRO-3 form of the head (regathered in the backward) gives the same gradients as the direct one;
+- bad configurations fail with clear errors.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer, linear_logprobs  # noqa: E402
+
+HAS_CPPO = importlib.util.find_spec("rlvr_kernels.cppo") is not None
+WORDS = [f"w{i}" for i in range(58)]
+
+
+def tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    hf.padding_side = "left"
+    return hf
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Qwen2 saved locally: TRL builds the reference model from the policy's name_or_path."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+def tiny_model(path):
+    return Qwen2ForCausalLM.from_pretrained(path)
+
+
+def dataset():
+    return Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(0, 48, 3)]})
+
+
+def even_words(completions, **kwargs):
+    """Fraction of the completion's words with an even index: varies across random completions."""
+    out = []
+    for c in completions:
+        ws = [w for w in c.split() if w.startswith("w")]
+        out.append(sum(int(w[1:]) % 2 == 0 for w in ws) / 8.0)
+    return out
+
+
+BASE = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2, logging_steps=1,
+            report_to="none", use_cpu=True, bf16=False, seed=0, learning_rate=5e-2, save_strategy="no",
+            dataloader_num_workers=0, disable_tqdm=True)
+
+
+def train(trainer_cls, config_cls, tmp_path, model_dir, **kw):
+    args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **{**BASE, **kw})
+    trainer = trainer_cls(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
+                          processing_class=tokenizer())
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == args.max_steps
+    return logs
+
+
+def assert_same_training(ref, got, keys=("loss", "grad_norm", "entropy")):
+    for step, (r, g) in enumerate(zip(ref, got), start=1):
+        for k in keys:
+            assert math.isclose(r[k], g[k], rel_tol=1e-4, abs_tol=1e-6), (step, k, r[k], g[k])
+    # the runs did something: a non-zero gradient at some step
+    assert any(abs(r["grad_norm"]) > 1e-6 for r in ref)
+
+
+PARITY = {
+    "dapo_ga2": dict(loss_type="dapo", gradient_accumulation_steps=2, max_steps=3),
+    "grpo_ref_iters2": dict(loss_type="grpo", beta=0.04, num_iterations=2),
+}
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_defaults_train_like_trl(tmp_path, model_dir, name):
+    kw = PARITY[name]
+    ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, **kw)
+    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, **kw)
+    keys = ("loss", "grad_norm", "entropy") + (("kl",) if kw.get("beta") else ())
+    assert_same_training(ref, got, keys)
+
+
+NEUTRAL = {
+    # forking that keeps every token: the RLVRLoss path with TRL's dapo normaliser over an accumulation window
+    # (and TRL's static entropy bonus, a token mean over the kept tokens / GA)
+    # and a generation batch spanning two optimizer steps (TRL rescales num_items_in_batch by GA / spg)
+    "forking_all_dapo_ga2_spg4": dict(loss_type="dapo", gradient_accumulation_steps=2, steps_per_generation=4,
+                                      credit="forking", credit_rho=1.0, entropy_coef=0.05),
+    # entropy-shaped advantages with a zero bonus scale: grpo's per-sequence mean, /GA, with a reference model
+    "entropy_adv_zero_grpo": dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2, credit="entropy_adv",
+                                  schedule_mode="constant", schedule_start_value=0.0),
+    # DPPO on-policy: every token kept, -A rho has the PPO-clip gradient at rho = 1
+    # (the trainer computes the behaviour log-probs TRL skips); loss_type picks the normaliser
+    "dppo_onpolicy_bnpo": dict(loss_type="bnpo", trust_region="dppo"),
+    "dppo_onpolicy_grpo_ga2": dict(loss_type="grpo", trust_region="dppo", gradient_accumulation_steps=2),
+    "dppo_onpolicy_dr_grpo": dict(loss_type="dr_grpo", trust_region="dppo"),
+}
+
+
+@pytest.mark.parametrize("name", list(NEUTRAL))
+def test_rlvr_loss_path_matches_trl_when_neutral(tmp_path, model_dir, name):
+    kw = NEUTRAL[name]
+    base = {k: v for k, v in kw.items() if k in GRPOConfig.__dataclass_fields__}
+    ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, **base)
+    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, **kw)
+    assert_same_training(ref, got)
+    assert all(row["rlvr/active_fraction"] == pytest.approx(1.0) for row in got)
+
+
+METHODS = {
+    "tp_schedule": dict(credit="tp_schedule"),
+    "forking": dict(credit="forking"),
+    "entropy_adv": dict(credit="entropy_adv"),
+    "d3s": dict(credit="d3s"),
+    "d3s_sequence_rho": dict(credit="d3s", d3s_scope="sequence", credit_rho=0.5, loss_type="grpo"),
+    "dppo": dict(trust_region="dppo", num_iterations=2),
+    "cppo": dict(trust_region="cppo", num_iterations=2),
+    "tp_schedule_cppo": dict(credit="tp_schedule", trust_region="cppo", loss_type="dr_grpo"),
+    "forking_dppo_grpo": dict(credit="forking", trust_region="dppo", loss_type="grpo", num_iterations=2),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_methods_train(tmp_path, model_dir, name):
+    kw = METHODS[name]
+    if kw.get("trust_region") == "cppo" and not HAS_CPPO:
+        pytest.skip("rlvr_kernels.cppo is not in this build")
+    # schedule_end=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
+    logs = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, schedule_end=1.0, **kw)
+    for row in logs:
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+        assert 0.0 < row["rlvr/active_fraction"] <= 1.0
+        assert math.isfinite(row["entropy"])
+    credit = kw.get("credit", "none")
+    scheduled = credit in ("tp_schedule", "entropy_adv") or (credit in ("forking", "d3s") and "credit_rho" not in kw)
+    if scheduled:
+        q = [row["rlvr/schedule_value"] for row in logs]
+        assert q[0] == pytest.approx(0.495) and q[1] == pytest.approx(0.0)
+    else:
+        assert all("rlvr/schedule_value" not in row for row in logs)
+    if credit in ("tp_schedule", "forking", "d3s") and scheduled:
+        assert logs[0]["rlvr/active_fraction"] < 1.0  # the step-1 rule drops tokens, step 2 (q = 0) keeps all
+        assert logs[1]["rlvr/active_fraction"] == pytest.approx(1.0)
+    if kw.get("trust_region") in ("dppo", "cppo"):
+        assert all(0.0 <= row["rlvr/trust_region_masked_fraction"] <= 1.0 for row in logs)
+    if kw.get("trust_region") == "cppo":
+        assert all(math.isfinite(row["rlvr/cppo_delta_b_mean"]) for row in logs)
+
+
+def test_plain_grpo_config_trains_like_trl(tmp_path, model_dir):
+    """RLVRGRPOTrainer also takes TRL's own GRPOConfig (the defaults: TRL's loss on our log-probs)."""
+    ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir)
+    got = train(RLVRGRPOTrainer, GRPOConfig, tmp_path, model_dir)
+    assert_same_training(ref, got)
+
+
+def test_token_count_normaliser_counts_kept_tokens(tmp_path, model_dir, monkeypatch):
+    """dapo + TP-Schedule with 2 accumulation steps: every micro-batch of an optimizer step divides by the tokens the
+    rule keeps over the whole generation batch (both micro-batches), not by TRL's count of all completion tokens."""
+    import rlvr_kernels.integrations.trl as integ
+
+    calls = []
+    real = integ.rlvr_loss
+
+    def spy(cfg, hidden, weight, ids, mask, adv, **kw):
+        loss, metrics = real(cfg, hidden, weight, ids, mask, adv, **kw)
+        kept = float(metrics["active_fraction"]) * float(mask.sum())
+        calls.append((float(kw["num_items_in_batch"]), kept, float(mask.sum()), kw["step"]))
+        return loss, metrics
+
+    monkeypatch.setattr(integ, "rlvr_loss", spy)
+    train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="tp_schedule", schedule_end=1.0,
+          gradient_accumulation_steps=2)
+    assert [c[3] for c in calls] == [1, 1, 2, 2]
+    first, second = calls[:2], calls[2:]
+    assert first[0][0] == first[1][0] == pytest.approx(first[0][1] + first[1][1])
+    assert first[0][0] < first[0][2] + first[1][2]  # q(1) = 0.495 dropped tokens
+    assert second[0][0] == pytest.approx(second[0][2] + second[1][2])  # q(2) = 0 keeps them all
+
+
+def test_regathered_head_matches_direct():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 16, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(40, 16, generator=g))
+    b = torch.nn.Parameter(torch.randn(40, generator=g))
+    t = torch.randint(0, 40, (7,), generator=g)
+    gl, ge = torch.randn(7, generator=g), torch.randn(7, generator=g)
+    grads = []
+    for regather in (False, True):
+        lp, ent = linear_logprobs(h, w, b, t, dtype=torch.float32, temperature=0.7, want_entropy=True,
+                                  backend="torch", regather=regather)
+        grads.append((lp.detach(), ent.detach()) + torch.autograd.grad((lp * gl).sum() + (ent * ge).sum(), (h, w, b)))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y)
+
+
+def cfg(tmp_path, **kw):
+    return RLVRGRPOConfig(output_dir=str(tmp_path), **{**BASE, **kw})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(credit="delta"), "DelTA"),
+    (dict(credit="nope"), "credit must be one of"),
+    (dict(trust_region="ppo"), "trust_region must be one of"),
+    (dict(trust_region="dppo", loss_type="sapo"), "loss_type then only picks the normaliser"),
+    (dict(trust_region="dppo", importance_sampling_level="sequence"), "importance_sampling_level"),
+    (dict(trust_region="dppo", delta=2.0), "delta"),
+    (dict(credit="tp_schedule", credit_rho=0.2), "credit_rho applies"),
+    (dict(credit="forking", credit_rho=0.0), "credit_rho"),
+    (dict(credit="forking", top_entropy_quantile=0.2), "top_entropy_quantile"),
+    (dict(credit="forking", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(credit="tp_schedule", schedule_begin=0.9, schedule_end=0.5), "schedule"),
+    (dict(credit="tp_schedule", schedule_mode="zigzag"), "schedule"),
+    (dict(trust_region_ratio_cap=10.0), "trust_region_ratio_cap"),
+])
+def test_bad_configs(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cfg(tmp_path, **kw)
+
+
+def test_defaults_leave_trl_unchanged(tmp_path):
+    c = cfg(tmp_path)
+    assert c.credit == "none" and c.trust_region == "clip" and not c.uses_rlvr_loss
+    stock = GRPOConfig(output_dir=str(tmp_path), **BASE)
+    for name in GRPOConfig.__dataclass_fields__:
+        if name not in ("logging_dir",):
+            assert getattr(c, name) == getattr(stock, name), name
+
+
+def test_schedule_must_fit_the_run(tmp_path, model_dir):
+    # end * max_steps = int(0.8 * 1) = 0 = k_min: the schedule has no room, a clear error at the first step
+    args = cfg(tmp_path, credit="tp_schedule", max_steps=1)
+    trainer = RLVRGRPOTrainer(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
+                              processing_class=tokenizer())
+    with pytest.raises(ValueError, match="planned 1 optimizer steps"):
+        trainer.train()
