@@ -369,6 +369,7 @@ def main(argv=None) -> int:
     meta["wall_s"] = round(time.monotonic() - t0, 1)
     br.write_all(records, meta, out, plots=not args.no_plots)
     n_err = sum("error" in r for r in records)
+    print("\n" + br.summary_markdown(records, meta).rstrip())
     print(f"\n{len(records)} records ({n_err} with an error) in {meta['wall_s']:.0f} s; wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ import torch
 from rlvr_kernels._backend import resolve_backend
 from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
 from rlvr_kernels.reference import credit as ref
+from rlvr_kernels.schedule import _check_unit
 
 __all__ = [
     "trajectory_percentile",
@@ -52,12 +53,7 @@ def _unit_scalar(name: str, value) -> float:
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (0.0 <= v <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return v
+    return _check_unit(name, value)
 
 
 def _positive_scalar(name: str, value, *, allow_zero: bool) -> float:
