@@ -6,6 +6,9 @@ A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer built here, 
 - the RLVRLoss path with neutral settings (forking keeping every token, a zero entropy bonus on the advantage, DPPO
   on-policy) gives TRL's loss and grad norm too: the normalisation and the hidden-state routing are TRL's;
 - every method runs two steps with a finite loss, logs its rlvr/ metrics, and the schedule value advances;
+- DelTA (credit="delta"): the coefficients that reach the loss equal delta_coefficients(...) computed from the
+  backbone's final hidden states and the old log-probs of the whole generation batch (cached and streamed), and
+  delta_lam_min == delta_lam_max trains exactly like TRL;
 - the ZeRO-3 form of the head (regathered in the backward) gives the same gradients as the direct one;
 - bad configurations fail with clear errors.
 """
@@ -145,6 +148,8 @@ METHODS = {
     "cppo": dict(trust_region="cppo", num_iterations=2),
     "tp_schedule_cppo": dict(credit="tp_schedule", trust_region="cppo", loss_type="dr_grpo"),
     "forking_dppo_grpo": dict(credit="forking", trust_region="dppo", loss_type="grpo", num_iterations=2),
+    "delta": dict(credit="delta"),
+    "delta_dppo_streamed": dict(credit="delta", trust_region="dppo", num_iterations=2, delta_cache_bytes=0),
 }
 
 
@@ -173,6 +178,17 @@ def test_methods_train(tmp_path, model_dir, name):
         assert all(0.0 <= row["rlvr/trust_region_masked_fraction"] <= 1.0 for row in logs)
     if kw.get("trust_region") == "cppo":
         assert all(math.isfinite(row["rlvr/cppo_delta_b_mean"]) for row in logs)
+    if credit == "delta":
+        # a group with a non-zero reward std has advantages of both signs: the coefficients vary (a step without a
+        # generation, num_iterations > 1, reuses the last generation batch and its coefficients)
+        mixed, frac = [], 1.0
+        for row in logs:
+            frac = row.get("frac_reward_zero_std", frac)
+            if frac < 1.0:
+                mixed.append(row)
+        assert mixed and all(row["rlvr/delta_coef_std"] > 0.0 for row in mixed)
+    else:
+        assert all("rlvr/delta_coef_std" not in row for row in logs)
 
 
 def test_plain_grpo_config_trains_like_trl(tmp_path, model_dir):
@@ -222,12 +238,123 @@ def test_regathered_head_matches_direct():
         torch.testing.assert_close(x, y)
 
 
+def _capture_loss_inputs(monkeypatch):
+    """Spy on the RLVRLoss call of the integration: records (completion ids, loss mask, DelTA coefficients)."""
+    import rlvr_kernels.integrations.trl as integ
+
+    calls = []
+    real = integ.rlvr_loss
+
+    def spy(cfg, hidden, weight, ids, mask, adv, **kw):
+        coef = kw.get("delta_coefficients")
+        calls.append((ids.detach().clone(), mask.detach().clone(), None if coef is None else coef.detach().clone()))
+        return real(cfg, hidden, weight, ids, mask, adv, **kw)
+
+    monkeypatch.setattr(integ, "rlvr_loss", spy)
+    return calls
+
+
+class OracleTrainer(RLVRGRPOTrainer):
+    """Computes DelTA's coefficients of each generation batch independently of the integration: the backbone's final
+    hidden states (``model.model(...).last_hidden_state``, i.e. the lm_head input) and the log-probs from explicit
+    logits at the rollout temperature, right after the batch is scored (theta_old), then ``delta_coefficients``."""
+
+    def _generate_and_score_completions(self, inputs):
+        from rlvr_kernels.delta import delta_coefficients
+
+        out = super()._generate_and_score_completions(inputs)
+        a = self.args
+        P, T = out["prompt_ids"].size(1), out["completion_ids"].size(1)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        with torch.no_grad():
+            h = self.model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, P - 1:-1]
+            z = self.model.lm_head(h).float() / a.temperature
+            lp = torch.log_softmax(z, -1).gather(-1, out["completion_ids"][..., None])[..., 0]
+        mask = out["completion_mask"].bool()
+        want = delta_coefficients(h, lp, out["advantages"], mask, iters=a.delta_iters, lam_min=a.delta_lam_min,
+                                  lam_max=a.delta_lam_max, exclude_zero_adv=a.delta_exclude_zero_adv,
+                                  backend="torch")
+        self.oracle.append((out, want, lp, mask))
+        return out
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        self.passes += 1  # only the no-grad passes of generation time call it on the RLVRLoss path
+        return super()._get_per_token_logps_and_entropies(*args, **kwargs)
+
+
+ORACLE = {
+    # the hidden states cached after one forward; TRL skips the old log-probs (GA 2 = steps_per_generation), so the
+    # DelTA pass computes them at the rollout temperature 0.7; E = 8 completions over two micro-batches
+    "cached_t07_ga2": (dict(gradient_accumulation_steps=2, temperature=0.7), 2, 4, 1),
+    # no cache: each of the K + 3 phases and the coefficients re-run the backbone (K + 4 = 6 passes); TRL computes
+    # the old log-probs itself (GA 1 < steps_per_generation 2, one more pass), E spans two optimizer steps
+    "streamed_k2_spg2": (dict(delta_cache_bytes=0, delta_iters=2, steps_per_generation=2), 1, 2, 1 + 6),
+    "exclude_zero_adv_grpo": (dict(delta_exclude_zero_adv=True, delta_lam_min=0.5, delta_lam_max=2.0,
+                                   loss_type="grpo", gradient_accumulation_steps=2), 2, 4, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(ORACLE))
+def test_delta_coefficients_match_oracle(tmp_path, model_dir, monkeypatch, name):
+    # (config, generation batches and loss calls over the 2 steps, no-grad passes per generation batch)
+    kw, n_generations, n_calls, n_passes = ORACLE[name]
+    calls = _capture_loss_inputs(monkeypatch)
+    args = cfg(tmp_path, credit="delta", **kw)
+    trainer = OracleTrainer(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
+                            processing_class=tokenizer())
+    trainer.oracle, trainer.passes = [], 0
+    trainer.train()
+    assert len(trainer.oracle) == n_generations
+    assert trainer.passes == n_generations * n_passes
+    rows = {}
+    for out, want, lp, mask in trainer.oracle:
+        got = out["rlvr_delta_coefficients"]
+        assert got.dtype == torch.float32 and got.shape == mask.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert float(got[mask].mean()) == pytest.approx(1.0, abs=1e-5)
+        assert bool((got[~mask] == 0).all()) and bool((got[mask] > 0).all())
+        assert float(got[mask].std()) > 0.0
+        if out.get("old_per_token_logps") is not None:  # TRL's own old log-probs: the same ones the oracle uses
+            torch.testing.assert_close(out["old_per_token_logps"][mask], lp[mask], rtol=1e-5, atol=1e-5)
+        for i in range(mask.size(0)):
+            rows.setdefault(tuple(out["completion_ids"][i].tolist()), []).append(want[i])
+    # what reaches the loss: every micro-batch row carries its own row's coefficients through TRL's shuffle/split
+    assert len(calls) == n_calls
+    for ids, mask, coef in calls:
+        assert coef is not None and coef.shape == ids.shape
+        for i in range(ids.size(0)):
+            cands = rows[tuple(ids[i].tolist())]
+            assert any(torch.allclose(coef[i], c, rtol=1e-5, atol=1e-5) for c in cands)
+
+
+def test_delta_equal_lams_trains_like_trl(tmp_path, model_dir, monkeypatch):
+    """delta_lam_min == delta_lam_max: every coefficient is 1 and the RLVRLoss path trains exactly like TRL."""
+    kw = dict(loss_type="dapo", gradient_accumulation_steps=2)
+    ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, **kw)
+    calls = _capture_loss_inputs(monkeypatch)
+    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="delta", delta_lam_min=0.9,
+                delta_lam_max=0.9, **kw)
+    assert_same_training(ref, got)
+    assert len(calls) == 4
+    for _, mask, coef in calls:
+        assert torch.equal(coef, mask.float())
+    assert all(row["rlvr/delta_coef_std"] == 0.0 for row in got)
+
+
 def cfg(tmp_path, **kw):
     return RLVRGRPOConfig(output_dir=str(tmp_path), **{**BASE, **kw})
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(credit="delta"), "DelTA"),
+    (dict(credit="delta", delta_iters=-1), "delta_iters"),
+    (dict(credit="delta", delta_iters=1.5), "delta_iters"),
+    (dict(credit="delta", delta_lam_min=0.0), "delta_lam_min must be a finite number > 0"),
+    (dict(credit="delta", delta_lam_min=1.2, delta_lam_max=0.8), "delta_lam_max must be a finite number >= "),
+    (dict(credit="delta", delta_lam_max=float("inf")), "delta_lam_max"),
+    (dict(credit="delta", delta_exclude_zero_adv="yes"), "delta_exclude_zero_adv must be a bool"),
+    (dict(credit="delta", delta_cache_bytes=-1), "delta_cache_bytes"),
+    (dict(credit="delta", top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(credit="nope"), "credit must be one of"),
     (dict(trust_region="ppo"), "trust_region must be one of"),
     (dict(trust_region="dppo", loss_type="sapo"), "loss_type then only picks the normaliser"),

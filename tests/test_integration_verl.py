@@ -112,6 +112,35 @@ def test_config_route_through_verl_yaml_and_hydra_target():
         omega_conf_to_dataclass(actor)
 
 
+DELTA_OVERRIDES = [  # the README's DelTA overrides (module docstring of rlvr_kernels.integrations.verl)
+    "actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_delta",
+    "actor_rollout_ref.actor.policy_loss._target_=rlvr_kernels.integrations.verl.RLVRPolicyLossConfig",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_iters=2",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_min=0.7",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_max=1.3",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_exclude_zero_adv=true",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_all_reduce=false",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_hidden_cache=cpu",
+]
+
+
+def test_delta_overrides_compose_with_hydra():
+    """The documented DelTA overrides through Hydra's compose on verl's own ppo_trainer config."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer/config"),
+                               version_base=None):
+        cfg = compose("ppo_trainer", overrides=DELTA_OVERRIDES + [
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
+    ac = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(ac.policy_loss, rv.RLVRPolicyLossConfig) and ac.policy_loss.loss_mode == "rlvr_delta"
+    o = rv._options(ac)
+    assert (o.delta_iters, o.delta_lam_min, o.delta_lam_max, o.delta_exclude_zero_adv, o.delta_all_reduce,
+            o.delta_hidden_cache) == (2, 0.7, 1.3, True, False, "cpu")
+
+
 def test_bad_options_and_inputs():
     with pytest.raises(ValueError, match="unknown policy_loss.rlvr"):
         rv.RLVRPolicyLossConfig(loss_mode="rlvr_clip", rlvr={"bogus": 1})
@@ -409,8 +438,8 @@ def test_tp_cut_on_v1_nested_layout():
         torch.testing.assert_close(got.to_padded_tensor(0)[:, :8].bool(), want)
 
 
-_E2E = r'''
-import json, sys, types, contextlib
+_E2E_PRELUDE = r'''
+import contextlib, copy, functools, json, os, sys, tempfile, types
 import torch
 
 
@@ -436,6 +465,9 @@ for _target in ("verl.workers.engine_workers", "verl.trainer.ppo.ray_trainer"):
             sys.modules[e.name] = _Stub(e.name)
             for m in [m for m in sys.modules if m.startswith("verl.") and sys.modules[m] is None]:
                 del sys.modules[m]
+'''
+
+_E2E = _E2E_PRELUDE + r'''
 from omegaconf import OmegaConf
 from verl import DataProto
 from verl.single_controller.base.decorator import MAGIC_ATTR
@@ -576,6 +608,205 @@ def test_end_to_end_through_real_verl_trainer_and_worker(tmp_path):
     assert res["5"]["q"] > res["30"]["q"] and res["5"]["active"] < res["30"]["active"]
 
 
+_E2E_DELTA = _E2E_PRELUDE + r'''
+import transformers
+from omegaconf import OmegaConf
+from verl import DataProto
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+from verl.workers.config import FSDPActorConfig
+from verl.workers.engine.fsdp import transformer_impl as ti
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine_workers import TrainingWorker
+from verl.workers.utils.losses import ppo_loss
+from rlvr_kernels import delta_coefficients
+
+ti.get_device_id = ti.get_device_name = lambda: "cpu"  # the CPU stands in for the accelerator
+torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "pg"),
+                                     rank=0, world_size=1)
+
+B, P, R, V = 8, 3, 7, 64
+g = torch.Generator().manual_seed(0)
+plen = torch.tensor([3, 1, 2, 3, 2, 1, 3, 2])
+rlen = torch.tensor([7, 5, 1, 6, 3, 7, 4, 2])
+pmask = torch.arange(P)[None] >= (P - plen)[:, None]
+rmask = torch.arange(R)[None] < rlen[:, None]
+attn = torch.cat([pmask, rmask], 1).long()
+prompts = torch.randint(1, V, (B, P), generator=g) * pmask
+responses = torch.randint(1, V, (B, R), generator=g) * rmask
+input_ids = torch.cat([prompts, responses], 1)
+adv = torch.tensor([1.2, -0.7, 0.0, 0.9, -1.5, 0.4, -0.3, 0.0])[:, None].expand(B, R).contiguous()
+
+torch.manual_seed(0)
+MODEL = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    vocab_size=V, max_position_embeddings=32)).float()
+with torch.no_grad():
+    MODEL.lm_head.weight.mul_(30.0)
+
+# oracle inputs: each sequence alone through theta_old; h = the decoder output (= lm_head input for Llama)
+H_OLD = torch.zeros(B, R, 16)
+OLD = torch.zeros(B, R)
+with torch.no_grad():
+    for i in range(B):
+        seq = input_ids[i][attn[i].bool()][None]
+        hid = MODEL.model(input_ids=seq).last_hidden_state[0]
+        lp = torch.log_softmax(MODEL.lm_head(hid).float(), -1)
+        s, n = int(plen[i]) - 1, int(rlen[i])
+        H_OLD[i, :n] = hid[s:s + n]
+        OLD[i, :n] = lp[s:s + n].gather(-1, seq[0, s + 1:s + 1 + n, None])[:, 0]
+
+
+class CPUEngine(ti.FSDPEngineWithLMHead):
+    """verl's FSDP engine code (forward_backward_batch, prepare_model_inputs/outputs, forward_step, infer_batch,
+    train_batch, eval/train mode contexts) on an unwrapped CPU model; only construction and the optimizer step
+    differ (the step records the gradients, then takes a plain SGD step)."""
+
+    def __init__(self, model, ec):
+        self.module, self.engine_config = model, ec
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        self.lr_scheduler = types.SimpleNamespace(last_epoch=0)
+        self._is_offload_param = self._is_offload_optimizer = False
+        self.ulysses_sequence_parallel_size, self.use_ulysses_sp = 1, False
+        self.ulysses_device_mesh = self.ulysses_parallel_group = None
+        self.pad_to_length, self._autocast_dtype, self.scaler, self._qat_enabled = False, torch.float32, None, False
+        self.grads, self.infer_forwards = [], 0
+
+    def to(self, *a, **k): pass
+    def is_mp_src_rank_with_outputs(self): return False
+
+    def infer_batch(self, data, loss_function=None):
+        self.infer_forwards += 1
+        return super().infer_batch(data, loss_function)
+
+    def optimizer_step(self):
+        self.grads.append({n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None})
+        self.optimizer.step()
+        return 0.0
+
+    def lr_scheduler_step(self):
+        self.lr_scheduler.last_epoch += 1
+        return 0.5
+
+
+def run(loss_mode, rlvr=None, advantages=adv, extra=None, rmpad=True, fused=False):
+    model = copy.deepcopy(MODEL)
+    if fused:  # fused_kernel_options.impl_backend=rlvr_torch: lm_head is not called, the decoder hook is used
+        rv.patch_forward_with_rlvr(model, backend="torch")
+    ec = types.SimpleNamespace(forward_only=False, use_dynamic_bsz=False, max_token_len_per_gpu=None,
+                               infer_max_token_len_per_gpu=None, micro_batch_size_per_gpu=2,
+                               infer_micro_batch_size_per_gpu=4 if rmpad else 2, use_fused_kernels=fused,
+                               fsdp_size=1, entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    pl = rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {})) if loss_mode.startswith("rlvr") else \
+        {"loss_mode": loss_mode}
+    actor_cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, clip_ratio_high=0.28,
+                                policy_loss=pl)
+    seen = []
+
+    def recording_loss(config, model_output, data, dp_group=None):
+        c = data[rv.DELTA_COEF_KEY] if rv.DELTA_COEF_KEY in data.keys() else None
+        seen.append((data["row_id"].tolist(), None if c is None else c.clone()))
+        return ppo_loss(config, model_output, data, dp_group)
+
+    w = object.__new__(TrainingWorker)
+    w.engine = CPUEngine(model, ec)
+    w.engine_config = ec
+    w.loss_fn = functools.partial(recording_loss, config=actor_cfg)
+    w.model_config = {"use_remove_padding": rmpad}
+    w.profiler = types.SimpleNamespace(step=lambda: None, rank=0, check_enable=lambda: False,
+                                       check_this_step=lambda: False, check_this_rank=lambda: False)
+    fields = {"input_ids": input_ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+              "prompts": prompts, "responses": responses, "response_mask": rmask.long(), "old_log_probs": OLD,
+              "advantages": advantages, "row_id": torch.arange(B), **(extra or {})}
+    cfg = OmegaConf.create({"actor_rollout_ref": {
+        "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 1},
+        "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": B // 2, "ppo_epochs": 1,
+                  "data_loader_seed": 0, "shuffle": False}}})
+
+    def update_actor(td):
+        w.train_mini_batch(data=td)  # what ActorRolloutRefWorker.update_actor does
+        return tu.get_tensordict({}, {"metrics": {"mfu": 0.0}})
+
+    trainer = types.SimpleNamespace(config=cfg, global_steps=3, total_training_steps=10,
+                                    actor_rollout_wg=types.SimpleNamespace(update_actor=update_actor))
+    RayPPOTrainer._update_actor(trainer, DataProto.from_single_dict(fields))  # legacy trainer -> worker (hooked)
+    coef = torch.full((B, R), float("nan"))
+    for rows, c in seen:
+        if c is not None:
+            coef[rows] = (c.to_padded_tensor(0) if c.is_nested else c)[:, :R]
+    assert not model.lm_head._forward_pre_hooks and not model.model._forward_hooks  # hooks removed
+    assert len(w.engine.grads) == 2 and len(seen) == 4  # 2 mini-batches (optimizer steps) x 2 micro-batches
+    return {"coef": coef, "grads": w.engine.grads, "forwards": w.engine.infer_forwards}
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(a, b, **kw)
+    return True
+
+
+out = {}
+want = delta_coefficients(H_OLD, OLD, adv, rmask)
+assert float(want[rmask].std()) > 0.02
+base = run("rlvr_delta")
+close(base["coef"][rmask], want[rmask], rtol=1e-5, atol=1e-5)
+assert abs(float(base["coef"][rmask].mean()) - 1.0) < 1e-5 and float(base["coef"][~rmask].abs().max()) == 0.0
+assert base["forwards"] == 1 + 4, base["forwards"]  # K + 4 streaming forwards, K = 1
+# theta_old's coefficients reach both mini-batches (the second one runs after an optimizer step); the gradient of
+# the first step is verl's vanilla loss on A * c
+van = run("vanilla", advantages=adv * want)
+for n, gv in van["grads"][0].items():
+    close(base["grads"][0][n], gv, rtol=1e-4, atol=1e-7)
+out["delta"] = {"std": float(want[rmask].std()), "forwards": base["forwards"]}
+# a host cache (one forward), the all-reduce hook (world size 1), the rlvr fused forward; K = 2 with the
+# padded (no remove-padding) layout
+cached = run("rlvr_delta", rlvr={"delta_hidden_cache": "cpu", "delta_all_reduce": True}, fused=True)
+close(cached["coef"][rmask], want[rmask], rtol=1e-5, atol=1e-5)
+assert cached["forwards"] == 1
+k2 = run("rlvr_delta", rlvr={"delta_iters": 2, "delta_hidden_cache": "device", "delta_exclude_zero_adv": True},
+         rmpad=False)
+close(k2["coef"][rmask], delta_coefficients(H_OLD, OLD, adv, rmask, iters=2, exclude_zero_adv=True)[rmask],
+      rtol=1e-5, atol=1e-5)
+# lam_min == lam_max: every coefficient is 1 and the update is rlvr_clip's, without any extra forward
+same = run("rlvr_delta", rlvr={"delta_lam_min": 1.0, "delta_lam_max": 1.0})
+clip = run("rlvr_clip")
+assert torch.equal(same["coef"][rmask], torch.ones(int(rmask.sum()))) and same["forwards"] == 0
+for step in range(2):
+    for n, gv in clip["grads"][step].items():
+        close(same["grads"][step][n], gv, rtol=1e-6, atol=1e-8)
+# a user-given batch field takes precedence: nothing is computed, the loss reads it
+user = torch.rand(B, R, generator=g) + 0.5
+given = run("rlvr_delta", extra={rv.DELTA_COEF_KEY: user})
+assert given["forwards"] == 0 and torch.equal(given["coef"][rmask], user[rmask])
+print("RESULT", json.dumps(out))
+'''
+
+
+def test_delta_coefficients_computed_inside_real_verl_update(tmp_path):
+    """DelTA end to end with verl's own code on CPU: RayPPOTrainer._update_actor -> TrainingWorker.train_mini_batch
+    (hooked) -> FSDPEngineWithLMHead's real forward_backward_batch / prepare_model_inputs / prepare_model_outputs /
+    forward_step / infer_batch / train_batch on a tiny Llama (only construction and the optimizer step are replaced,
+    the CPU stands in for the accelerator), two mini-batches, i.e. two optimizer steps.
+
+    - ``rlvr_delta`` computes ``rlvr_delta_coef`` itself (K + 4 streaming no-grad forwards), the loss of both
+      mini-batches sees ``rlvr_kernels.delta_coefficients`` of theta_old's final hidden states (each sequence run
+      alone), old log-probs, advantages and response mask; mean 1 over the valid tokens; the first step's gradient
+      is verl's ``vanilla`` on ``A * c``;
+    - the host cache (one forward) with the all-reduce hook and the rlvr fused forward (decoder hook), and K = 2 with
+      ``delta_exclude_zero_adv`` on the padded (no remove-padding) layout, give the direct function's numbers;
+    - ``delta_lam_min == delta_lam_max``: all-ones coefficients, no extra forward, ``rlvr_clip``'s gradients;
+    - a user-given ``rlvr_delta_coef`` batch field takes precedence (nothing computed)."""
+    import json
+    import subprocess
+
+    script = tmp_path / "e2e_delta.py"
+    script.write_text(_E2E_DELTA)
+    env = dict(os.environ, RLVR_KERNELS_BACKEND="torch")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])["delta"]
+    assert res["forwards"] == 5 and res["std"] > 0.02
+
+
 def test_trainer_hook_ships_the_step_to_the_worker():
     from verl import DataProto
 
@@ -684,6 +915,43 @@ def test_delta_coefficients_scale_the_advantage():
     torch.testing.assert_close(go2, gv)
     with pytest.raises(ValueError, match=rv.DELTA_COEF_KEY):
         run("rlvr_delta", old, lp, adv, mask, "token-mean", cfg)
+
+
+def test_delta_worker_options_precedence_and_layouts():
+    """The worker-side DelTA pass: option checks at config time, the explicit routes win (nothing is computed),
+    clear errors for missing fields / unsupported engines, and the v1 trainer's jagged field layout."""
+    for bad, match in [({"delta_iters": -1}, "delta_iters"), ({"delta_iters": True}, "delta_iters"),
+                       ({"delta_lam_min": 0.0}, "delta_lam_min"), ({"delta_lam_max": 0.5}, "delta_lam_max"),
+                       ({"delta_lam_min": float("nan")}, "delta_lam_min"),
+                       ({"delta_exclude_zero_adv": "yes"}, "delta_exclude_zero_adv"),
+                       ({"delta_all_reduce": 1}, "delta_all_reduce"), ({"delta_hidden_cache": "gpu"}, "cache")]:
+        with pytest.raises(ValueError, match=match):
+            rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr=bad)
+    old, lp, adv, mask, _ = batch(seed=11)
+    cfg = actor_config("rlvr_delta")
+    no_engine = types.SimpleNamespace(engine=types.SimpleNamespace(module=None))
+    data, _ = _micro_batch(old, lp, adv, mask)
+    assert rv._delta_for_update(no_engine, data, actor_config("rlvr_clip"), {}) is None  # not a DelTA loss
+    assert rv._delta_for_update(no_engine, data, cfg, {"delta_coef": torch.ones_like(lp)}) == "context"
+    with pytest.raises(NotImplementedError, match="Hugging Face causal LM"):
+        rv._delta_for_update(no_engine, data, cfg, {})
+    data[rv.DELTA_COEF_KEY] = torch.full_like(lp, 2.0)
+    assert rv._delta_for_update(no_engine, data, cfg, {}) == "batch"
+    assert torch.equal(data[rv.DELTA_COEF_KEY], torch.full_like(lp, 2.0))  # left as given
+    del data["old_log_probs"], data[rv.DELTA_COEF_KEY]
+    with pytest.raises(ValueError, match="old_log_probs"):
+        rv._delta_for_update(no_engine, data, cfg, {})
+    # lam_min == lam_max needs no forward; the v1 trainer's fields are jagged over the responses: same layout out
+    lens = [5, 1, 3]
+    nested = lambda rows: torch.nested.as_nested_tensor(rows, layout=torch.jagged)  # noqa: E731
+    td = tu.get_tensordict({"response_mask": nested([torch.ones(n, dtype=torch.int64) for n in lens]),
+                            "advantages": nested([torch.full((n,), 0.5) for n in lens]),
+                            "old_log_probs": nested([-torch.ones(n) for n in lens])})
+    ones = actor_config("rlvr_delta", rlvr={"delta_lam_min": 1.1, "delta_lam_max": 1.1})
+    assert rv._delta_for_update(no_engine, td, ones, {}) == "computed"
+    c = td[rv.DELTA_COEF_KEY]
+    assert c.is_nested and torch.equal(c.offsets(), td["advantages"].offsets())
+    assert torch.equal(c.values(), torch.ones(sum(lens)))
 
 
 def test_cppo_wiring():

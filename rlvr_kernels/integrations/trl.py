@@ -7,8 +7,8 @@ For a TRL user the change is two names::
 With the defaults (``credit="none"``, ``trust_region="clip"``) the trainer trains exactly like TRL's: the only
 difference is that the per-token log-probs and entropies come from :func:`rlvr_kernels.fused_linear_logprobs` (last
 hidden states x ``lm_head.weight``, never the ``[tokens x vocab]`` logits) instead of TRL's chunked LM head. Setting
-``credit`` (TP-Schedule, forking tokens, entropy-shaped advantages, D^3S) or ``trust_region`` (DPPO, CPPO) switches
-the loss to :class:`rlvr_kernels.RLVRLoss` on the same hidden states, with TRL's normalisation.
+``credit`` (TP-Schedule, forking tokens, entropy-shaped advantages, D^3S, DelTA) or ``trust_region`` (DPPO, CPPO)
+switches the loss to :class:`rlvr_kernels.RLVRLoss` on the same hidden states, with TRL's normalisation.
 
 How the forward is routed (TRL 1.16). TRL 1.16 no longer has ``compute_liger_loss`` / ``_get_last_hidden_state`` in
 GRPO: ``GRPOTrainer.__init__`` patches the policy's ``forward`` (``trl.trainer.utils.add_fused_lm_head``) so that
@@ -28,6 +28,26 @@ pre-forward and gradient hooks fire), and gathers a ZeRO-3-partitioned ``lm_head
   handed to ``fn(hidden, weight, bias)`` (the ``RLVRLoss`` call) inside the forward; ``RLVRLoss``'s fused path
   computes the gradients w.r.t. hidden states and head during that forward, so the head is read only while it is
   gathered.
+- a tap (``_HeadState.tap``, set only during the trainer's DelTA passes): the ``fused_lm_head=True`` forward also
+  hands its final hidden states (the ``lm_head`` input) to the tap, and skips the head when the pass needs no
+  log-probs.
+
+DelTA (``credit="delta"``, spec ``delta.md``). Once per generation batch, in ``_generate_and_score_completions``
+after TRL has scored it (advantages known) and before any optimizer step on it, the trainer computes the detached
+coefficients ``c~ [B, T]`` (:meth:`RLVRGRPOTrainer.rlvr_delta_coefficients`): E = every loss-mask token of the
+generation batch on this process (no all-reduce, as the official per-DP-rank rollout batch); theta_old = the
+policy at that moment, run exactly like TRL's ``old_per_token_logps`` pass (``_get_per_token_logps_and_entropies``
+on ``self.model``, no_grad, gradient checkpointing off, ``per_device_*_batch_size`` rows at a time, multimodal
+inputs sliced by TRL, the backbone under ZeRO-3's own hooks); ``h_t`` = the tapped final hidden states; ``p_t`` =
+``exp`` of TRL's ``old_per_token_logps`` when TRL computed them, else of the log-probs of the first DelTA pass, both
+at the rollout temperature (``temperature`` divided by the model's logit scale, the temperature TRL samples and
+scores with). :class:`rlvr_kernels.DeltaEstimator` streams the phases over the micro-batches; the valid tokens'
+``h`` are cached between phases when they fit ``delta_cache_bytes`` (one forward), otherwise every phase and the
+final coefficients re-run the backbone (``delta_iters + 4`` forwards, the head only in the first). The coefficients
+travel in the batch dict under ``"rlvr_delta_coefficients"`` (TRL's shuffle/split carry them to each micro-batch,
+stale across ``num_iterations`` like the old log-probs) and reach ``RLVRLoss(credit="delta")`` as
+``delta_coefficients``: the advantage becomes ``A c~`` in the unchanged objective of ``loss_type`` / ``trust_region``.
+The DelTA pass's log-probs also serve as the DPPO/CPPO behaviour log-probs when TRL skipped them.
 
 Why ``RLVRLoss`` for the new methods (rather than masking before TRL's math): the credit masks that depend on the
 current policy (forking tokens, D^3S) are only known after the vocabulary pass, TRL computes its loss mask and
@@ -42,11 +62,11 @@ credit rule keeps over the whole generation batch on every process.
 The schedule is evaluated at the 1-based optimizer step ``self.state.global_step + 1`` with
 ``total_steps = self.state.max_steps`` (the planned total). Metrics are logged as TRL does, under ``rlvr/...``:
 ``schedule_value``, ``active_fraction`` (tokens the credit rule keeps / completion tokens),
-``trust_region_masked_fraction`` (DPPO/CPPO), ``cppo_delta_b_mean`` (CPPO's dynamic budget).
+``trust_region_masked_fraction`` (DPPO/CPPO), ``cppo_delta_b_mean`` (CPPO's dynamic budget), ``delta_coef_std``
+(DelTA: the std of ``c~`` over the micro-batch's loss tokens).
 
-Not supported (clear errors): DelTA (``credit="delta"``: its coefficients need the behaviour policy's hidden states
-from the rollout-time forward, which TRL does not expose; use the verl integration), MoE router aux loss, models with
-final-logit soft-capping; and, on the RLVRLoss path only, TRL's ``top_entropy_quantile`` (use ``credit="forking"``),
+Not supported (clear errors): MoE router aux loss, models with final-logit soft-capping; and, on the RLVRLoss path
+only, TRL's ``top_entropy_quantile`` (use ``credit="forking"``),
 ``off_policy_mask_threshold``, ``use_adaptive_entropy``, and ZeRO-3 with ``d3s_scope="batch"``.
 """
 from __future__ import annotations
@@ -62,6 +82,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+from rlvr_kernels.delta import DeltaEstimator
 from rlvr_kernels.logprobs import fused_linear_logprobs
 from rlvr_kernels.loss import LossConfig, rlvr_loss
 from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
@@ -74,6 +95,8 @@ TRUST_REGIONS = ("clip", "dppo", "cppo")
 _TRUST_REGION_BASES = ("grpo", "bnpo", "dr_grpo", "dapo")
 # TRL loss types normalised by the token count of the generation batch (the others are per-micro-batch means).
 _TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")
+# The batch-dict key of the DelTA coefficients [B, T]: TRL's shuffle / split carry it to every micro-batch.
+DELTA_KEY = "rlvr_delta_coefficients"
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
@@ -92,8 +115,19 @@ class RLVRGRPOConfig(GRPOConfig):
         ``"tp_schedule"``: only the last ``1 - q(k)`` of each completion (by position) gets a gradient;
         ``"forking"``: per completion, the top ``ceil(n rho)`` tokens by entropy; ``"d3s"``: the top ``ceil(n rho)``
         tokens by ``|A| H`` over the micro-batch (``d3s_scope="batch"``) or per completion (``"sequence"``);
-        ``"entropy_adv"``: ``A' = A + q(k) min(alpha H, |A| / kappa)``; ``"delta"``: not supported in TRL yet.
+        ``"entropy_adv"``: ``A' = A + q(k) min(alpha H, |A| / kappa)``; ``"delta"``: DelTA, ``A' = A c~`` with
+        detached coefficients ``c~`` (mean 1 over E) from the proxy ``(1 - p_t) h_t`` (``delta_*``).
         ``rho`` is ``credit_rho`` when set, else ``1 - q(k)``.
+    DelTA (``credit="delta"``): computed once per generation batch, right after TRL scores it. E = the whole
+        generation batch on this process (every completion token in the loss mask; no all-reduce across processes,
+        as the official code). theta_old = the policy before any optimizer step on that batch, run like TRL's
+        ``old_per_token_logps`` pass; ``h_t`` = its final hidden states (the ``lm_head`` input, after the final
+        norm); ``p_t`` = the probability of the sampled token at the rollout temperature (``temperature``), from
+        TRL's ``old_per_token_logps`` when TRL computes them, else from the same no-grad pass. ``delta_iters`` (K),
+        ``delta_lam_min`` / ``delta_lam_max`` (the coefficient range; equal values give the plain objective),
+        ``delta_exclude_zero_adv`` (A = 0 tokens out of the normaliser), ``delta_cache_bytes`` (hidden-state cache
+        budget: within it one forward, beyond it K + 4 forwards). The coefficients weight the objective of
+        ``loss_type`` or ``trust_region`` (clip, DPPO, CPPO) and are reused, stale, across ``num_iterations``.
     Schedule: ``q(k) = TemporalSchedule(schedule_mode, start_value=schedule_start_value, end_value=schedule_end_value,
         begin=schedule_begin, end=schedule_end, gamma=schedule_gamma, total_steps=max_steps)(k)`` at the 1-based
         optimizer step k.
@@ -104,7 +138,7 @@ class RLVRGRPOConfig(GRPOConfig):
     """
 
     credit: str = field(default="none", metadata=_help(
-        "Token credit rule: 'none', 'tp_schedule', 'forking', 'entropy_adv', 'd3s' ('delta' is not supported in TRL)."))
+        "Token credit rule: 'none', 'tp_schedule', 'forking', 'entropy_adv', 'd3s' or 'delta' (DelTA, delta_*)."))
     credit_rho: Optional[float] = field(default=None, metadata=_help(
         "Fixed keep-fraction rho of 'forking' / 'd3s'; when unset, rho = 1 - q(k) follows the schedule."))
     schedule_mode: str = field(default="linear", metadata=_help(f"Schedule profile, one of {SCHEDULE_MODES}."))
@@ -127,6 +161,18 @@ class RLVRGRPOConfig(GRPOConfig):
         "Horizon of the CPPO position weight (None: each sequence's own length)."))
     trust_region_ratio_cap: Optional[float] = field(default=None, metadata=_help(
         "DPPO/CPPO truncated-IS form -M A sg(min(rho, cap)) log p (verl's, cap 20); None keeps -M A rho."))
+    delta_iters: int = field(default=1, metadata=_help(
+        "DelTA (credit='delta'): K >= 0 soft-assignment refinements of the side centroids (official 1)."))
+    delta_lam_min: float = field(default=0.8, metadata=_help(
+        "DelTA: coefficient of the tokens most like the other side (and of A = 0 tokens), > 0 (official 0.8)."))
+    delta_lam_max: float = field(default=1.2, metadata=_help(
+        "DelTA: coefficient of the tokens most like their own side, >= delta_lam_min (official 1.2); "
+        "delta_lam_min == delta_lam_max gives every token 1 (the plain objective)."))
+    delta_exclude_zero_adv: bool = field(default=False, metadata=_help(
+        "DelTA: leave A = 0 tokens out of the mean-1 normaliser (their coefficient is then 1); False = official."))
+    delta_cache_bytes: int = field(default=1 << 30, metadata=_help(
+        "DelTA: byte budget for caching the generation batch's valid-token hidden states between the estimator's "
+        "phases (one no-grad forward); over it (or 0) every phase re-runs the backbone (delta_iters + 4 forwards)."))
     rlvr_backend: str = field(default="auto", metadata=_help(
         "rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."))
 
@@ -152,14 +198,26 @@ def _unit(name: str, v, *, open_low: bool = False) -> None:
         raise ValueError(f"{name} must lie in {'(0, 1]' if open_low else '[0, 1]'}, got {v!r}")
 
 
+def _validate_delta(c: RLVRGRPOConfig) -> None:
+    k = c.delta_iters
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"delta_iters (DelTA's refinement count K) must be an int >= 0, got {k!r}")
+    lo, hi = c.delta_lam_min, c.delta_lam_max
+    if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not (math.isfinite(lo) and lo > 0):
+        raise ValueError(f"delta_lam_min must be a finite number > 0, got {lo!r}")
+    if isinstance(hi, bool) or not isinstance(hi, (int, float)) or not (math.isfinite(hi) and hi >= lo):
+        raise ValueError(f"delta_lam_max must be a finite number >= delta_lam_min = {lo!r}, got {hi!r}")
+    if not isinstance(c.delta_exclude_zero_adv, bool):
+        raise ValueError(f"delta_exclude_zero_adv must be a bool, got {c.delta_exclude_zero_adv!r}")
+    b = c.delta_cache_bytes
+    if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+        raise ValueError(f"delta_cache_bytes must be an int >= 0 (0: never cache the hidden states), got {b!r}")
+
+
 def _validate(c: RLVRGRPOConfig) -> None:
     if c.credit not in CREDITS:
         raise ValueError(f"credit must be one of {CREDITS}, got {c.credit!r}")
-    if c.credit == "delta":
-        raise ValueError(
-            "credit='delta' (DelTA) is not supported by the TRL integration yet: its coefficients need the behaviour "
-            "policy's final hidden states from the rollout-time forward, which GRPOTrainer does not expose. Use the "
-            "verl integration (rlvr_kernels.integrations.verl) or rlvr_kernels.RLVRLoss(credit='delta') directly.")
+    _validate_delta(c)
     if c.trust_region not in TRUST_REGIONS:
         raise ValueError(f"trust_region must be one of {TRUST_REGIONS}, got {c.trust_region!r}")
     if c.rlvr_backend not in ("auto", "triton", "torch"):
@@ -324,9 +382,22 @@ def _backbone_attr(model) -> str:
     return "base_model"
 
 
-def _install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: bool, backend: str) -> None:
+class _HeadState:
+    """The per-model state of the installed head: ``tap``, when set (the trainer's DelTA passes), is called as
+    ``tap(hidden, logp)`` by every ``fused_lm_head=True`` forward with the final hidden states fed to ``lm_head``
+    (``[b, L - 1, H]``, detached) and the log-probs of the labels (``[b, L - 1]`` fp32, 0 where the label is
+    -100), or ``logp=None`` when ``tap.want_logp`` is False: the head is then skipped (the returned log-probs are
+    zeros) and only the backbone runs."""
+
+    def __init__(self):
+        self.tap: Optional[Callable] = None
+
+
+def _install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: bool, backend: str) -> _HeadState:
     """Wrap ``model.forward`` (TRL's fused-LM-head forward) so that ``fused_lm_head=True`` and ``rlvr_head_fn``
-    compute from the last hidden states with ``rlvr_kernels``; every other call goes to the previous forward."""
+    compute from the last hidden states with ``rlvr_kernels``; every other call goes to the previous forward.
+    Returns the :class:`_HeadState` whose ``tap`` the wrapper reads."""
+    state = _HeadState()
     previous = model.forward
     text_config = model.config.get_text_config()
     if getattr(text_config, "final_logit_softcapping", None) is not None:
@@ -368,17 +439,26 @@ def _install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: b
             raise ValueError("fused_lm_head=True needs labels (or shift_labels)")
         labels = labels.to(weight.device)
         mask = labels != -100
+        tap = state.tap
+        if tap is not None and not tap.want_logp:  # a DelTA pass that needs only the hidden states
+            tap(hidden.detach(), None)
+            logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+            return FusedCausalLMOutput(loss=logp.sum(), log_probs=logp, entropy=None, label_mask=mask)
         regather = _zero3_enabled()  # the ZeRO-3 gather then happens inside the autograd Function, twice
         with no_autocast:
             logp, ent = linear_logprobs(hidden[mask], weight, bias, labels[mask], dtype=dtype, temperature=temp,
-                                        want_entropy=want_entropy, backend=backend, regather=regather)
+                                        want_entropy=want_entropy and tap is None, backend=backend,
+                                        regather=regather)
         # masked_scatter keeps the outputs connected to the graph even when no label is valid
         logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         ent = None if ent is None else ent.new_zeros(mask.shape).masked_scatter(mask, ent)
+        if tap is not None:
+            tap(hidden.detach(), logp.detach())
         denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-logp.sum() / denom, log_probs=logp, entropy=ent, label_mask=mask)
 
     model.forward = types.MethodType(forward, model)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,7 +497,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         common = dict(temperature=self.temperature, cast_fp32=bool(a.cast_lm_head_to_fp32), backend=a.rlvr_backend)
-        _install_head(policy, want_entropy=True, **common)
+        self._rlvr_head = _install_head(policy, want_entropy=True, **common)
         self._rlvr_temperature = self.temperature / _logit_scale(policy.config.get_text_config())
         if self.ref_model is not None:
             _install_head(self.accelerator.unwrap_model(self.ref_model), want_entropy=False, **common)
@@ -448,22 +528,131 @@ class RLVRGRPOTrainer(GRPOTrainer):
                 raise ValueError(f"the schedule does not fit the planned {total} optimizer steps: {e}") from None
         return self._rlvr_schedule_cache[total]
 
-    # -- DPPO / CPPO need the behaviour log-probs -----------------------------------------------------------------
+    # -- per generation batch: DelTA coefficients, and the behaviour log-probs DPPO / CPPO need ------------------
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        if self.args.trust_region != "clip" and out.get("old_per_token_logps") is None:
+        need_old = self.args.trust_region != "clip" and out.get("old_per_token_logps") is None
+        if self.args.credit == "delta":
+            # after the advantages are known and before any optimizer step on this batch: theta_old
+            out[DELTA_KEY], logps = self.rlvr_delta_coefficients(out)
+            if need_old and logps is not None:  # the DelTA pass computed them: the same forward TRL would run
+                out["old_per_token_logps"] = logps
+                need_old = False
+        if need_old:
             # TRL skips the behaviour log-probs when the batch is used on-policy once; the DPPO/CPPO masks are
             # anchored to them, so compute them here (one no-grad forward, as TRL does when num_iterations > 1).
-            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-            am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-            mode = "train" if self.model.training else "eval"
-            bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
-            extra = {k: out[k] for k in _MULTIMODAL_KEYS if k in out}
+            ids, am, bs, extra = self._rlvr_forward_args(out)
             with torch.no_grad():
                 out["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
                     self.model, ids, am, out["completion_ids"].size(1), batch_size=bs, **extra)
         return out
+
+    def _rlvr_forward_args(self, out: dict):
+        """``(input_ids, attention_mask, batch_size, multimodal kwargs)`` of TRL's no-grad passes over ``out``."""
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+        am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        mode = "train" if self.model.training else "eval"
+        bs = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        extra = {k: out[k] for k in _MULTIMODAL_KEYS if k in out}
+        return ids, am, bs, extra
+
+    def rlvr_delta_coefficients(self, out: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """DelTA coefficients ``c~ [B, T]`` (fp32, detached, 0 off the loss mask, mean 1 over it) of the generation
+        batch ``out`` on this process, plus the behaviour log-probs when this pass had to compute them (else None).
+
+        The estimation set E is every loss-mask token of ``out`` (completion mask x tool mask): the whole generation
+        batch of this process, no all-reduce (the official per-DP-rank rollout batch). theta_old is the model as it
+        is now (called after generation and scoring, before any optimizer step on the batch), run exactly like TRL's
+        ``old_per_token_logps`` pass (``_get_per_token_logps_and_entropies`` on ``self.model`` under no_grad,
+        gradient checkpointing off, micro-batches of ``per_device_{train,eval}_batch_size`` rows). ``h_t`` is the
+        backbone's final hidden state (after the final norm, the ``lm_head`` input) that the installed head
+        wrapper taps; ``p_t = exp(old_logp_t)`` uses TRL's ``old_per_token_logps`` when TRL computed them, else the
+        log-probs of the first tap pass, both at the rollout temperature (``temperature`` / the model's logit
+        scale). The streaming :class:`~rlvr_kernels.delta.DeltaEstimator` accumulates every phase over the
+        micro-batches; the first pass also caches the valid tokens' ``h`` when they fit ``delta_cache_bytes``, and
+        then the other phases read the cache (one forward in all); otherwise each phase and the final coefficients
+        re-run the backbone (``K + 4`` no-grad forwards for ``delta_iters = K``, the head only in the first, when the
+        log-probs are needed).
+        """
+        from trl.models.utils import disable_gradient_checkpointing
+
+        a = self.args
+        mask = self._loss_mask(out).bool()
+        if a.delta_lam_min == a.delta_lam_max:  # c = lam_min everywhere: c~ = 1, plain token weighting
+            return mask.to(torch.float32), None
+        adv = out["advantages"].detach().float()
+        T = out["completion_ids"].size(1)
+        ids, am, bs, extra = self._rlvr_forward_args(out)
+        est = DeltaEstimator(iters=a.delta_iters, lam_min=a.delta_lam_min, lam_max=a.delta_lam_max,
+                             exclude_zero_adv=a.delta_exclude_zero_adv, backend=a.rlvr_backend)
+        coef = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        st: dict[str, Any] = dict(row=0, old=out.get("old_per_token_logps"), final=False, cache=[], nbytes=0)
+        if a.delta_cache_bytes <= 0:
+            st["cache"] = None
+
+        def tap(hidden, logp):  # one micro-batch of one pass, rows in order
+            r0 = st["row"]
+            r1 = st["row"] = r0 + hidden.size(0)
+            h = hidden[:, -T:]
+            dev = h.device
+            m = mask[r0:r1].to(dev)
+            lp = (st["old"][r0:r1] if logp is None else logp[:, -T:]).detach().float().to(dev)
+            av = adv[r0:r1].to(dev)
+            if st["final"]:
+                coef[r0:r1] = est.coefficients(h, lp, av, m).to(coef.device)
+                return
+            est.accumulate(h, lp, av, m)
+            if st["cache"] is not None:
+                hv = h[m]
+                st["nbytes"] += hv.numel() * hv.element_size()
+                if st["nbytes"] > a.delta_cache_bytes:
+                    st["cache"] = None  # over budget: stream the remaining phases
+                elif hv.size(0) > 0:
+                    at = av if av.dim() == 2 else av[:, None].expand(m.shape)
+                    st["cache"].append((r0, r1, hv[None], lp[m][None], at[m][None]))
+
+        def run_pass():
+            st["row"] = 0
+            self._rlvr_head.tap = tap
+            try:
+                with torch.no_grad(), disable_gradient_checkpointing(self.model, a.gradient_checkpointing_kwargs):
+                    logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, T, batch_size=bs,
+                                                                           **extra)
+            finally:
+                self._rlvr_head.tap = None
+            if st["row"] != mask.size(0):
+                raise RuntimeError(f"DelTA pass: the head saw {st['row']} rows of a {mask.size(0)}-row batch")
+            return logps
+
+        computed = None
+        tap.want_logp = st["old"] is None
+        first = run_pass()  # phase "centroids" (and the cache)
+        if tap.want_logp:
+            computed = st["old"] = first.detach().float()
+            tap.want_logp = False
+        est.finish_phase()
+
+        def cached_sweep(fn):
+            for r0, r1, hv, lpv, atv in st["cache"]:
+                fn(r0, r1, hv, lpv, atv, torch.ones(lpv.shape, dtype=torch.bool, device=lpv.device))
+
+        while not est.done:
+            if st["cache"] is not None:
+                cached_sweep(lambda r0, r1, hv, lpv, atv, one: est.accumulate(hv, lpv, atv, one))
+            else:
+                run_pass()
+            est.finish_phase()
+        if st["cache"] is not None:
+            def final(r0, r1, hv, lpv, atv, one):
+                view = coef[r0:r1]
+                view[mask[r0:r1]] = est.coefficients(hv, lpv, atv, one)[0].to(coef.device)
+
+            cached_sweep(final)
+        else:
+            st["final"] = True
+            run_pass()
+        return coef, computed
 
     # -- the loss -------------------------------------------------------------------------------------------------
 
@@ -580,7 +769,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
             return rlvr_loss(cfg, hidden[:, -logits_to_keep:], weight, completion_ids, mask, inputs["advantages"],
                              bias=bias, ref_per_token_logps=inputs.get("ref_per_token_logps"),
                              old_per_token_logps=inputs.get("old_per_token_logps"), vllm_is_ratio=is_ratio,
-                             num_items_in_batch=num_items, step=step, **extra)
+                             num_items_in_batch=num_items, step=step, delta_coefficients=inputs.get(DELTA_KEY),
+                             **extra)
 
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",

@@ -21,8 +21,9 @@ Importing this module (verl 0.9.x must be installed):
    - worker process: ``TrainingWorker.train_mini_batch`` reads them (falling back to the engine's LR-scheduler
      count, see :func:`_step_from_worker`), applies TP-Schedule's cut-off to ``response_mask`` / ``loss_mask``
      **before** verl counts tokens (so ``batch_num_tokens`` is the global count of active tokens, as in the official
-     code), and, for the duration of the update, wraps the worker's loss function so that each micro-batch's
-     ``data`` and ``model_output`` (entropy, extra batch fields) are visible to the ``rlvr_*`` losses;
+     code), computes the DelTA coefficients of a ``rlvr_delta*`` loss (below), and, for the duration of the update,
+     wraps the worker's loss function so that each micro-batch's ``data`` and ``model_output`` (entropy, extra
+     batch fields) are visible to the ``rlvr_*`` losses;
    - ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` accepts
      ``fused_kernel_options.impl_backend=rlvr`` (``rlvr_triton``, ``rlvr_torch``) and then installs
      :func:`patch_forward_with_rlvr`.
@@ -36,6 +37,44 @@ loss config is our subclass,
 verl's own keys keep their meaning: ``clip_ratio_low/high`` (PPO clip; DPPO's binary-TV thresholds; CISPO's clamp
 ``[1 - low, 1 + high]``; CPPO's delta is ``clip_ratio_high``), ``clip_ratio_c`` (dual clip for PPO clip; the
 truncated-IS cap of DPPO/CPPO, as verl's ``dppo_tv``), ``loss_agg_mode``, ``loss_scale_factor``.
+
+DelTA (``rlvr_delta``, ``rlvr_delta_dppo | _cispo | _cppo``; spec ``delta.md``). The loss scales each token's
+advantage by a detached coefficient ``c~_t`` (mean 1 over the estimation set E), read from the batch field
+``rlvr_delta_coef``. The worker hook computes that field itself, so a run needs only the overrides (with the
+module loaded in every process, e.g. ``export VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl`` before
+launching, which verl's ``import verl`` honours; on a multi-node Ray cluster also pass it to the workers with
+``+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl``)::
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_delta
+    actor_rollout_ref.actor.policy_loss._target_=rlvr_kernels.integrations.verl.RLVRPolicyLossConfig
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_iters=1            # K (official 1)
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_min=0.8        # official 0.8 / 1.2
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_max=1.2
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_exclude_zero_adv=false
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_all_reduce=false
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_hidden_cache=none  # none | cpu | device
+
+(the ``rlvr.*`` lines are optional; the official run's base loss is DAPO: ``actor_rollout_ref.actor.clip_ratio_low=0.2
+clip_ratio_high=0.28 clip_ratio_c=10.0 loss_agg_mode=token-mean``, ``algorithm.adv_estimator=grpo``). How theta_old
+and E are chosen: verl computes ``old_log_probs`` before the advantages (``RayPPOTrainer.fit``; v1
+``PPOTrainer._step_once``), so the coefficients are computed at the start of ``TrainingWorker.train_mini_batch``
+(``ActorRolloutRefWorker.update_actor``), before its mini-batch loop, when no optimizer step has been taken for this
+rollout batch: the actor's weights are theta_old. No-grad forwards of the actor through verl's own engine
+(``engine.infer_batch`` in eval mode, its micro-batching, padding removal, Ulysses gather and fused kernels) give
+``h_t``, the final hidden state fed to ``lm_head`` (a forward pre-hook on ``lm_head``, as the official
+``compute_log_prob_h``; the decoder's output when a fused forward bypasses ``lm_head``); ``p_t = exp(old_log_probs)``
+and the advantages come from the batch; a :class:`rlvr_kernels.delta.DeltaEstimator` streams the micro-batches
+(``delta_hidden_cache=none``: K + 4 forwards, never more than one micro-batch of hidden states; ``cpu`` / ``device``:
+one forward, the response tokens' hidden states kept on the host / the accelerator). E is the DP rank's shard of the
+rollout batch (official; Ulysses SP ranks of one DP rank compute the same coefficients), or the whole rollout batch
+with ``delta_all_reduce=true`` (the statistics are summed over verl's DP group). The coefficients are computed once
+per rollout step and reused by every mini-batch and PPO epoch, as ``old_log_probs`` are. Precedence: coefficients
+given explicitly (``loss_context(delta_coefficients=...)`` around the update, or a ``rlvr_delta_coef`` batch field
+the user put into the batch) are used as they are and nothing is computed; ``delta_lam_min == delta_lam_max`` gives
+``c~ = 1`` without any forward (the plain ``rlvr_clip`` / ``_dppo`` / ... loss). The automatic route needs verl's
+FSDP / FSDP2 engines (a Hugging Face causal LM as ``engine.module``); with Megatron, set the batch field yourself.
+In bypass mode (``algorithm.rollout_correction.bypass_mode``) ``old_log_probs`` are the rollout engine's, while h
+comes from the actor's weights at the update.
 """
 from __future__ import annotations
 
@@ -45,6 +84,7 @@ import dataclasses
 import functools
 import importlib.abc
 import logging
+import math
 import numbers
 import os
 import sys
@@ -120,9 +160,18 @@ RLVR_OPTION_DEFAULTS: dict[str, Any] = {
     "cppo_max_mult": 2.0,
     "cppo_horizon": None,
     "cppo_divergence": "binary_tv",
+    # DelTA coefficients, computed by the worker hook at the start of each actor update (see _delta_for_update)
+    "delta_iters": 1,  # K refinement iterations (official 1)
+    "delta_lam_min": 0.8,  # official 0.8 / 1.2; lam_min == lam_max gives c = 1 (plain rlvr_<trust> loss)
+    "delta_lam_max": 1.2,
+    "delta_exclude_zero_adv": False,  # True: A = 0 tokens leave the normaliser (c~ = 1); official False
+    "delta_all_reduce": False,  # True: E = the global rollout batch (sum the statistics over the DP group)
+    "delta_hidden_cache": "none",  # "none": one no-grad forward per phase (K + 4); "cpu" / "device": one forward
     # kernels
     "backend": "auto",
 }
+
+DELTA_HIDDEN_CACHES = ("none", "cpu", "device")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,6 +221,7 @@ def _check_options(raw) -> dict:
                          total_steps=1_000_000, gamma=opts["schedule_gamma"])
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"policy_loss.rlvr schedule options: {exc}") from exc
+    _check_delta_options(opts)
     cap = opts["ratio_cap"]
     if isinstance(cap, str):
         if cap.lower() != "none":
@@ -179,6 +229,29 @@ def _check_options(raw) -> dict:
     elif cap is not None and not (isinstance(cap, numbers.Real) and not isinstance(cap, bool) and cap > 0):
         raise ValueError(f"policy_loss.rlvr.ratio_cap must be a positive number, null or 'none', got {cap!r}")
     return opts
+
+
+def _check_delta_options(opts: dict) -> None:
+    it = opts["delta_iters"]
+    if isinstance(it, bool) or not isinstance(it, numbers.Integral) or it < 0:
+        raise ValueError(f"policy_loss.rlvr.delta_iters must be an int >= 0, got {it!r}")
+    lo, hi = opts["delta_lam_min"], opts["delta_lam_max"]
+    for name, v in (("delta_lam_min", lo), ("delta_lam_max", hi)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+            raise ValueError(f"policy_loss.rlvr.{name} must be a finite number, got {v!r}")
+    if not float(lo) > 0:
+        raise ValueError(f"policy_loss.rlvr.delta_lam_min must be > 0 (the coefficients must stay positive), "
+                         f"got {lo!r}")
+    if float(hi) < float(lo):
+        raise ValueError(f"policy_loss.rlvr.delta_lam_max must be >= delta_lam_min = {lo!r}, got {hi!r}")
+    for name in ("delta_exclude_zero_adv", "delta_all_reduce"):
+        if not isinstance(opts[name], bool):
+            raise ValueError(f"policy_loss.rlvr.{name} must be true/false, got {opts[name]!r}")
+    cache = opts["delta_hidden_cache"]
+    if cache is None:
+        opts["delta_hidden_cache"] = cache = "none"
+    if cache not in DELTA_HIDDEN_CACHES:
+        raise ValueError(f"policy_loss.rlvr.delta_hidden_cache must be one of {DELTA_HIDDEN_CACHES}, got {cache!r}")
 
 
 @dataclasses.dataclass
@@ -512,8 +585,10 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
         coef = _response_tensor(ctx, DELTA_COEF_KEY, log_prob)
         if coef is None:
             raise ValueError(
-                f"{spec.name} needs DelTA coefficients: a [bs, response_len] batch field {DELTA_COEF_KEY!r} (read "
-                "through the worker hook) or loss_context(delta_coefficients=...); see rlvr_kernels.delta")
+                f"{spec.name} needs DelTA coefficients: inside verl the worker hook computes the batch field "
+                f"{DELTA_COEF_KEY!r} at the start of each actor update (load this module in the workers: "
+                "VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, RLVR_VERL_HOOKS unset); otherwise set "
+                "that [bs, response_len] batch field or loss_context(delta_coefficients=...); see rlvr_kernels.delta")
         coef = coef.detach().float()
     mu = old
     if spec.trust in ("dppo", "cppo") and opts.anchor == "rollout":
@@ -825,6 +900,271 @@ def _cut_batch_for_tp(data, config, ctx) -> Optional[float]:
     return q
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# DelTA coefficients, computed in the worker at the start of each actor update
+#
+# verl 0.9.1 computes old_log_probs (RayPPOTrainer.fit -> _compute_old_log_prob; v1 PPOTrainer._step_once ->
+# _compute_old_log_prob) BEFORE the advantages (compute_advantage, on the driver), so the old-log-prob forward
+# cannot produce the coefficients, which need both. The first point where h (theta_old), old_log_probs, advantages
+# and response_mask are all at hand on the workers is TrainingWorker.train_mini_batch (called by
+# ActorRolloutRefWorker.update_actor) before its mini-batch loop: no optimizer step has run for this rollout batch,
+# so the actor's weights are still theta_old. There the hook runs no-grad forwards of the actor through verl's own
+# engine (``engine.infer_batch`` in ``engine.eval_mode()``: the engine's micro-batching, padding removal, Ulysses
+# SP gather and fused kernels), captures the final hidden state fed to lm_head (a forward pre-hook on lm_head, as the
+# official ``compute_log_prob_h``; a forward hook on the decoder when a fused forward bypasses lm_head), and
+# streams each micro-batch's response tokens into a DeltaEstimator; the result becomes the batch field
+# ``rlvr_delta_coef``, which verl's mini-batch iterator then splits like ``advantages``.
+
+_DELTA_ROW_KEY = "rlvr_delta_row"  # temporary row index of the estimation forward (micro-batches may be reordered)
+
+
+def _padded_response(t: torch.Tensor) -> torch.Tensor:
+    return t.to_padded_tensor(0) if t.is_nested else t
+
+
+def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
+    if t.shape[1] < width:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+    return t[:, :width]
+
+
+def _as_layout_of(ref: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """``padded [bs, R]`` in the layout of the batch field ``ref``: dense ``[bs, R']`` (legacy trainer) or jagged
+    over the responses (v1 trainer, ``response_to_nested``)."""
+    if ref.is_nested:
+        offsets = ref.offsets()
+        lengths = offsets.diff().to(padded.device)
+        width = int(lengths.max()) if lengths.numel() else 0
+        p = _fit_width(padded, max(width, 1))
+        sel = torch.arange(p.shape[1], device=p.device)[None, :] < lengths[:, None]
+        return torch.nested.nested_tensor_from_jagged(p[sel].to(ref.device), offsets)
+    return _fit_width(padded, ref.shape[1]).to(ref.device)
+
+
+def _causal_lm(engine):
+    """``(lm, lm_head, decoder)`` of the engine's Hugging Face causal LM (FSDP / FSDP2 / PEFT wrappers looked
+    through)."""
+    root = getattr(engine, "module", None)
+    if isinstance(root, torch.nn.Module):
+        from transformers import PreTrainedModel
+
+        for m in root.modules():
+            if not isinstance(m, PreTrainedModel) or not hasattr(m, "get_output_embeddings"):
+                continue
+            head = m.get_output_embeddings()
+            if not isinstance(head, torch.nn.Module):
+                continue
+            prefix = getattr(m, "base_model_prefix", "")
+            dec = getattr(m, prefix, None) if prefix else None
+            if not isinstance(dec, torch.nn.Module) or dec is m:
+                dec = m.get_decoder() if hasattr(m, "get_decoder") else None
+            return m, head, dec if isinstance(dec, torch.nn.Module) and dec is not m else None
+    raise NotImplementedError(
+        f"rlvr_delta: the automatic DelTA coefficients need an engine whose .module holds a Hugging Face causal LM "
+        f"with an lm_head (verl's fsdp / fsdp2 engines); got {type(engine).__name__}. Put the coefficients in the "
+        f"batch field {DELTA_COEF_KEY!r} yourself (rlvr_kernels.delta_coefficients) for other engines")
+
+
+def _packed_hidden(engine, h: torch.Tensor, mb) -> torch.Tensor:
+    """The captured hidden states of one micro-batch as ``[total_nnz, H]`` in the order of its nested ``input_ids``
+    (the layout of verl's ``log_probs`` model output)."""
+    ids = mb["input_ids"]
+    if not (isinstance(ids, torch.Tensor) and ids.is_nested):
+        raise NotImplementedError("rlvr_delta: the automatic coefficients need verl's no-padding batch layout "
+                                  "(nested input_ids, left_right_2_no_padding)")
+    offsets = ids.offsets()
+    nnz = int(offsets[-1])
+    if _tu_get(mb, "use_remove_padding", True):
+        h = h.reshape(-1, h.shape[-1])  # (1, nnz_local + pad, H)
+        sp = int(getattr(engine, "ulysses_sequence_parallel_size", 1) or 1)
+        pad = h.shape[0] * sp - nnz
+        if sp > 1 or pad:
+            gather = getattr(engine, "_gather_and_unpad_packed", None)
+            if gather is not None:
+                h = gather(h, pad)
+            elif sp == 1:
+                h = h[:nnz]
+            else:
+                raise NotImplementedError("rlvr_delta: this engine has sequence parallelism but no "
+                                          "_gather_and_unpad_packed to gather the hidden states")
+    else:  # padded (bs, max_seq_len, H), right-padded per sequence (prepare_model_inputs)
+        lens = offsets.diff().to(h.device)
+        h = h[torch.arange(h.shape[1], device=h.device)[None, :] < lens[:, None]]
+    if h.shape[0] != nnz:
+        raise RuntimeError(f"rlvr_delta: captured {h.shape[0]} hidden states for {nnz} tokens (unsupported engine "
+                           "layout)")
+    return h
+
+
+def _tu_get(data, key, default=None):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=data, key=key, default=default)
+
+
+def _delta_forward(worker, td_base, visit: Callable) -> None:
+    """One no-grad forward of the actor (theta_old) over the rank's batch through verl's engine; calls
+    ``visit(mb, h_packed)`` per micro-batch with the lm_head input ``[total_nnz, H]``."""
+    from verl.utils import tensordict_utils as tu
+
+    engine = worker.engine
+    _, head, dec = _causal_lm(engine)
+    td = td_base.copy()  # shallow: the engine writes non-tensor keys into it
+    ec = getattr(worker, "engine_config", None)
+    mc = getattr(worker, "model_config", None) or {}
+
+    def cfg(name, fallback=None):
+        v = getattr(ec, name, None) if ec is not None else None
+        return fallback if v is None else v
+
+    defaults = dict(  # as TrainingWorker.infer_batch
+        use_remove_padding=mc.get("use_remove_padding", False) if hasattr(mc, "get") else False,
+        use_dynamic_bsz=cfg("use_dynamic_bsz", False),
+        max_token_len_per_gpu=cfg("infer_max_token_len_per_gpu", cfg("max_token_len_per_gpu")),
+        micro_batch_size_per_gpu=cfg("infer_micro_batch_size_per_gpu", cfg("micro_batch_size_per_gpu")),
+        use_fused_kernels=cfg("use_fused_kernels", False),
+    )
+    tu.assign_non_tensor(td, **{k: v for k, v in defaults.items() if k not in td.keys()})
+    tu.assign_non_tensor(td, calculate_entropy=False, calculate_sum_pi_squared=False, distillation_use_topk=False,
+                         distillation_only=False, compute_loss=True, return_model_output=False)
+    cap: dict = {}
+
+    def pre(_mod, args, kwargs):
+        x = args[0] if args else kwargs.get("input", None)
+        if isinstance(x, torch.Tensor):
+            cap["head"] = x.detach()
+
+    def post(_mod, _args, _kwargs, out):
+        x = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+        if isinstance(x, torch.Tensor):
+            cap["decoder"] = x.detach()
+
+    def collect(model_output=None, data=None, dp_group=None, **_):
+        h = cap.get("head", cap.get("decoder"))
+        cap.clear()
+        if h is None:
+            raise RuntimeError("rlvr_delta: no hidden state was captured during the actor forward")
+        visit(data, _packed_hidden(engine, h, data))
+        return torch.zeros(()), {}
+
+    hooks = [head.register_forward_pre_hook(pre, with_kwargs=True)]
+    if dec is not None:
+        hooks.append(dec.register_forward_hook(post, with_kwargs=True))
+    try:
+        with engine.eval_mode():
+            engine.infer_batch(td, loss_function=collect)
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+def _delta_for_update(worker, data, config, ctx) -> Optional[str]:
+    """Compute ``rlvr_delta_coef`` for the rank's rollout batch ``data`` (a ``rlvr_delta*`` loss only).
+
+    Returns where the coefficients come from: ``"context"`` (``loss_context(delta_coefficients=)``), ``"batch"``
+    (a batch field the user set: both take precedence and nothing is computed), ``"computed"``, or None."""
+    spec = _SPECS.get(_loss_mode(config) or "")
+    if spec is None or spec.credit != "delta":
+        return None
+    if ctx.get("delta_coef") is not None:
+        return "context"
+    if DELTA_COEF_KEY in data.keys():
+        return "batch"
+    missing = [k for k in ("advantages", "old_log_probs", "response_mask") if k not in data.keys()]
+    if missing:
+        raise ValueError(f"{spec.name}: the DelTA coefficients need the batch fields {missing} at update_actor")
+    from rlvr_kernels.delta import DeltaEstimator
+
+    opts = _options(config)
+    mask = (_padded_response(data.get("response_mask")) != 0).cpu()  # bookkeeping on the host
+    bs, R = mask.shape
+    adv = _fit_width(_padded_response(data.get("advantages")).float().cpu(), R)
+    old = _fit_width(_padded_response(data.get("old_log_probs")).float().cpu(), R)
+    coef = torch.zeros(bs, R, dtype=torch.float32)
+    lam_min, lam_max = float(opts.delta_lam_min), float(opts.delta_lam_max)
+    if lam_min == lam_max:  # c = 1 on every valid token: no forward needed
+        data[DELTA_COEF_KEY] = _as_layout_of(data.get("advantages"), mask.to(torch.float32))
+        return "computed"
+    all_reduce = None
+    if opts.delta_all_reduce:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("policy_loss.rlvr.delta_all_reduce=true needs torch.distributed (the DP group)")
+        group = worker.engine.get_data_parallel_group() if hasattr(worker.engine, "get_data_parallel_group") else None
+        all_reduce = functools.partial(torch.distributed.all_reduce, group=group)
+    _, head, _ = _causal_lm(worker.engine)
+    H = getattr(head, "in_features", None)
+    est = DeltaEstimator(iters=int(opts.delta_iters), lam_min=lam_min, lam_max=lam_max,
+                         exclude_zero_adv=bool(opts.delta_exclude_zero_adv), all_reduce=all_reduce,
+                         backend=opts.backend, hidden_size=H if isinstance(H, int) else None)
+    td = data.copy()
+    td[_DELTA_ROW_KEY] = torch.arange(bs, device=data.get("response_mask").device)
+    cache = opts.delta_hidden_cache
+
+    def tokens(mb, h):
+        """One micro-batch's valid response tokens: ``(rows, sel, h [n, H], old [n], adv [n])``."""
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        if est.device is None:
+            est.device = h.device  # lets a rank without valid tokens still take part in the all-reduce
+        rows = mb[_DELTA_ROW_KEY].long().cpu()
+        hr = no_padding_2_padding(h, mb)  # [b, R_mb, H], position t = the state that predicts response token t
+        w = min(hr.shape[1], R)
+        sel = mask[rows, :w]
+        hv = hr[:, :w][sel.to(hr.device)]
+        return rows, sel, hv, old[rows, :w][sel], adv[rows, :w][sel]
+
+    def feed(mb_tokens, fn):
+        rows, sel, hv, ov, av = mb_tokens
+        n = hv.shape[0]
+        if n == 0:
+            return None
+        dev = hv.device if cache != "cpu" else est.device
+        hv = hv.to(dev)
+        return fn(hv, ov.to(dev), av.to(dev), torch.ones(n, dtype=torch.bool, device=dev),
+                  cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=dev))
+
+    def write(mb_tokens, c):
+        rows, sel, _, _, _ = mb_tokens
+        if c is None:
+            return
+        block = torch.zeros(sel.shape, dtype=torch.float32)
+        block[sel] = c.float().cpu()
+        coef[rows, : sel.shape[1]] = block
+
+    def accumulate(mb, h):
+        feed(tokens(mb, h), est.accumulate)
+
+    def finalise(mb, h):
+        t = tokens(mb, h)
+        write(t, feed(t, est.coefficients))
+
+    n_forwards = 0
+    if cache == "none":  # stream: one forward per phase, never more than one micro-batch of h
+        for _phase in est.phases():
+            _delta_forward(worker, td, accumulate)
+            n_forwards += 1
+        _delta_forward(worker, td, finalise)
+        n_forwards += 1
+    else:  # one forward; the response tokens' hidden states are kept on the host / the device
+        store: list = []
+
+        def keep(mb, h):
+            rows, sel, hv, ov, av = tokens(mb, h)
+            store.append((rows, sel, hv.cpu() if cache == "cpu" else hv, ov, av))
+
+        _delta_forward(worker, td, keep)
+        n_forwards = 1
+        for _phase in est.phases():
+            for t in store:
+                feed(t, est.accumulate)
+        for t in store:
+            write(t, feed(t, est.coefficients))
+        store.clear()
+    data[DELTA_COEF_KEY] = _as_layout_of(data.get("advantages"), coef)
+    logger.debug("rlvr_kernels: DelTA coefficients of %d responses from %d no-grad forward(s)", bs, n_forwards)
+    return "computed"
+
+
 def _wrap_train_mini_batch(orig):
     """Worker side: the step context, TP-Schedule's batch cut and per-micro-batch context for one actor update."""
     if getattr(orig, "_rlvr_wrapped", False):
@@ -839,6 +1179,7 @@ def _wrap_train_mini_batch(orig):
         step = _step_from_worker(self, data)
         ctx = {**_ctx(), **step}
         tp_q = _cut_batch_for_tp(data, config, ctx)
+        _delta_for_update(self, data, config, ctx)
 
         @functools.wraps(loss_fn)
         def micro_batch_loss(*a, **kw):  # verl's engines call loss_function(model_output=, data=, dp_group=)
