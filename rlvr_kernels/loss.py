@@ -570,7 +570,8 @@ class _FusedLoss(torch.autograd.Function):
                 lp, ent, lse = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
             else:
                 z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
-                lp, ent, lse, _ = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index)
+                lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index,
+                                                                           probs=True)  # logz is z
             # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
             lp_leaf = lp.view(-1, T).float().requires_grad_()
             ent_leaf = ent.view(-1, T).float().requires_grad_()
@@ -583,7 +584,8 @@ class _FusedLoss(torch.autograd.Function):
                 dz = K.logits_backward(z, tc, lse, ent, g_lp, g_ent, inv_temp, cfg.ignore_index, out=z).to(w.dtype)
             else:
                 gl, gh, _, cp = ref_lp.upstream_coefficients(tc, cfg.ignore_index, g_lp, g_ent, None, None, cdt)
-                dz = ref_lp.dlogits_from_scaled_logits(z, lse, ent, tc, gl, gh, cp, overwrite=True)
+                dz = ref_lp.dlogits_from_probs(logz, probs, ent, tc, gl, gh, cp)
+                del logz, probs
                 dz *= inv_temp
             loss += chunk_loss.detach().float()
             actives.append(active.detach())

@@ -428,3 +428,26 @@ def test_reference_chunking_does_not_change_results():
     small = ref_mod.linear_logprobs(x, w, t, bias=b, gather_ids=ids, chunk_size=7)
     for a, c in zip(full, small):
         torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_minus_inf_bias_masks_vocabulary_entries(backend):
+    """A -inf bias entry (a masked-out vocabulary id) gets p = 0 and adds nothing to the entropy or gradients."""
+    x, w, b, t, _ = make(9, 12, 70, seed=5, bias=True)
+    b[10:25] = float("-inf")
+    b[40] = float("-inf")
+    t = torch.where((t >= 10) & (t < 25) | (t == 40), 0, t)
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    z = (xx @ ww.T + b) / 0.8
+    logz = torch.log_softmax(z, -1)
+    logp = logz.gather(-1, t[:, None])[:, 0]
+    ent = -(logz.exp() * torch.where(torch.isfinite(logz), logz, 0.0)).sum(-1)
+    gen = torch.Generator().manual_seed(2)
+    g1, g2 = torch.randn(9, generator=gen, dtype=torch.float64), torch.randn(9, generator=gen, dtype=torch.float64)
+    ((logp * g1).sum() + (ent * g2).sum()).backward()
+    x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
+    lp, en = fused_linear_logprobs(x32, w32, t, bias=b.float(), temperature=0.8, backend=backend)
+    ((lp.double() * g1).sum() + (en.double() * g2).sum()).backward()
+    for got, want in ((lp, logp), (en, ent), (x32.grad, xx.grad), (w32.grad, ww.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.detach(), atol=2e-5, rtol=1e-4)

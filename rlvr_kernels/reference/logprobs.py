@@ -93,47 +93,75 @@ def _scaled_logits(x, w, b, inv_temp):
 
 
 def scaled_logit_stats(
-    z: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, gather_ids: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """No-grad statistics of one chunk of scaled logits, with one ``[n, V]`` temporary.
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    gather_ids: torch.Tensor | None = None,
+    probs: bool = False,
+):
+    """No-grad statistics of one chunk of scaled logits, overwriting ``z`` (it becomes ``z - max``).
 
-    z ``[n, V]`` (already divided by the temperature), targets int64 ``[n]``, gather_ids ``[n, K]`` or None.
+    z ``[n, V]`` (already divided by the temperature, a buffer the caller gives up), targets int64 ``[n]``,
+    gather_ids ``[n, K]`` or None. With the row max ``m``, ``d = z - m``, ``s = sum exp(d)`` and
+    ``a = sum exp(d) d``: ``lse = m + log s``, ``logp = d_y - log s`` and ``entropy = log s - a / s`` (relative to the
+    max, as the Triton kernel: no cancellation at large logits, one ``exp`` and no ``log`` over ``[n, V]``).
     Returns ``(logp [n], entropy [n], lse [n], gathered [n, K] | None)`` in ``z``'s dtype; ignored rows give 0
-    (``lse`` is kept for them). Entries with ``z = -inf`` have ``p = 0`` and add nothing (``xlogy(0, 0) = 0``).
+    (``lse`` is kept for them). Entries with ``z = -inf`` have ``p = 0`` and add nothing. ``probs=True`` also
+    returns ``(logz, p)``, the ``[n, V]`` log-probabilities (in ``z``'s storage) and probabilities, for
+    :func:`dlogits_from_probs` (the fused loss uses them instead of recomputing ``exp``).
     """
-    lse = torch.logsumexp(z, dim=1)
+    m = z.amax(dim=1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d = z.sub_(m.unsqueeze(1))
+    e = d.exp()
+    sum_e = e.sum(1)
+    a = torch.linalg.vecdot(e, d)
+    bad = torch.isnan(a)
+    if bool(bad.any()):  # rows with -inf logits: exp(-inf) * -inf; those entries add nothing
+        rows = bad.nonzero().squeeze(1)
+        dr = d[rows]
+        a[rows] = torch.linalg.vecdot(e[rows], torch.where(e[rows] > 0, dr, torch.zeros_like(dr)))
+    log_s = sum_e.log()
     ignored = targets == ignore_index
     safe = torch.where(ignored, torch.zeros_like(targets), targets)
     zero = z.new_zeros(())
-    logp = torch.where(ignored, zero, z.gather(1, safe.unsqueeze(1)).squeeze(1) - lse)
-    p = torch.sub(z, lse.unsqueeze(1)).exp_()
-    entropy = torch.where(ignored, zero, -p.xlogy_(p).sum(1))
+    logp = torch.where(ignored, zero, d.gather(1, safe.unsqueeze(1)).squeeze(1) - log_s)
+    entropy = torch.where(ignored, zero, log_s - a / sum_e)
     gathered = None
     if gather_ids is not None:
-        gathered = torch.where(ignored.unsqueeze(1), zero, z.gather(1, gather_ids) - lse.unsqueeze(1))
-    return logp, entropy, lse, gathered
+        gathered = torch.where(ignored.unsqueeze(1), zero, d.gather(1, gather_ids) - log_s.unsqueeze(1))
+    out = (logp, entropy, m + log_s, gathered)
+    if not probs:
+        return out
+    return out + ((d.sub_(log_s.unsqueeze(1)), e.div_(sum_e.unsqueeze(1))),)
 
 
-def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p, *, overwrite: bool = False):
-    """``dL/dz`` for one chunk: ``g_logp (onehot - p) - (c_p - g_logp) p - g_ent p (log p + H)``.
+def dlogits_from_probs(logz, p, entropy, targets, g_logp, g_ent, c_p):
+    """``dL/dz`` for one chunk, written into ``logz``'s storage:
+    ``g_logp onehot - c_p p - g_ent p (log p + H)``.
 
-    z ``[n, V]`` scaled logits; lse, entropy, g_logp, c_p ``[n]`` (c_p = g_logp + sum of the gathered outputs'
-    gradients, which take their ``-p`` part here); g_ent ``[n]`` or None. Rows to ignore carry zero gradients.
-    The caller multiplies by ``1 / T`` and adds the gathered outputs' one-hot part. ``overwrite=True`` writes the
-    result into ``z``'s storage (one ``[n, V]`` temporary instead of four).
+    logz / p ``[n, V]`` log-probabilities and probabilities of the scaled logits; entropy, g_logp, c_p ``[n]``
+    (c_p = g_logp + the sum of the gathered outputs' gradients, which take their ``-p`` part here); g_ent ``[n]`` or
+    None. Rows to ignore carry zero gradients. The caller multiplies by ``1 / T`` and adds the gathered outputs'
+    one-hot part.
     """
-    logp_v = torch.sub(z, lse.unsqueeze(1), out=z) if overwrite else z - lse.unsqueeze(1)
-    p = logp_v.exp()
     if g_ent is not None:
         # -p * (c_p + g_ent (log p + H)); log p = -inf where p = 0 (masked vocabulary) must not give 0 * inf
-        dz = logp_v.nan_to_num_(nan=0.0, neginf=0.0).add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
+        dz = logz.nan_to_num_(nan=0.0, neginf=0.0).add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
         dz.add_(c_p.unsqueeze(1)).mul_(p).neg_()
     else:
-        dz = logp_v.copy_(p).mul_(-c_p.unsqueeze(1))
-    del p
+        dz = logz.copy_(p).mul_(-c_p.unsqueeze(1))
     safe = torch.where(g_logp != 0, targets, torch.zeros_like(targets)).clamp_min(0)
     dz.scatter_add_(1, safe.unsqueeze(1), g_logp.unsqueeze(1))
     return dz
+
+
+def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
+    """:func:`dlogits_from_probs` from the scaled logits ``z [n, V]`` and their ``lse [n]`` (the recomputing
+    backward); the result is written into ``z``'s storage (one ``[n, V]`` temporary, the probabilities)."""
+    logz = z.sub_(lse.unsqueeze(1))
+    return dlogits_from_probs(logz, logz.exp(), entropy, targets, g_logp, g_ent, c_p)
 
 
 def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_ids, dtype):
@@ -188,7 +216,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             xc = x[s:e].to(cdt)
             z = _scaled_logits(xc, w, b, ctx.inv_temp)
             dz = dlogits_from_scaled_logits(z, lse[s:e], ent[s:e], targets[s:e], gl[s:e],
-                                            None if gh is None else gh[s:e], cp[s:e], overwrite=True)
+                                            None if gh is None else gh[s:e], cp[s:e])
             if gg is not None:
                 dz.scatter_add_(1, ids[s:e], gg[s:e])
             dz *= ctx.inv_temp
