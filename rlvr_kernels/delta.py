@@ -77,6 +77,13 @@ class _Flat:
         rows = _Rows(mask, cu_seqlens)
         rows.check_token_tensor("old_logp", old_logp)
         adv, per_token = rows.check_advantages(advantages)
+        self.rows = rows
+        self.device = rows.device
+        self.H = None
+        if hidden_old is None and not need_h:  # DeltaEstimator.normalise: no hidden states involved
+            self._scalars(old_logp, adv, per_token)
+            self.h = None
+            return
         if not isinstance(hidden_old, torch.Tensor):
             raise TypeError(f"hidden_old must be a torch.Tensor, got {type(hidden_old).__name__}")
         if hidden_old.dtype not in _HIDDEN_DTYPES:
@@ -91,11 +98,14 @@ class _Flat:
             raise ValueError("hidden_old must have a hidden size H >= 1, got H = 0")
         if hidden_old.device != rows.device:
             raise ValueError(f"hidden_old is on {hidden_old.device} but mask is on {rows.device}")
+        self.H = int(hidden_old.shape[-1])
+        self._scalars(old_logp, adv, per_token)
+        self.h = hidden_old.detach().reshape(-1, self.H) if need_h else None
+
+    def _scalars(self, old_logp, adv, per_token: bool) -> None:
+        rows = self.rows
         rows.check_finite("old_logp", old_logp)
         rows.check_finite("advantages", adv, per_token)
-        self.rows = rows
-        self.H = int(hidden_old.shape[-1])
-        self.device = rows.device
         valid = rows.valid.reshape(-1)
         if per_token:
             a = adv.reshape(-1)
@@ -106,7 +116,6 @@ class _Flat:
         self.valid = valid
         self.s, self.a = ref.per_token_scalars(old_logp.detach().reshape(-1), a.detach(), valid)
         self.pos, self.neg = ref.sides(self.a, valid)
-        self.h = hidden_old.detach().reshape(-1, self.H) if need_h else None
 
     def out(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.reshape(self.rows.shape)
@@ -208,6 +217,9 @@ class DeltaEstimator:
             est.finish_phase()                                  # optional inside phases()
         coef = [est.coefficients(mb.hidden, mb.old_logp, mb.adv, mb.mask) for mb in micro_batches]
 
+    or, without a further sweep over the hidden states, keep what :meth:`accumulate` returns in the last phase
+    (``"normaliser"``: the raw coefficients) and finish with ``est.normalise(raw, mb.adv, mb.mask)``.
+
     Phases (``K = iters``), each accumulating into one float64 statistics vector that ``all_reduce`` (an in-place
     SUM, e.g. ``torch.distributed.all_reduce``) sees once, at the end of the phase:
 
@@ -297,8 +309,14 @@ class DeltaEstimator:
             return 2
         return 2 * H + 8  # refine_k
 
-    def accumulate(self, hidden_old, old_logp, advantages, mask, *, cu_seqlens=None) -> None:
-        """Add one micro-batch's statistics to the open phase (arguments as in :func:`delta_coefficients`)."""
+    def accumulate(self, hidden_old, old_logp, advantages, mask, *, cu_seqlens=None) -> Optional[torch.Tensor]:
+        """Add one micro-batch's statistics to the open phase (arguments as in :func:`delta_coefficients`).
+
+        Returns None, except in the ``"normaliser"`` phase: there it returns the micro-batch's raw coefficients
+        ``c`` (fp32, layout of ``old_logp``), which :meth:`normalise` turns into ``c~`` once the phase is finished;
+        keeping them saves the sweep of :meth:`coefficients` (one model forward fewer for a caller that recomputes
+        the hidden states per phase).
+        """
         name = self.phase
         if name is None:
             raise RuntimeError("DeltaEstimator: every phase is finished; call coefficients(...)")
@@ -316,6 +334,7 @@ class DeltaEstimator:
                 elif name == "normaliser":
                     c = ref.raw_coefficients(m, self.gamma, x.pos, x.neg, x.valid, self.lam_min, self.lam_max)
                     parts = [ref.normaliser_stats(c, x.valid, x.pos, x.neg, self.exclude_zero_adv)]
+                    raw = x.out(torch.where(x.valid, c.to(torch.float32), 0.0))
                 else:
                     w, mass = ref.refine_weights(m, self.gamma, x.a, x.s, x.pos, x.neg)
                     parts = [colsum(x.h, w, x.valid).reshape(-1), mass, mom]
@@ -324,6 +343,7 @@ class DeltaEstimator:
                 self._stats = vec
             else:
                 self._stats += vec
+        return raw if name == "normaliser" else None
 
     def finish_phase(self) -> None:
         """Close the open phase: all-reduce its statistics (if a hook is set) and derive the next phase's state."""
@@ -366,6 +386,21 @@ class DeltaEstimator:
             m = ref.margins(rowdot(x.h, self.mu, x.valid), x.s, self.mu, x.pos)
             c = ref.raw_coefficients(m, self.gamma, x.pos, x.neg, x.valid, self.lam_min, self.lam_max)
             out = ref.normalise(c, x.valid, x.pos, x.neg, self._norm, self.eps, self.exclude_zero_adv)
+        return x.out(out)
+
+    def normalise(self, raw: torch.Tensor, advantages, mask, *, cu_seqlens=None) -> torch.Tensor:
+        """``c~`` from the raw coefficients that :meth:`accumulate` returned in the ``"normaliser"`` phase (any
+        micro-batch, or several concatenated in one layout), without reading the hidden states again; equal to
+        :meth:`coefficients` on the same tokens. ``advantages`` / ``mask`` as for :meth:`accumulate`."""
+        if not self.done:
+            raise RuntimeError(f"DeltaEstimator: phase {self.phase!r} is still open; run every phase first")
+        if not isinstance(raw, torch.Tensor) or not raw.dtype.is_floating_point:
+            raise TypeError("raw must be the floating-point tensor that accumulate() returned in the normaliser phase")
+        x = _Flat(None, torch.zeros_like(raw), advantages, mask, cu_seqlens, need_h=False)
+        if self.lam_min == self.lam_max:
+            return x.out(x.valid.to(torch.float32))
+        out = ref.normalise(raw.reshape(-1), x.valid, x.pos, x.neg, self._norm.to(raw.device), self.eps,
+                            self.exclude_zero_adv)
         return x.out(out)
 
     # --- helpers --------------------------------------------------------------------------------------------------

@@ -373,6 +373,30 @@ def test_streaming_equals_one_shot(backend, K, exclude):
     torch.testing.assert_close(_to_packed(outs, cus), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K,exclude", [(1, False), (2, True)])
+def test_normalise_the_last_phase_raw_coefficients(backend, K, exclude):
+    """accumulate() returns the raw coefficients in the "normaliser" phase; normalise() gives c~ from them without
+    another sweep over the hidden states, equal to coefficients() and to the one-shot result."""
+    mbs, pieces, cus = _micro_batches(seed=3)
+    want = _one_shot(_union(pieces), iters=K, exclude_zero_adv=exclude, backend=backend)
+    est = rk.DeltaEstimator(iters=K, exclude_zero_adv=exclude, backend=backend)
+    raws = None
+    for phase in est.phases():
+        got = [est.accumulate(*mb["args"], **mb["kw"]) for mb in mbs]
+        if phase == "normaliser":
+            raws = got
+        else:
+            assert all(r is None for r in got)
+    with pytest.raises(RuntimeError, match="open"):
+        rk.DeltaEstimator(iters=K).normalise(raws[0], *mbs[0]["args"][2:])
+    outs = [est.normalise(r, mb["args"][2], mb["args"][3], **mb["kw"]) for r, mb in zip(raws, mbs)]
+    for o, r, mb in zip(outs, raws, mbs):
+        assert o.shape == r.shape == mb["args"][1].shape and o.dtype == torch.float32
+        torch.testing.assert_close(o, est.coefficients(*mb["args"], **mb["kw"]), atol=0, rtol=0)
+    torch.testing.assert_close(_to_packed(outs, cus), want, atol=1e-5, rtol=1e-5)
+
+
 class FakeGroup:
     """A SUM all-reduce across ``n`` threads (simulated ranks), in rank order on every rank."""
 

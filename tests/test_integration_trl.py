@@ -287,9 +287,9 @@ ORACLE = {
     # the hidden states cached after one forward; TRL skips the old log-probs (GA 2 = steps_per_generation), so the
     # DelTA pass computes them at the rollout temperature 0.7; E = 8 completions over two micro-batches
     "cached_t07_ga2": (dict(gradient_accumulation_steps=2, temperature=0.7), 2, 4, 1),
-    # no cache: each of the K + 3 phases and the coefficients re-run the backbone (K + 4 = 6 passes); TRL computes
+    # no cache: each of the K + 3 phases re-runs the backbone (K + 3 = 5 passes, as the official code); TRL computes
     # the old log-probs itself (GA 1 < steps_per_generation 2, one more pass), E spans two optimizer steps
-    "streamed_k2_spg2": (dict(delta_cache_bytes=0, delta_iters=2, steps_per_generation=2), 1, 2, 1 + 6),
+    "streamed_k2_spg2": (dict(delta_cache_bytes=0, delta_iters=2, steps_per_generation=2), 1, 2, 1 + 5),
     "exclude_zero_adv_grpo": (dict(delta_exclude_zero_adv=True, delta_lam_min=0.5, delta_lam_max=2.0,
                                    loss_type="grpo", gradient_accumulation_steps=2), 2, 4, 1),
 }

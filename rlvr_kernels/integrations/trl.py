@@ -42,8 +42,9 @@ inputs sliced by TRL, the backbone under ZeRO-3's own hooks); ``h_t`` = the tapp
 ``exp`` of TRL's ``old_per_token_logps`` when TRL computed them, else of the log-probs of the first DelTA pass, both
 at the rollout temperature (``temperature`` divided by the model's logit scale, the temperature TRL samples and
 scores with). :class:`rlvr_kernels.DeltaEstimator` streams the phases over the micro-batches; the valid tokens'
-``h`` are cached between phases when they fit ``delta_cache_bytes`` (one forward), otherwise every phase and the
-final coefficients re-run the backbone (``delta_iters + 4`` forwards, the head only in the first). The coefficients
+``h`` are cached between phases when they fit ``delta_cache_bytes`` (one forward), otherwise every phase re-runs
+the backbone (``delta_iters + 3`` forwards as the official code, the head only in the first); the last phase's raw
+coefficients are normalised without a further pass. The coefficients
 travel in the batch dict under ``"rlvr_delta_coefficients"`` (TRL's shuffle/split carry them to each micro-batch,
 stale across ``num_iterations`` like the old log-probs) and reach ``RLVRLoss(credit="delta")`` as
 ``delta_coefficients``: the advantage becomes ``A c~`` in the unchanged objective of ``loss_type`` / ``trust_region``.
@@ -126,7 +127,7 @@ class RLVRGRPOConfig(GRPOConfig):
         TRL's ``old_per_token_logps`` when TRL computes them, else from the same no-grad pass. ``delta_iters`` (K),
         ``delta_lam_min`` / ``delta_lam_max`` (the coefficient range; equal values give the plain objective),
         ``delta_exclude_zero_adv`` (A = 0 tokens out of the normaliser), ``delta_cache_bytes`` (hidden-state cache
-        budget: within it one forward, beyond it K + 4 forwards). The coefficients weight the objective of
+        budget: within it one forward, beyond it K + 3 forwards). The coefficients weight the objective of
         ``loss_type`` or ``trust_region`` (clip, DPPO, CPPO) and are reused, stale, across ``num_iterations``.
     Schedule: ``q(k) = TemporalSchedule(schedule_mode, start_value=schedule_start_value, end_value=schedule_end_value,
         begin=schedule_begin, end=schedule_end, gamma=schedule_gamma, total_steps=max_steps)(k)`` at the 1-based
@@ -172,7 +173,7 @@ class RLVRGRPOConfig(GRPOConfig):
         "DelTA: leave A = 0 tokens out of the mean-1 normaliser (their coefficient is then 1); False = official."))
     delta_cache_bytes: int = field(default=1 << 30, metadata=_help(
         "DelTA: byte budget for caching the generation batch's valid-token hidden states between the estimator's "
-        "phases (one no-grad forward); over it (or 0) every phase re-runs the backbone (delta_iters + 4 forwards)."))
+        "phases (one no-grad forward); over it (or 0) every phase re-runs the backbone (delta_iters + 3 forwards)."))
     rlvr_backend: str = field(default="auto", metadata=_help(
         "rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."))
 
@@ -571,9 +572,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
         log-probs of the first tap pass, both at the rollout temperature (``temperature`` / the model's logit
         scale). The streaming :class:`~rlvr_kernels.delta.DeltaEstimator` accumulates every phase over the
         micro-batches; the first pass also caches the valid tokens' ``h`` when they fit ``delta_cache_bytes``, and
-        then the other phases read the cache (one forward in all); otherwise each phase and the final coefficients
-        re-run the backbone (``K + 4`` no-grad forwards for ``delta_iters = K``, the head only in the first, when the
-        log-probs are needed).
+        then the other phases read the cache (one forward in all); otherwise each phase re-runs the backbone
+        (``K + 3`` no-grad forwards for ``delta_iters = K``, as the official code, the head only in the first, when
+        the log-probs are needed). The last phase's raw coefficients are normalised with
+        :meth:`~rlvr_kernels.delta.DeltaEstimator.normalise` (no further pass).
         """
         from trl.models.utils import disable_gradient_checkpointing
 
@@ -587,7 +589,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         est = DeltaEstimator(iters=a.delta_iters, lam_min=a.delta_lam_min, lam_max=a.delta_lam_max,
                              exclude_zero_adv=a.delta_exclude_zero_adv, backend=a.rlvr_backend)
         coef = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        st: dict[str, Any] = dict(row=0, old=out.get("old_per_token_logps"), final=False, cache=[], nbytes=0)
+        st: dict[str, Any] = dict(row=0, old=out.get("old_per_token_logps"), cache=[], nbytes=0)
         if a.delta_cache_bytes <= 0:
             st["cache"] = None
 
@@ -599,10 +601,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
             m = mask[r0:r1].to(dev)
             lp = (st["old"][r0:r1] if logp is None else logp[:, -T:]).detach().float().to(dev)
             av = adv[r0:r1].to(dev)
-            if st["final"]:
-                coef[r0:r1] = est.coefficients(h, lp, av, m).to(coef.device)
-                return
-            est.accumulate(h, lp, av, m)
+            raw = est.accumulate(h, lp, av, m)
+            if raw is not None:  # the last ("normaliser") phase: raw coefficients, normalised once it is closed
+                coef[r0:r1] = raw.to(coef.device)
             if st["cache"] is not None:
                 hv = h[m]
                 st["nbytes"] += hv.numel() * hv.element_size()
@@ -637,22 +638,19 @@ class RLVRGRPOTrainer(GRPOTrainer):
             for r0, r1, hv, lpv, atv in st["cache"]:
                 fn(r0, r1, hv, lpv, atv, torch.ones(lpv.shape, dtype=torch.bool, device=lpv.device))
 
+        def accumulate_cached(r0, r1, hv, lpv, atv, one):
+            raw = est.accumulate(hv, lpv, atv, one)
+            if raw is not None:
+                view = coef[r0:r1]
+                view[mask[r0:r1]] = raw[0].to(coef.device)
+
         while not est.done:
             if st["cache"] is not None:
-                cached_sweep(lambda r0, r1, hv, lpv, atv, one: est.accumulate(hv, lpv, atv, one))
+                cached_sweep(accumulate_cached)
             else:
                 run_pass()
             est.finish_phase()
-        if st["cache"] is not None:
-            def final(r0, r1, hv, lpv, atv, one):
-                view = coef[r0:r1]
-                view[mask[r0:r1]] = est.coefficients(hv, lpv, atv, one)[0].to(coef.device)
-
-            cached_sweep(final)
-        else:
-            st["final"] = True
-            run_pass()
-        return coef, computed
+        return est.normalise(coef, adv.to(coef.device), mask), computed
 
     # -- the loss -------------------------------------------------------------------------------------------------
 

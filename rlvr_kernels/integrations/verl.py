@@ -52,7 +52,7 @@ launching, which verl's ``import verl`` honours; on a multi-node Ray cluster als
     +actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_max=1.2
     +actor_rollout_ref.actor.policy_loss.rlvr.delta_exclude_zero_adv=false
     +actor_rollout_ref.actor.policy_loss.rlvr.delta_all_reduce=false
-    +actor_rollout_ref.actor.policy_loss.rlvr.delta_hidden_cache=none  # none | cpu | device
+    +actor_rollout_ref.actor.policy_loss.rlvr.delta_hidden_cache=none  # none (K + 3 forwards) | cpu | device (one)
 
 (the ``rlvr.*`` lines are optional; the official run's base loss is DAPO: ``actor_rollout_ref.actor.clip_ratio_low=0.2
 clip_ratio_high=0.28 clip_ratio_c=10.0 loss_agg_mode=token-mean``, ``algorithm.adv_estimator=grpo``). How theta_old
@@ -64,7 +64,7 @@ rollout batch: the actor's weights are theta_old. No-grad forwards of the actor 
 ``h_t``, the final hidden state fed to ``lm_head`` (a forward pre-hook on ``lm_head``, as the official
 ``compute_log_prob_h``; the decoder's output when a fused forward bypasses ``lm_head``); ``p_t = exp(old_log_probs)``
 and the advantages come from the batch; a :class:`rlvr_kernels.delta.DeltaEstimator` streams the micro-batches
-(``delta_hidden_cache=none``: K + 4 forwards, never more than one micro-batch of hidden states; ``cpu`` / ``device``:
+(``delta_hidden_cache=none``: K + 3 forwards as the official code, never more than one micro-batch of hidden states; ``cpu`` / ``device``:
 one forward, the response tokens' hidden states kept on the host / the accelerator). E is the DP rank's shard of the
 rollout batch (official; Ulysses SP ranks of one DP rank compute the same coefficients), or the whole rollout batch
 with ``delta_all_reduce=true`` (the statistics are summed over verl's DP group). The coefficients are computed once
@@ -166,7 +166,7 @@ RLVR_OPTION_DEFAULTS: dict[str, Any] = {
     "delta_lam_max": 1.2,
     "delta_exclude_zero_adv": False,  # True: A = 0 tokens leave the normaliser (c~ = 1); official False
     "delta_all_reduce": False,  # True: E = the global rollout batch (sum the statistics over the DP group)
-    "delta_hidden_cache": "none",  # "none": one no-grad forward per phase (K + 4); "cpu" / "device": one forward
+    "delta_hidden_cache": "none",  # "none": one no-grad forward per phase (K + 3); "cpu" / "device": one forward
     # kernels
     "backend": "auto",
 }
@@ -1132,19 +1132,14 @@ def _delta_for_update(worker, data, config, ctx) -> Optional[str]:
         coef[rows, : sel.shape[1]] = block
 
     def accumulate(mb, h):
-        feed(tokens(mb, h), est.accumulate)
-
-    def finalise(mb, h):
         t = tokens(mb, h)
-        write(t, feed(t, est.coefficients))
+        write(t, feed(t, est.accumulate))  # the last phase returns the raw coefficients (None before)
 
     n_forwards = 0
-    if cache == "none":  # stream: one forward per phase, never more than one micro-batch of h
+    if cache == "none":  # stream: one forward per phase (K + 3), never more than one micro-batch of h
         for _phase in est.phases():
             _delta_forward(worker, td, accumulate)
             n_forwards += 1
-        _delta_forward(worker, td, finalise)
-        n_forwards += 1
     else:  # one forward; the response tokens' hidden states are kept on the host / the device
         store: list = []
 
@@ -1156,10 +1151,9 @@ def _delta_for_update(worker, data, config, ctx) -> Optional[str]:
         n_forwards = 1
         for _phase in est.phases():
             for t in store:
-                feed(t, est.accumulate)
-        for t in store:
-            write(t, feed(t, est.coefficients))
+                write(t, feed(t, est.accumulate))
         store.clear()
+    coef = est.normalise(coef, adv, mask)
     data[DELTA_COEF_KEY] = _as_layout_of(data.get("advantages"), coef)
     logger.debug("rlvr_kernels: DelTA coefficients of %d responses from %d no-grad forward(s)", bs, n_forwards)
     return "computed"
