@@ -33,7 +33,7 @@ CREDITS = ("none", "tp_schedule", "forking", "entropy_adv", "d3s", "delta")
 IS_LEVELS = ("token", "sequence")
 # Bytes of one fused-path logits block (fp32 [rows, V]); on CPU a smaller block keeps the reference path lean.
 FUSED_CHUNK_BYTES = 1 << 30
-FUSED_CHUNK_BYTES_CPU = 1 << 25
+FUSED_CHUNK_BYTES_CPU = 1 << 24
 
 
 class LossMetrics(list):
@@ -219,7 +219,7 @@ class RLVRLoss(nn.Module):
       ``q(k)`` (or 1). ``delta`` multiplies A by precomputed DelTA coefficients (forward keyword
       ``delta_coefficients [B, T]``).
     - ``fused``: ``"auto"`` (fused 3-GEMM path when a gradient is needed, the configuration allows it and one
-      sequence's fp32 ``[T, V]`` logits fit the chunk budget: 1 GiB on GPU, 32 MiB on CPU),
+      sequence's fp32 ``[T, V]`` logits fit the chunk budget: 1 GiB on GPU, 16 MiB on CPU),
       ``True``, ``False`` (composable path); ``backend`` as in :func:`fused_linear_logprobs`.
 
     Returns ``(loss, metrics)`` as Liger does: ``metrics[0]`` the KL mean when ``beta != 0``, ``metrics[-1]`` the clip

@@ -92,6 +92,11 @@ def _scaled_logits(x, w, b, inv_temp):
     return z
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two ``[n, V]`` tensors as a batched GEMV (no ``[n, V]`` temporary)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def scaled_logit_stats(
     z: torch.Tensor,
     targets: torch.Tensor,
@@ -116,12 +121,12 @@ def scaled_logit_stats(
     d = z.sub_(m.unsqueeze(1))
     e = d.exp()
     sum_e = e.sum(1)
-    a = torch.linalg.vecdot(e, d)
+    a = _rowdot(e, d)
     bad = torch.isnan(a)
     if bool(bad.any()):  # rows with -inf logits: exp(-inf) * -inf; those entries add nothing
         rows = bad.nonzero().squeeze(1)
         dr = d[rows]
-        a[rows] = torch.linalg.vecdot(e[rows], torch.where(e[rows] > 0, dr, torch.zeros_like(dr)))
+        a[rows] = _rowdot(e[rows], torch.where(e[rows] > 0, dr, torch.zeros_like(dr)))
     log_s = sum_e.log()
     ignored = targets == ignore_index
     safe = torch.where(ignored, torch.zeros_like(targets), targets)
