@@ -383,6 +383,11 @@ def token_pass(cfg: LossConfig, logp, entropy, rows: dict, q: Optional[float], n
         "low_clipped": (aux["low_clipped"].float() * mask).sum(),
         "high_clipped": (aux["high_clipped"].float() * mask).sum(),
     }
+    if cfg.importance_sampling_level == "sequence":
+        # one clip indicator per sequence (GSPO): TRL averages them over the sequences, empty ones included
+        sums["rows"] = mask.new_tensor(float(mask.shape[0]))
+        for k in ("clipped", "low_clipped", "high_clipped"):
+            sums["seq_" + k] = aux[k][:, 0].float().sum()
     if ent_d is not None:
         sums["entropy"] = (ent_d * mask).sum()
     if aux["kl"] is not None:
@@ -433,9 +438,12 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
               dp_size: int = 1):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``."""
     mu = rollout_per_token_logps if rollout_per_token_logps is not None else old_per_token_logps
+    if not cfg.use_ref_model:  # Liger: without a reference model the KL is taken against the current policy (0)
+        ref_per_token_logps = ref_input = ref_weight = ref_bias = None
     _check_inputs(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
                   ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, vllm_is_ratio, mu,
                   delta_coefficients, old_entropy)
+    ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
     B, T, H = _input.shape
     q = _schedule_value(cfg, step)
     mask = _credit_mask_static(cfg, _as_float(attention_mask), q)
@@ -501,11 +509,18 @@ def _active_counts(cfg: LossConfig, mask: torch.Tensor, q: Optional[float]) -> t
 def _metrics(cfg, sums, batch, q) -> LossMetrics:
     denom = sums["active"].clamp(min=1.0)
     named = {
-        "clip_ratio": sums["clipped"] / denom,
-        "clip_ratio/low_mean": sums["low_clipped"] / denom,
-        "clip_ratio/high_mean": sums["high_clipped"] / denom,
+        "clip_ratio": sums["clipped"] / denom,  # Liger's: token-weighted over the active tokens
         "active_fraction": sums["active"] / batch.valid.sum().clamp(min=1.0),
     }
+    # TRL's clip_ratio/{low,high,region}_mean: over the active tokens, or over the sequences at sequence level
+    if "rows" in sums:
+        rows = sums["rows"].clamp(min=1.0)
+        for k, name in (("low_clipped", "low_mean"), ("high_clipped", "high_mean"), ("clipped", "region_mean")):
+            named["clip_ratio/" + name] = sums["seq_" + k] / rows
+    else:
+        named["clip_ratio/low_mean"] = sums["low_clipped"] / denom
+        named["clip_ratio/high_mean"] = sums["high_clipped"] / denom
+        named["clip_ratio/region_mean"] = named["clip_ratio"]
     if "entropy" in sums:
         named["entropy"] = sums["entropy"] / denom
     if "kl" in sums:

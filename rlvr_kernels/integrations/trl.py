@@ -797,7 +797,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             m["clip_ratio/low_mean"].append(mean("clip_ratio/low_mean"))
             m["clip_ratio/high_mean"].append(mean("clip_ratio/high_mean"))
-            m["clip_ratio/region_mean"].append(mean("clip_ratio"))
+            m["clip_ratio/region_mean"].append(mean("clip_ratio/region_mean"))
         elif lt == "cispo":
             m["cispo_clip_ratio"].append(mean("clip_ratio/high_mean"))
         m["rlvr/active_fraction"].append(mean("active_fraction"))

@@ -80,6 +80,21 @@ def policy_token_loss(
     ``low_clipped``/``high_clipped`` and ``coef``.
     """
     lt = cfg.loss_type
+    # Positions outside the loss mask may hold anything (padding: NaN, -inf, huge values). Every use of them below
+    # is multiplied by the mask, but NaN * 0 = NaN, so make them inert first. Replacing old/ref there by the current
+    # log-prob (log-ratio 0, KL 0) and non-finite advantages by 0 leaves every finite result unchanged. VESPO sums
+    # log(is_ratio) over every position (as Liger and TRL do), so there only non-finite values are replaced.
+    # (No host sync: elementwise selects over [b, T].)
+    keep = mask > 0
+    safe = logp.detach()
+    old_logp = torch.where(keep, old_logp, safe)
+    if ref_logp is not None:
+        ref_logp = torch.where(keep, ref_logp, safe)
+    if advantages.shape == keep.shape:
+        advantages = torch.where(keep | torch.isfinite(advantages), advantages, torch.zeros_like(advantages))
+    if is_ratio is not None and is_ratio.shape == keep.shape:
+        inert = keep | torch.isfinite(is_ratio) if lt == "vespo" else keep
+        is_ratio = torch.where(inert, is_ratio, torch.ones_like(is_ratio))
     log_ratio = logp - old_logp
     clip = 20.0 if lt in ("dppo", "cppo") else getattr(cfg, "log_ratio_clip", None)
     if clip is not None:
@@ -140,8 +155,9 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: floa
     Modes: ``token-sum-over-norm`` (sum of masked tokens / norm: bnpo, dapo, cispo, dr_grpo, verl token-mean),
     ``seq-mean-token-mean`` (per-sequence token mean, summed, / norm: grpo, sapo, verl seq-mean-token-mean),
     ``seq-mean-token-sum`` (per-sequence token sum / norm), ``seq-mean-token-sum-norm`` (that / horizon),
-    ``luspo`` (TRL's masked per-sequence sum, / norm = B; Liger's token-level luspo also sums padded positions,
-    weighted by the sequence length: at the recommended sequence level both agree).
+    ``luspo`` (TRL's masked per-sequence sum, / norm = B; Liger 0.8.5's luspo is TRL's older unmasked
+    ``(per_token_loss * L).mean()``, which also sums padded positions: the two agree only while the per-token loss
+    is ``[B, 1]``, i.e. sequence level, beta = 0 and a per-sequence (or no) vllm_is_ratio).
     """
     masked = per_token * mask
     if mode == "token-sum-over-norm":
@@ -179,6 +195,20 @@ def aggregation_mode(cfg, T: int) -> tuple[str, float | None]:
     return agg, None
 
 
+def check_global_batch_info(cfg, dp_size: int, batch_num_tokens, global_batch_size) -> None:
+    """verl's modes with ``dp_size > 1`` need the global count they divide by (verl's ``agg_loss`` raises too: a
+    local count times ``dp_size`` is not the global count)."""
+    if not (isinstance(dp_size, int) and dp_size >= 1):
+        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
+    agg = cfg.aggregation
+    if agg is None or dp_size == 1:
+        return
+    if (batch_num_tokens if agg == "token-mean" else global_batch_size) is None:
+        need = "batch_num_tokens" if agg == "token-mean" else "global_batch_size"
+        raise ValueError(f"aggregation={agg!r} with dp_size={dp_size} > 1 needs the global {need} "
+                         "(verl's global_batch_info)")
+
+
 def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None, global_batch_size=None,
                batch_num_tokens=None, dp_size: int = 1) -> torch.Tensor:
     """The batch-global divisor of :func:`aggregate` (fp32 0-dim), from the active-token count of every row.
@@ -190,8 +220,6 @@ def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None
     ``global_batch_info``) replace the local token count and the count of rows with an active token, and the
     divisor is divided by ``dp_size`` (verl's ``agg_loss`` multiplies by it).
     """
-    if not (isinstance(dp_size, int) and dp_size >= 1):
-        raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
     B = row_counts.shape[0]
     f32 = dict(device=row_counts.device, dtype=torch.float32)
     tokens = row_counts.sum().to(torch.float32)
@@ -214,6 +242,7 @@ def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None
                 torch.distributed.all_reduce(n)
             n = n / world
         return n.clamp(min=1.0)
+    check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
     if agg == "token-mean":
         n = batch_num_tokens if batch_num_tokens is not None else tokens
         return torch.as_tensor(n, **f32).clamp(min=1.0) / dp_size
