@@ -209,7 +209,7 @@ class RLVRLoss(nn.Module):
       ``-M A sg(min(rho, cap)) log p`` (verl's, cap 20). ``importance_sampling_level="sequence"`` is GSPO.
     - ``log_ratio_clip``: clamp ``log p - log p_old`` to ``[-c, c]`` before ``exp`` (verl clamps at 20 in every
       policy loss; Liger and TRL do not, hence the default None; dppo/cppo always clamp at 20).
-    - ``aggregation``: one of verl's ``token-mean | seq-mean-token-mean | seq-mean-token-sum |
+    - ``aggregation``: one of verl's ``token-mean | token-sum | seq-mean-token-mean | seq-mean-token-sum |
       seq-mean-token-sum-norm`` (``loss_horizon`` for the last; default T) instead of the loss type's normaliser.
     - ``dual_clip`` (verl's ``clip_ratio_c``), ``cispo_min`` (verl's two-sided CISPO clamp), ``entropy_coef`` (an
       entropy bonus ``- entropy_coef * agg(H)`` with the exact entropy gradient).

@@ -503,7 +503,7 @@ def _loss_config(spec: _Spec, config, opts: _Options, loss_agg_mode: str,
             kw.update(cppo_w_min=opts.cppo_w_min, cppo_delta_b=opts.cppo_delta_b, cppo_budget=opts.cppo_budget,
                       cppo_quantile=opts.cppo_quantile, cppo_max_mult=opts.cppo_max_mult,
                       cppo_horizon=opts.cppo_horizon, cppo_divergence=opts.cppo_divergence)
-    kw["aggregation"] = "token-mean" if loss_agg_mode == "token-sum" else loss_agg_mode
+    kw["aggregation"] = loss_agg_mode
     # verl's agg_loss takes the horizon of seq-mean-token-sum-norm from global_batch_info only (ppo_loss copies
     # actor.loss_scale_factor there); default: the padded response width
     lsf = (_cfg_value(config, "global_batch_info", {}) or {}).get("loss_scale_factor", None)
@@ -516,19 +516,12 @@ def _loss_config(spec: _Spec, config, opts: _Options, loss_agg_mode: str,
     return _loss.LossConfig(**kw)
 
 
-def _normaliser(cfg, loss_agg_mode: str, active: torch.Tensor, T: int, gbi: dict) -> torch.Tensor:
-    """verl's ``agg_loss`` divisor expressed as the package's :func:`normalizer` (which has no ``dp_size``)."""
-    dp = float(gbi.get("dp_size", 1) or 1)
-    counts = active.sum(-1)
-    if loss_agg_mode == "token-sum":
-        return torch.tensor(1.0 / dp, device=active.device, dtype=torch.float32)
-    bnt = gbi.get("batch_num_tokens", None)
-    gbs = gbi.get("global_batch_size", None)
-    if dp > 1 and ((loss_agg_mode == "token-mean" and bnt is None) or (loss_agg_mode != "token-mean" and gbs is None)):
-        raise ValueError("dp_size > 1 needs the global batch_num_tokens / global_batch_size in "
-                         "config.global_batch_info")
-    return _ref_loss.normalizer(cfg, counts, T, batch_num_tokens=None if bnt is None else float(bnt) / dp,
-                                global_batch_size=None if gbs is None else float(gbs) / dp)
+def _normaliser(cfg, active: torch.Tensor, T: int, gbi: dict) -> torch.Tensor:
+    """verl's ``agg_loss`` divisor (``cfg.aggregation`` is verl's mode) for the active-token mask ``active [bs, T]``
+    and ``global_batch_info``."""
+    return _ref_loss.normalizer(cfg, active.sum(-1), T, batch_num_tokens=gbi.get("batch_num_tokens", None),
+                                global_batch_size=gbi.get("global_batch_size", None),
+                                dp_size=int(gbi.get("dp_size", 1) or 1))
 
 
 def _ensure_tp_mask(spec, cfg, mask, q, ctx, gbi, loss_agg_mode):
@@ -559,7 +552,7 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
         raise ValueError(f"{spec.name}: old_log_prob, log_prob, advantages and response_mask must all be "
                          f"[bs, response_len]; got {tuple(old_log_prob.shape)}, {tuple(log_prob.shape)}, "
                          f"{tuple(advantages.shape)}, {tuple(response_mask.shape)}")
-    if loss_agg_mode not in _ref_loss.VERL_AGGREGATIONS + ("token-sum",):
+    if loss_agg_mode not in _ref_loss.VERL_AGGREGATIONS:
         raise ValueError(f"{spec.name}: unsupported loss_agg_mode {loss_agg_mode!r}")
     opts = _options(config)
     ctx = _ctx()
@@ -603,7 +596,7 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
                 coef=coef, old_ent=None, ids=None)
     one = torch.ones((), dtype=torch.float32, device=log_prob.device)
     loss_unnorm, sums, active = _loss.token_pass(cfg, logp, entropy, rows, q, one, one)
-    norm = _normaliser(cfg, loss_agg_mode, active, T, gbi)
+    norm = _normaliser(cfg, active, T, gbi)
     loss = loss_unnorm / norm
     return loss, _metrics(sums, valid, mask, logp, old, q, step, coef)
 

@@ -25,7 +25,7 @@ import torch
 
 PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LOSS_TYPES = PPO_CLIP_TYPES + ("cispo", "sapo", "vespo", "dppo", "cppo")
-VERL_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+VERL_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -188,7 +188,7 @@ def aggregation_mode(cfg, T: int) -> tuple[str, float | None]:
         if cfg.loss_type == "luspo":
             return "luspo", None
         return "token-sum-over-norm", None
-    if agg == "token-mean":
+    if agg in ("token-mean", "token-sum"):
         return "token-sum-over-norm", None
     if agg == "seq-mean-token-sum-norm":
         return agg, float(cfg.loss_horizon) if cfg.loss_horizon is not None else float(T)
@@ -201,7 +201,7 @@ def check_global_batch_info(cfg, dp_size: int, batch_num_tokens, global_batch_si
     if not (isinstance(dp_size, int) and dp_size >= 1):
         raise ValueError(f"dp_size must be an int >= 1, got {dp_size!r}")
     agg = cfg.aggregation
-    if agg is None or dp_size == 1:
+    if agg in (None, "token-sum") or dp_size == 1:
         return
     if (batch_num_tokens if agg == "token-mean" else global_batch_size) is None:
         need = "batch_num_tokens" if agg == "token-mean" else "global_batch_size"
@@ -243,6 +243,8 @@ def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None
             n = n / world
         return n.clamp(min=1.0)
     check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
+    if agg == "token-sum":  # verl: the local token sum times dp_size (DP averages the ranks' gradients)
+        return torch.tensor(1.0 / dp_size, **f32)
     if agg == "token-mean":
         n = batch_num_tokens if batch_num_tokens is not None else tokens
         return torch.as_tensor(n, **f32).clamp(min=1.0) / dp_size
