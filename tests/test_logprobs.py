@@ -451,3 +451,81 @@ def test_minus_inf_bias_masks_vocabulary_entries(backend):
     for got, want in ((lp, logp), (en, ent), (x32.grad, xx.grad), (w32.grad, ww.grad)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want.detach(), atol=2e-5, rtol=1e-4)
+
+
+# Regressions from the kernel review (2026-12): -inf logits a lane/tile/split sees first, strided 1-D inputs, and
+# ignored rows of -inf logits. The interpreter shows all of them (they also held on GPU).
+
+
+def _logits_oracle(z, t, temperature=1.0):
+    """float64 logp, entropy and d(sum logp + sum entropy)/dz; -inf logits have p = 0; ignored rows give 0."""
+    zz = z.detach().double().requires_grad_()
+    logz = torch.log_softmax(zz / temperature, -1)
+    ign = t == IGN
+    tt = torch.where(ign, 0, t)
+    lp = logz.gather(-1, tt[:, None])[:, 0].masked_fill(ign, 0.0)
+    ent = (-(logz.exp() * torch.where(torch.isfinite(logz), logz, 0.0)).sum(-1)).masked_fill(ign, 0.0)
+    (lp.sum() + ent.sum()).backward()
+    return lp.detach(), ent.detach(), zz.grad.nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_minus_inf_first_in_block_and_ignored_minus_inf_row(backend):
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(6, 300, generator=gen) * 2
+    z[:, :70] = float("-inf")  # the first blocks of every lane: -inf - -inf must not become NaN
+    z[:, 150:230] = float("-inf")
+    t = torch.randint(70, 150, (6,), generator=gen)
+    z[4] = float("-inf")  # an ignored row of -inf logits: zero gradient, not NaN
+    t[4] = IGN
+    zz = z.clone().requires_grad_()
+    lp, ent = logprobs_from_logits(zz, t, temperature=0.9, backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    want = _logits_oracle(z, t, 0.9)
+    for got, exp in zip((lp, ent, zz.grad), want):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-4)
+    assert torch.count_nonzero(zz.grad[4]) == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_minus_inf_bias_over_whole_tiles_and_splits(backend):
+    x, w, b, t, _ = make(10, 16, 700, seed=12, bias=True)
+    b[:160] = float("-inf")  # whole tiles first in a split, and whole vocabulary splits
+    b[400:650] = float("-inf")
+    t = torch.randint(160, 400, (10,), generator=torch.Generator().manual_seed(1))
+    xx, ww = x.float().requires_grad_(), w.float().requires_grad_()
+    lp, ent = fused_linear_logprobs(xx, ww, t, bias=b.float(), backend=backend)
+    (lp.sum() + ent.sum()).backward()
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logz = torch.log_softmax(xo @ wo.T + b, -1)
+    lp_o = logz.gather(-1, t[:, None])[:, 0]
+    ent_o = -(logz.exp() * torch.where(torch.isfinite(logz), logz, 0.0)).sum(-1)
+    (lp_o.sum() + ent_o.sum()).backward()
+    for got, exp in ((lp, lp_o), (ent, ent_o), (xx.grad, xo.grad), (ww.grad, wo.grad)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exp.detach(), atol=2e-5, rtol=1e-4)
+    if backend == "triton":  # the split merge itself, with splits that hold only -inf logits
+        from rlvr_kernels.kernels import logprobs as K
+
+        for splits in (1, 3, 11):
+            lse, e, zt = K.merge_split_stats(*K.linear_stats_forward(x.float(), w.float(), b.float(), t, 1.0,
+                                                                     n_splits=splits))
+            assert torch.isfinite(e).all()
+            torch.testing.assert_close((zt - lse).double(), lp_o.detach(), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_targets_and_bias(backend):
+    x, w, b, _, _ = make(9, 12, 130, seed=13)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 130, (9, 3), generator=gen)
+    b2 = torch.randn(260, generator=gen, dtype=torch.float64)[::2]  # a strided bias view
+    lp, ent = fused_linear_logprobs(x.float(), w.float(), ids[:, 1], bias=b2.float(), backend=backend)
+    want = oracle(x, w, ids[:, 1].contiguous(), b2.contiguous())
+    torch.testing.assert_close(lp.double(), want[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(ent.double(), want[1], atol=2e-5, rtol=1e-4)
+    z = (x @ w.T).float()
+    lp2, _ = logprobs_from_logits(z, ids[:, 2], backend=backend)
+    torch.testing.assert_close(lp2.double(), torch.log_softmax(z.double(), -1).gather(1, ids[:, 2:3])[:, 0],
+                               atol=2e-5, rtol=1e-4)

@@ -40,7 +40,7 @@ _BUDGET_CODE = {"none": BUDGET_NONE, "fixed": BUDGET_FIXED, "dynamic": BUDGET_DY
 @triton.jit
 def _weight(pos, ok, omw, denom):
     """``w = 1 - (1 - w_min) min(t / denom, 1)`` on valid tokens, 0 elsewhere (fp32)."""
-    frac = tl.minimum(pos.to(tl.float32) / denom, 1.0)
+    frac = tl.minimum(tl.div_rn(pos.to(tl.float32), denom), 1.0)  # IEEE division, as the reference
     return tl.where(ok, 1.0 - omw * frac, 0.0)
 
 
@@ -179,5 +179,6 @@ def cppo_mask(
         float(quantile_scale), float(max(int(horizon) - 1, 1)) if horizon is not None else 1.0,
         DIV_FUSED=D is None, BUDGET=_BUDGET_CODE[budget], A_PER_TOKEN=bool(per_token),
         HAS_HORIZON=horizon is not None, BLOCK=block, SELECT_BLOCK=sel_block,
+        enable_fp_fusion=False,  # no FMA contraction: w, G and the lerp rounded op by op, as the interpreter/torch
     )
     return out_m.view(torch.bool), out_d, out_w, out_db

@@ -44,7 +44,7 @@ def _position_percentile_kernel(Valid, Lengths, Starts, Spans, Out, S, BLOCK: tl
             offs = j0 + tl.arange(0, BLOCK)
             inb = offs < span
             ok = tl.load(Valid + start + offs, mask=inb, other=0) != 0
-            out = tl.where(ok, offs.to(tl.float32) / L, 0.0)
+            out = tl.where(ok, tl.div_rn(offs.to(tl.float32), L), 0.0)  # IEEE t / L (`/` is div.full.f32 on GPU)
             tl.store(Out + start + offs, out, mask=inb)
 
 
@@ -83,7 +83,7 @@ def _token_advantage_kernel(
             else:
                 a = tl.zeros([BLOCK], dtype=tl.float32) + a_row
             if OP == 0:  # entropy-shaped advantage
-                val = a + scale * tl.minimum(alpha * h, tl.abs(a) / kappa)
+                val = a + scale * tl.minimum(alpha * h, tl.div_rn(tl.abs(a), kappa))
             else:  # D^3S score
                 val = tl.abs(a) * h
             tl.store(Out + start + offs, tl.where(ok, val, 0.0), mask=inb)
@@ -91,6 +91,12 @@ def _token_advantage_kernel(
 
 def _grid(S: int):
     return (max(1, min(S, max_grid())),)
+
+
+# Compiled like the interpreter computes them (and like the torch reference, op by op): no FMA contraction of
+# ``a + scale * m``, and IEEE division (tl.div_rn) instead of ``/`` (div.full.f32, 2 ulp, on NVIDIA GPUs). Triton 3.9
+# contracts by default (3.10 will not); these kernels are memory-bound, so pinning it costs nothing.
+_EXACT = dict(enable_fp_fusion=False)
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
@@ -103,7 +109,7 @@ def position_percentile(valid8, lengths, starts, spans, *, block=None) -> torch.
     S = starts.numel()
     if S and valid8.numel():
         _position_percentile_kernel[_grid(S)](
-            valid8, _i64(lengths), _i64(starts), _i64(spans), out, S, BLOCK=block or DEFAULT_BLOCK
+            valid8, _i64(lengths), _i64(starts), _i64(spans), out, S, BLOCK=block or DEFAULT_BLOCK, **_EXACT
         )
     return out
 
@@ -133,7 +139,7 @@ def token_advantage_op(
     if S and ent.numel():
         _token_advantage_kernel[_grid(S)](
             a, ent, valid8, _i64(starts), _i64(spans), out, S, float(scale), float(alpha), float(kappa),
-            A_PER_TOKEN=bool(per_token), OP=op, BLOCK=block or DEFAULT_BLOCK,
+            A_PER_TOKEN=bool(per_token), OP=op, BLOCK=block or DEFAULT_BLOCK, **_EXACT,
         )
     return out
 

@@ -99,10 +99,12 @@ def _linear_stats_fwd_kernel(
             )
             z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 1))
-            alpha = tl.exp(m - m_new)
-            d = tl.where(col_ok[None, :], z - m_new[:, None], 0.0)
+            # Shift reference: 0 while every logit seen is -inf (-inf - -inf would be NaN); exp(-inf - 0) = 0.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            d = tl.where(col_ok[None, :], z - m_ref[:, None], 0.0)
             e = tl.where(col_ok[None, :], tl.exp(d), 0.0)
-            shift = tl.where(s > 0.0, m - m_new, 0.0)
+            shift = tl.where(s > 0.0, m - m_ref, 0.0)
             a = alpha * (a + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 1)
             s = alpha * s + tl.sum(e, 1)
             m = m_new
@@ -161,9 +163,30 @@ _linear_dlogits_tuned = triton.autotune(configs=_gpu_configs(), key=["V", "H"])(
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: TF32 for fp32 operands only when torch's own fp32 matmuls use it.
+
+    (Ignored for bf16/fp16 operands.) torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision``
+    (``"ieee"``/``"tf32"``/``"none"``, "none" = the default IEEE); reading the legacy ``allow_tf32`` raises a
+    RuntimeError once a program set TF32 through the new API, so the new attribute is read first.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    try:
+        prec = getattr(matmul, "fp32_precision")
+    except (AttributeError, RuntimeError):
+        prec = None
+    if prec is not None:
+        return "tf32" if str(prec).lower() == "tf32" else "ieee"
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:  # pragma: no cover - mixed legacy/new TF32 settings
         return "ieee"
-    return "tf32"
+
+
+def _unit(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index 1-D per-row/per-column tensors (targets, bias, lse, ...) as ``ptr + i``: unit stride."""
+    return t if t is None or t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -182,6 +205,7 @@ def linear_stats_forward(
     """
     n, h = x.shape
     v = w.shape[0]
+    targets, bias = _unit(targets), _unit(bias)
     interp = triton_interpreting()
     if n_splits is None:
         row_blocks = triton.cdiv(n, 128 if not interp else INTERPRET_BLOCKS["BLOCK_N"])
@@ -214,7 +238,8 @@ def merge_split_stats(
     mx = m.amax(dim=1, keepdim=True)
     r = torch.exp(m - mx)
     s_tot = (r * s).sum(1)
-    a_tot = (r * (a + s * (m - mx))).sum(1)
+    # a split whose logits are all -inf has m = -inf and s = 0: its shift is 0, not 0 * -inf = NaN
+    a_tot = (r * (a + torch.where(s > 0, s * (m - mx), 0.0))).sum(1)
     lse = mx.squeeze(1) + torch.log(s_tot)
     entropy = torch.log(s_tot) - a_tot / s_tot
     return lse, entropy, zt.sum(1)
@@ -231,6 +256,10 @@ def linear_dlogits(
     """
     n, h = x.shape
     v = w.shape[0]
+    bias, targets, lse, entropy = _unit(bias), _unit(targets), _unit(lse), _unit(entropy)
+    g_logp, g_ent, c_p = _unit(g_logp), _unit(g_ent), _unit(c_p)
+    if out.stride(1) != 1 and out.shape[1] > 1:
+        raise ValueError("linear_dlogits: out must have unit stride along the vocabulary")
     interp = triton_interpreting()
     args = (
         x, w, bias if bias is not None else x, targets, lse, entropy, g_logp,
@@ -276,10 +305,12 @@ def _logits_fwd_kernel(
             ok = cols < V
             z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
             m_new = tl.maximum(m, z)
-            alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-            d = tl.where(ok, z - m_new, 0.0)
+            # Shift reference: 0 while a lane has seen only -inf (-inf - -inf would be NaN); exp(-inf - 0) = 0.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            d = tl.where(ok, z - m_ref, 0.0)
             e = tl.where(ok, tl.exp(d), 0.0)
-            shift = tl.where(s > 0.0, m - m_new, 0.0)
+            shift = tl.where(s > 0.0, m - m_ref, 0.0)
             a = alpha * (a + s * shift) + tl.where(e > 0.0, e * d, 0.0)
             s = alpha * s + e
             m = m_new
@@ -316,7 +347,8 @@ def _logits_bwd_kernel(
             ok = cols < V
             z = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * inv_temp
             logp = z - lse
-            p = tl.exp(logp)
+            # ignored rows get exactly 0 (their lse may be -inf: a row of -inf logits, where 0 * NaN would leak)
+            p = tl.where(keep, tl.exp(logp), 0.0)
             dz = tl.where(cols == tgt, gl, 0.0) - gl * p
             if HAS_GH:
                 dz -= gh * tl.where(p > 0.0, p * (logp + ent), 0.0)
@@ -334,6 +366,9 @@ def logits_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits ``[N, V]`` (unit stride along V), targets int64 ``[N]`` -> fp32 ``(logp, entropy, lse)``, each ``[N]``."""
     n, v = logits.shape
+    if v > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    targets = _unit(targets)
     logp = torch.empty(n, device=logits.device, dtype=torch.float32)
     ent = torch.empty_like(logp)
     lse = torch.empty_like(logp)
@@ -356,6 +391,9 @@ def logits_backward(
     ``out`` may be ``logits`` itself: each program reads a block and then overwrites the same block (in place).
     """
     n, v = logits.shape
+    if v > 1 and (logits.stride(1) != 1 or (out is not None and out.stride(1) != 1)):
+        raise ValueError("logits_backward: logits and out must have unit stride along the vocabulary")
+    targets, lse, entropy, g_logp, g_ent = _unit(targets), _unit(lse), _unit(entropy), _unit(g_logp), _unit(g_ent)
     dz = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
     if n:
         block = _row_block(v)

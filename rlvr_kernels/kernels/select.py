@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK = 1024
+# The radix pass builds a [BLOCK, 16] histogram tile in registers: above 1024 it spills on sm_90 (4096: 255 registers
+# + 232 B of stack; 8192: 7 KB of stack and a 3-minute compile). The result does not depend on BLOCK, so larger
+# requests are clamped.
+MAX_BLOCK = 1024
 
 # int64 keys lie in [0, 2**32); this one is above all of them ("select nothing").
 _KEY_NONE = 1 << 32
@@ -182,6 +186,10 @@ def _grid(S: int):
     return (max(1, min(S, max_grid())),)
 
 
+def _block(block: int) -> int:
+    return min(int(block), MAX_BLOCK)
+
+
 def segmented_kth_largest(x, starts, lengths, k, *, valid=None, block: int = DEFAULT_BLOCK):
     """Per segment: ``(value fp32 [S], n_greater int64 [S], n_take int64 [S])``; see the module contract.
 
@@ -197,7 +205,7 @@ def segmented_kth_largest(x, starts, lengths, k, *, valid=None, block: int = DEF
         return val, n_greater, n_take
     _segmented_kth_kernel[_grid(S)](
         x, valid if valid is not None else x, starts, lengths, k, val, n_greater, n_take, S,
-        HAS_VALID=valid is not None, BLOCK=block,
+        HAS_VALID=valid is not None, BLOCK=_block(block),
     )
     return val, n_greater, n_take
 
@@ -213,6 +221,6 @@ def segmented_topk_mask(x, starts, lengths, k, *, valid=None, block: int = DEFAU
     if S > 0 and x.numel() > 0:
         _segmented_topk_mask_kernel[_grid(S)](
             x, valid if valid is not None else x, starts, lengths, k, out, S,
-            HAS_VALID=valid is not None, BLOCK=block,
+            HAS_VALID=valid is not None, BLOCK=_block(block),
         )
     return out.view(torch.bool)

@@ -39,6 +39,8 @@ def logprobs_from_scaled_logits(
     """
     ignored = targets == ignore_index
     safe = torch.where(ignored, torch.zeros_like(targets), targets)
+    if bool(ignored.any()):  # an ignored row may be all -inf: its softmax (and backward) would be NaN, not 0
+        z = z.masked_fill(ignored.unsqueeze(-1), 0.0)
     logz = torch.log_softmax(z, dim=-1)
     zero = z.new_zeros(())
     logp = torch.where(ignored, zero, logz.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
