@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call for a lent GPU (the device tool's `run`, from the repository root; $OUT comes back):
+#   1. the GPU's name, driver and the versions of torch / triton there;
+#   2. the gpu-marked tests (compiled Triton kernels against the torch reference at realistic shapes);
+#   3. the benchmark (default --quick: the reference shape N=8192, H=4096, V=151936 bf16 plus a short sweep),
+#      its results folder packed as one archive (the tool returns at most 8 files).
+# Peers missing on the device image (trl, liger-kernel, verl) give "not run" rows; carry them as wheels in .whl/
+# (see the device tool's README) to compare against them. Then, here:
+#   mkdir -p benchmarks/results && tar xzf <files_at>/results.tgz -C benchmarks/results
+#   python benchmarks/update_readme.py
+# Usage: bash benchmarks/gpu_check.sh [benchmark arguments, default --quick]
+set -uo pipefail
+OUT=${OUT:-/tmp/rlvr_gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} | tee "$OUT/device.txt"
+python3 -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+python3 benchmarks/run.py "${@:---quick}" --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+if [ -d "$OUT/results" ]; then
+  dev=$(python3 -c "import json; m = json.load(open('$OUT/results/meta.json')); print(m['device'] + '-' + m['date'])" \
+        2>/dev/null || echo gpu)
+  mv "$OUT/results" "$OUT/$dev" && tar czf "$OUT/results.tgz" -C "$OUT" "$dev" && rm -rf "${OUT:?}/$dev"
+fi
+echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc"
+exit $(( tests_rc != 0 && tests_rc != 5 || bench_rc != 0 ))
