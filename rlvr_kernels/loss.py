@@ -383,11 +383,22 @@ def token_pass(cfg: LossConfig, logp, entropy, rows: dict, q: Optional[float], n
         "low_clipped": (aux["low_clipped"].float() * mask).sum(),
         "high_clipped": (aux["high_clipped"].float() * mask).sum(),
     }
+    # TRL's clip_ratio/low_min and /high_max: extremes over the sequences of each sequence's clip fraction
     if cfg.importance_sampling_level == "sequence":
         # one clip indicator per sequence (GSPO): TRL averages them over the sequences, empty ones included
         sums["rows"] = mask.new_tensor(float(mask.shape[0]))
         for k in ("clipped", "low_clipped", "high_clipped"):
             sums["seq_" + k] = aux[k][:, 0].float().sum()
+        low_r, high_r = aux["low_clipped"][:, 0].float(), aux["high_clipped"][:, 0].float()
+        has = torch.ones_like(low_r, dtype=torch.bool)
+    else:  # the token fraction of each row with an active token
+        n_row = mask.sum(-1)
+        low_r = (aux["low_clipped"].float() * mask).sum(-1) / n_row.clamp(min=1.0)
+        high_r = (aux["high_clipped"].float() * mask).sum(-1) / n_row.clamp(min=1.0)
+        has = n_row > 0
+    inf = torch.full((1,), math.inf, device=mask.device)
+    sums["min_low_clip"] = torch.cat([torch.where(has, low_r, math.inf), inf]).min()
+    sums["max_high_clip"] = torch.cat([torch.where(has, high_r, -math.inf), -inf]).max()
     if ent_d is not None:
         sums["entropy"] = (ent_d * mask).sum()
     if aux["kl"] is not None:
@@ -521,6 +532,9 @@ def _metrics(cfg, sums, batch, q) -> LossMetrics:
         named["clip_ratio/low_mean"] = sums["low_clipped"] / denom
         named["clip_ratio/high_mean"] = sums["high_clipped"] / denom
         named["clip_ratio/region_mean"] = named["clip_ratio"]
+    nan = batch.mask.new_tensor(math.nan)  # no sequence with an active token: NaN, as TRL's nanmin / nanmax
+    named["clip_ratio/low_min"] = torch.where(torch.isfinite(sums["min_low_clip"]), sums["min_low_clip"], nan)
+    named["clip_ratio/high_max"] = torch.where(torch.isfinite(sums["max_high_clip"]), sums["max_high_clip"], nan)
     if "entropy" in sums:
         named["entropy"] = sums["entropy"] / denom
     if "kl" in sums:
@@ -540,6 +554,15 @@ def _metrics(cfg, sums, batch, q) -> LossMetrics:
 
 # ----------------------------------------------------------------------------------------------------------------
 # fused path
+
+
+def _combine(key: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two chunks' metric statistics: ``min_*`` / ``max_*`` are extremes, the others sums."""
+    if key.startswith("min_"):
+        return torch.minimum(a, b)
+    if key.startswith("max_"):
+        return torch.maximum(a, b)
+    return a + b
 
 
 def _chunk_budget(device: torch.device) -> int:
@@ -605,7 +628,7 @@ class _FusedLoss(torch.autograd.Function):
             loss += chunk_loss.detach().float()
             actives.append(active.detach())
             for k, v in chunk_sums.items():
-                sums[k] = sums[k] + v if k in sums else v
+                sums[k] = v if k not in sums else _combine(k, sums[k], v)
             if need_x:
                 dx[sl] = (dz @ w_mm).view(-1, T, H).to(x.dtype)
             if need_w:

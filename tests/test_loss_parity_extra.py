@@ -212,9 +212,10 @@ TRL_CASES = [
 
 def _trl_metric_pairs(lt, beta, level):
     pairs = [("entropy", "entropy")] + ([("kl", "kl")] if beta else [])
-    if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo") and level == "token":
+    if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
         pairs += [("clip_ratio/low_mean", "clip_ratio/low_mean"), ("clip_ratio/high_mean", "clip_ratio/high_mean"),
-                  ("clip_ratio/region_mean", "clip_ratio")]
+                  ("clip_ratio/region_mean", "clip_ratio/region_mean"), ("clip_ratio/low_min", "clip_ratio/low_min"),
+                  ("clip_ratio/high_max", "clip_ratio/high_max")]
     if lt == "cispo":
         pairs.append(("cispo_clip_ratio", "clip_ratio"))
     return pairs

@@ -786,8 +786,16 @@ class RLVRGRPOTrainer(GRPOTrainer):
         m = self._metrics[mode]
         named = metrics.named if hasattr(metrics, "named") else dict(metrics)
 
+        def gathered(name):
+            return self.accelerator.gather(named[name].detach().float().reshape(1))
+
         def mean(name):
-            return self.accelerator.gather(named[name].detach().float().reshape(1)).nanmean().item()
+            return gathered(name).nanmean().item()
+
+        def extreme(name, fn):  # TRL: nanmin / nanmax over every process's sequences
+            g = gathered(name)
+            g = g[~torch.isnan(g)]
+            return fn(g).item() if g.numel() else float("nan")
 
         if self.beta != 0.0 and "kl" in named:
             m["kl"].append(mean("kl"))
@@ -798,6 +806,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
             m["clip_ratio/low_mean"].append(mean("clip_ratio/low_mean"))
             m["clip_ratio/high_mean"].append(mean("clip_ratio/high_mean"))
             m["clip_ratio/region_mean"].append(mean("clip_ratio/region_mean"))
+            m["clip_ratio/low_min"].append(extreme("clip_ratio/low_min", torch.min))
+            m["clip_ratio/high_max"].append(extreme("clip_ratio/high_max", torch.max))
         elif lt == "cispo":
             m["cispo_clip_ratio"].append(mean("clip_ratio/high_mean"))
         m["rlvr/active_fraction"].append(mean("active_fraction"))
