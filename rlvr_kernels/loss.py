@@ -8,11 +8,13 @@ tokens that remain: every normaliser that counts tokens counts the active ones.
 
 Two paths, one set of numbers:
 - composable: ``fused_linear_logprobs`` under autograd, the token pass in plain torch (4 GEMM-equivalents);
-- fused (default when the loss needs a gradient): sequence-aligned token chunks; per chunk the logits block is
+- fused (default when the loss needs a gradient): sequence-aligned token chunks (or row segments for token-local
+  losses whose rows do not fit a chunk); per chunk the logits block is
   computed once, its statistics give log-probs and entropies, the token pass gives per-token gradient coefficients
   through autograd on ``[rows]`` tensors, ``dz`` is formed in place and dX, dW, db follow by GEMMs, all during the
-  forward (3 GEMM-equivalents, one chunk buffer). Batch-global normalisers are applied after the last chunk, so they
-  may depend on the whole batch's active-token count. Backward only scales the saved gradients.
+  forward (3 GEMM-equivalents, one chunk buffer). Batch-global normalisers and per-row active counts are computed
+  before the first chunk from the tokens the credit rules will keep (their counts are known in advance), so a chunk
+  needs no other chunk. Backward only scales the saved gradients.
 """
 from __future__ import annotations
 
@@ -162,7 +164,8 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Batch:
-    """Checked, ``[B, T]``-shaped inputs of one forward call; ``rows(sl)`` gives a sequence slice of it."""
+    """Checked, ``[B, T]``-shaped inputs of one forward call; ``rows(sl, cols)`` gives a slice of it (whole rows, or
+    a segment of rows for token-local configurations); ``counts`` ``[B]``: each row's planned active tokens."""
 
     def __init__(self, cfg: LossConfig, x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent):
         B, T = mask.shape
@@ -177,12 +180,19 @@ class _Batch:
             is_ratio = is_ratio.unsqueeze(1) if is_ratio.dim() == 1 else is_ratio
         self.is_ratio = is_ratio
         self.coef, self.old_ent = coef, old_ent
+        self.counts: Optional[torch.Tensor] = None
 
-    def rows(self, sl: slice) -> dict:
-        pick = lambda t: None if t is None else t[sl]  # noqa: E731
-        return dict(mask=self.mask[sl], adv=self.adv[sl], old=pick(self.old), ref=pick(self.ref), mu=pick(self.mu),
-                    is_ratio=pick(self.is_ratio), coef=pick(self.coef), old_ent=pick(self.old_ent),
-                    ids=self.ids[sl])
+    def rows(self, sl: slice, cols: slice = slice(None)) -> dict:
+        T = self.T
+
+        def pick(t):
+            if t is None:
+                return None
+            return t[sl, cols] if t.shape[-1] == T or t.shape[-1] == 0 else t[sl]  # [B, 1] ratios: per row
+
+        return dict(mask=pick(self.mask), adv=pick(self.adv), old=pick(self.old), ref=pick(self.ref),
+                    mu=pick(self.mu), is_ratio=pick(self.is_ratio), coef=pick(self.coef), old_ent=pick(self.old_ent),
+                    ids=pick(self.ids), counts=None if self.counts is None else self.counts[sl], width=T)
 
 
 def _check_2d(name, t, B, T, *, dtype_kind="float", allow=(None,)):
@@ -219,7 +229,8 @@ class RLVRLoss(nn.Module):
       ``q(k)`` (or 1). ``delta`` multiplies A by precomputed DelTA coefficients (forward keyword
       ``delta_coefficients [B, T]``).
     - ``fused``: ``"auto"`` (fused 3-GEMM path when a gradient is needed, the configuration allows it and one
-      sequence's fp32 ``[T, V]`` logits fit the chunk budget: 1 GiB on GPU, 16 MiB on CPU),
+      sequence's fp32 ``[T, V]`` logits fit the chunk budget, 1 GiB on GPU, 16 MiB on CPU, or the loss is
+      :func:`token_local`, whose rows are then split into segments),
       ``True``, ``False`` (composable path); ``backend`` as in :func:`fused_linear_logprobs`.
 
     Returns ``(loss, metrics)`` as Liger does: ``metrics[0]`` the KL mean when ``beta != 0``, ``metrics[-1]`` the clip
@@ -370,35 +381,32 @@ def token_pass(cfg: LossConfig, logp, entropy, rows: dict, q: Optional[float], n
     tmask, tstats = _trust_mask(cfg, logp, rows)
     per_tok, aux = ref_loss.policy_token_loss(cfg, logp, old, adv, mask, ref_logp=ref, is_ratio=rows["is_ratio"],
                                               trust_mask=tmask)
-    # (4) aggregation
-    mode, horizon = ref_loss.aggregation_mode(cfg, mask.shape[1])
-    loss = ref_loss.aggregate(per_tok, mask, mode, norm, horizon)
+    # (4) aggregation (row counts of whole rows: the slice may be a segment of each row)
+    counts = rows.get("counts")
+    mode, horizon = ref_loss.aggregation_mode(cfg, rows.get("width", mask.shape[1]))
+    loss = ref_loss.aggregate(per_tok, mask, mode, norm, horizon, counts)
     if cfg.entropy_coef != 0.0:
         # TRL: a token mean over the active tokens; verl: agg_loss(entropy) in the loss's own mode.
         emode, ehorizon = ("token-sum-over-norm", None) if cfg.aggregation is None else (mode, horizon)
-        loss = loss - cfg.entropy_coef * ref_loss.aggregate(entropy, mask, emode, ent_norm, ehorizon)
+        loss = loss - cfg.entropy_coef * ref_loss.aggregate(entropy, mask, emode, ent_norm, ehorizon, counts)
     sums = {
         "active": mask.sum(),
         "clipped": (aux["clipped"].float() * mask).sum(),
         "low_clipped": (aux["low_clipped"].float() * mask).sum(),
         "high_clipped": (aux["high_clipped"].float() * mask).sum(),
     }
-    # TRL's clip_ratio/low_min and /high_max: extremes over the sequences of each sequence's clip fraction
+    # per-row statistics ("row_*", [b]) for TRL's clip_ratio/low_min and /high_max (extremes over the sequences)
     if cfg.importance_sampling_level == "sequence":
         # one clip indicator per sequence (GSPO): TRL averages them over the sequences, empty ones included
         sums["rows"] = mask.new_tensor(float(mask.shape[0]))
         for k in ("clipped", "low_clipped", "high_clipped"):
             sums["seq_" + k] = aux[k][:, 0].float().sum()
-        low_r, high_r = aux["low_clipped"][:, 0].float(), aux["high_clipped"][:, 0].float()
-        has = torch.ones_like(low_r, dtype=torch.bool)
-    else:  # the token fraction of each row with an active token
-        n_row = mask.sum(-1)
-        low_r = (aux["low_clipped"].float() * mask).sum(-1) / n_row.clamp(min=1.0)
-        high_r = (aux["high_clipped"].float() * mask).sum(-1) / n_row.clamp(min=1.0)
-        has = n_row > 0
-    inf = torch.full((1,), math.inf, device=mask.device)
-    sums["min_low_clip"] = torch.cat([torch.where(has, low_r, math.inf), inf]).min()
-    sums["max_high_clip"] = torch.cat([torch.where(has, high_r, -math.inf), -inf]).max()
+        sums["row_low_clipped"] = aux["low_clipped"][:, 0].float()
+        sums["row_high_clipped"] = aux["high_clipped"][:, 0].float()
+    else:  # clipped tokens of each row (over its active tokens, row_active)
+        sums["row_low_clipped"] = (aux["low_clipped"].float() * mask).sum(-1)
+        sums["row_high_clipped"] = (aux["high_clipped"].float() * mask).sum(-1)
+    sums["row_active"] = mask.sum(-1)
     if ent_d is not None:
         sums["entropy"] = (ent_d * mask).sum()
     if aux["kl"] is not None:
@@ -472,10 +480,10 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (_input, lin_weight, bias))
     fused = cfg.fused
     if fused == "auto":
-        # the fused path works on whole sequences: it pays off when one row's [T, V] fp32 logits block fits the
-        # chunk budget; longer rows take the composable path (token chunks, O(chunk * V) memory)
+        # the fused path holds one chunk of logits: whole rows, or row segments when every token's term is local
+        # (token_local); other configurations whose rows do not fit take the composable path (O(chunk * V) memory)
         fused = (needs_grad and not (cfg.credit == "d3s" and cfg.d3s_scope == "batch")
-                 and T * lin_weight.shape[0] * 4 <= _chunk_budget(_input.device))
+                 and (T * lin_weight.shape[0] * 4 <= _chunk_budget(_input.device) or token_local(cfg)))
     counts = _active_counts(cfg, mask, q)
     logp = ent = None
     if not fused:
@@ -492,6 +500,7 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
                                global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens,
                                dp_size=dp_size)
     ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
+    batch.counts = counts
     if fused:
         info: dict = {}
         loss = _FusedLoss.apply(_input, lin_weight, bias, cfg, batch, q, norm, ent_norm, info)
@@ -532,9 +541,20 @@ def _metrics(cfg, sums, batch, q) -> LossMetrics:
         named["clip_ratio/low_mean"] = sums["low_clipped"] / denom
         named["clip_ratio/high_mean"] = sums["high_clipped"] / denom
         named["clip_ratio/region_mean"] = named["clip_ratio"]
-    nan = batch.mask.new_tensor(math.nan)  # no sequence with an active token: NaN, as TRL's nanmin / nanmax
-    named["clip_ratio/low_min"] = torch.where(torch.isfinite(sums["min_low_clip"]), sums["min_low_clip"], nan)
-    named["clip_ratio/high_max"] = torch.where(torch.isfinite(sums["max_high_clip"]), sums["max_high_clip"], nan)
+    # per-sequence clip fractions (indicators at sequence level), their min / max over the sequences that have one;
+    # NaN when none has, as TRL's nanmin / nanmax
+    if "rows" in sums:
+        low_r, high_r = sums["row_low_clipped"], sums["row_high_clipped"]
+        has = torch.ones_like(low_r, dtype=torch.bool)
+    else:
+        n_row = sums["row_active"]
+        low_r, high_r = sums["row_low_clipped"] / n_row.clamp(min=1.0), sums["row_high_clipped"] / n_row.clamp(min=1.0)
+        has = n_row > 0
+    inf, nan = batch.mask.new_tensor(math.inf), batch.mask.new_tensor(math.nan)
+    lo = torch.where(has, low_r, inf).amin() if low_r.numel() else inf
+    hi = torch.where(has, high_r, -inf).amax() if high_r.numel() else -inf
+    named["clip_ratio/low_min"] = torch.where(torch.isinf(lo), nan, lo)
+    named["clip_ratio/high_max"] = torch.where(torch.isinf(hi), nan, hi)
     if "entropy" in sums:
         named["entropy"] = sums["entropy"] / denom
     if "kl" in sums:
@@ -556,22 +576,29 @@ def _metrics(cfg, sums, batch, q) -> LossMetrics:
 # fused path
 
 
-def _combine(key: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Two chunks' metric statistics: ``min_*`` / ``max_*`` are extremes, the others sums."""
-    if key.startswith("min_"):
-        return torch.minimum(a, b)
-    if key.startswith("max_"):
-        return torch.maximum(a, b)
-    return a + b
-
-
 def _chunk_budget(device: torch.device) -> int:
     """Bytes of the fp32 ``[rows * T, V]`` logits block the fused path holds at a time."""
     return FUSED_CHUNK_BYTES if device.type == "cuda" else FUSED_CHUNK_BYTES_CPU
 
 
-def _chunk_rows(B: int, T: int, V: int, device: torch.device) -> int:
-    return max(1, min(B, _chunk_budget(device) // max(1, T * V * 4)))
+def token_local(cfg: LossConfig) -> bool:
+    """Whether each token's loss term and gradient coefficient depend only on that token and on batch constants
+    known before the vocabulary pass (normalisers, row counts), so that the fused path may split a row: token-level
+    ratios, no top-k selection over a row or the batch (forking, D^3S), no prefix scan (CPPO), no sequence weight
+    (VESPO)."""
+    return (cfg.importance_sampling_level == "token" and cfg.loss_type not in ("vespo", "cppo")
+            and cfg.credit in ("none", "tp_schedule", "entropy_adv", "delta"))
+
+
+def _chunks(cfg: LossConfig, B: int, T: int, V: int, device: torch.device):
+    """``(rows, cols)`` slices of the fused path: blocks of whole rows whose fp32 ``[rows * T, V]`` logits fit the
+    chunk budget, or, when one row does not fit and the configuration is :func:`token_local`, segments of a row."""
+    budget = _chunk_budget(device)
+    if T * V * 4 <= budget or not token_local(cfg):
+        step = max(1, min(B, budget // max(1, T * V * 4)))
+        return [(slice(r0, min(B, r0 + step)), slice(None)) for r0 in range(0, B, step)]
+    seg = max(1, budget // max(1, V * 4))
+    return [(slice(r, r + 1), slice(c0, min(T, c0 + seg))) for r in range(B) for c0 in range(0, T, seg)]
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -594,12 +621,12 @@ class _FusedLoss(torch.autograd.Function):
         dw = torch.zeros(w.shape, device=w.device, dtype=w_mm.dtype) if need_w else None
         db = torch.zeros(V, device=w.device, dtype=torch.float32) if need_b else None
         loss = x.new_zeros((), dtype=torch.float32)
-        sums, actives = {}, []
-        step = _chunk_rows(B, T, V, x.device)
-        for r0 in range(0, B, step):
-            sl = slice(r0, min(B, r0 + step))
-            rows = batch.rows(sl)
-            xc = x[sl].reshape(-1, H).to(cdt)
+        sums: dict = {}
+        active_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)
+        for sl, cols in _chunks(cfg, B, T, V, x.device):
+            rows = batch.rows(sl, cols)
+            nr, nc = rows["mask"].shape
+            xc = x[sl, cols].reshape(-1, H).to(cdt)
             tc = rows["ids"].reshape(-1)
             if use_triton:
                 from rlvr_kernels.kernels import logprobs as K
@@ -611,8 +638,8 @@ class _FusedLoss(torch.autograd.Function):
                 lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index,
                                                                            probs=True)  # logz is z
             # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
-            lp_leaf = lp.view(-1, T).float().requires_grad_()
-            ent_leaf = ent.view(-1, T).float().requires_grad_()
+            lp_leaf = lp.view(nr, nc).float().requires_grad_()
+            ent_leaf = ent.view(nr, nc).float().requires_grad_()
             with torch.enable_grad():
                 chunk_loss, chunk_sums, active = token_pass(cfg, lp_leaf, ent_leaf, rows, q, norm, ent_norm)
                 g_lp, g_ent = torch.autograd.grad(chunk_loss, [lp_leaf, ent_leaf], allow_unused=True)
@@ -626,18 +653,23 @@ class _FusedLoss(torch.autograd.Function):
                 del logz, probs
                 dz *= inv_temp
             loss += chunk_loss.detach().float()
-            actives.append(active.detach())
+            active_all[sl, cols] = active.detach()
             for k, v in chunk_sums.items():
-                sums[k] = v if k not in sums else _combine(k, sums[k], v)
+                if k.startswith("row_"):  # per-row statistics [rows]: accumulated over a row's segments
+                    if k not in sums:
+                        sums[k] = torch.zeros(B, device=v.device, dtype=v.dtype)
+                    sums[k][sl] += v
+                else:
+                    sums[k] = sums[k] + v if k in sums else v
             if need_x:
-                dx[sl] = (dz @ w_mm).view(-1, T, H).to(x.dtype)
+                dx[sl, cols] = (dz @ w_mm).view(nr, nc, H).to(x.dtype)
             if need_w:
                 dw.addmm_(dz.T, xc)
             if need_b:
                 db += dz.sum(0, dtype=torch.float32)
             del z, dz
         info["sums"] = sums
-        info["active"] = torch.cat(actives, 0) if actives else batch.mask
+        info["active"] = active_all
         ctx.grads = (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype))
         return loss
 

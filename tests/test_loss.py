@@ -135,6 +135,66 @@ def test_fused_equals_composable(cfg, backend):
     assert torch.isfinite(gx1).all() and gx1.abs().sum() > 0
 
 
+SEGMENT_CONFIGS = [
+    dict(loss_type="dapo", entropy_coef=0.02),
+    dict(loss_type="grpo", beta=0.04),  # per-sequence token mean: whole-row counts across segments
+    dict(loss_type="dapo", aggregation="seq-mean-token-sum-norm", loss_horizon=12, entropy_coef=0.01),
+    dict(loss_type="bnpo", aggregation="seq-mean-token-mean", dual_clip=3.0, entropy_coef=0.01),
+    dict(loss_type="dr_grpo", max_completion_length=9),
+    dict(loss_type="luspo"),
+    dict(loss_type="sapo"),
+    dict(loss_type="cispo", epsilon_high=2.0),
+    dict(loss_type="dppo", epsilon_low=0.1, epsilon_high=0.15, ratio_cap=20.0),
+    dict(loss_type="dapo", aggregation="token-sum"),
+    dict(loss_type="dapo", credit="tp_schedule", schedule=TemporalSchedule(total_steps=10)),
+    dict(loss_type="grpo", credit="entropy_adv", schedule=TemporalSchedule(total_steps=10)),
+    dict(loss_type="dapo", credit="delta"),
+]
+
+
+@pytest.mark.parametrize("cfg", SEGMENT_CONFIGS,
+                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "schedule"))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend):
+    """When one row's logits exceed the chunk budget, token-local losses keep the fused path and split each row
+    into segments (3 tokens here): same loss, gradients and metrics as the composable path."""
+    import rlvr_kernels.loss as L
+
+    x, w, ids, mask, adv, old, ref = make(11)
+    kw = dict(ref_per_token_logps=ref, old_per_token_logps=old, step=4, delta_coefficients=torch.rand(B, T) + 0.5,
+              vllm_is_ratio=torch.rand(B, T) * 0.5 + 0.75)
+    want = run(RLVRLoss(fused=False, backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
+    budget = 3 * V * 4
+    monkeypatch.setattr(L, "FUSED_CHUNK_BYTES_CPU", budget)
+    seen = []
+    real = L._chunks
+
+    def spy(*a):
+        out = real(*a)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(L, "_chunks", spy)
+    got = run(RLVRLoss(fused="auto", backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
+    assert L.token_local(L.LossConfig(**cfg))
+    assert len(seen) == B * math.ceil(T / 3) and all(c.stop - c.start <= 3 for _, c in seen)
+    (l1, m1, gx1, gw1, _, n1), (l2, m2, gx2, gw2, _, n2) = want, got
+    torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx2, gx1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw2, gw1, atol=1e-6, rtol=1e-5)
+    assert set(n1.keys()) == set(n2.keys())
+    for k in n1.keys():
+        torch.testing.assert_close(n2[k], n1[k], atol=1e-6, rtol=1e-5, equal_nan=True)
+
+
+def test_whole_row_losses_are_not_token_local():
+    import rlvr_kernels.loss as L
+
+    for cfg in (dict(importance_sampling_level="sequence"), dict(loss_type="vespo"), dict(loss_type="cppo"),
+                dict(credit="forking"), dict(credit="d3s", d3s_scope="sequence")):
+        assert not L.token_local(L.LossConfig(**cfg))
+
+
 def _manual(x, w, ids, temperature=0.9):
     """float64 per-token log-probs and entropies, differentiable."""
     z = (x.double() @ w.double().T) / temperature

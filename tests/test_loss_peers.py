@@ -106,11 +106,12 @@ def test_log_ratio_clip_caps_the_ratio():
 
 def test_auto_takes_the_composable_path_for_rows_over_the_chunk_budget(monkeypatch):
     """A sequence whose [T, V] fp32 block exceeds the fused path's chunk budget goes through the composable path
-    under fused='auto' (same numbers, O(chunk x V) memory)."""
+    under fused='auto' when the loss needs whole rows (here GSPO's sequence ratio; same numbers, O(chunk x V)
+    memory). Token-local losses split the row instead (test_loss.py)."""
     import rlvr_kernels.loss as L
 
     x, w, ids, mask, adv, old = make(seed=4)
-    kw = dict(beta=0.0, loss_type="dapo", backend="torch")
+    kw = dict(beta=0.0, loss_type="grpo", importance_sampling_level="sequence", backend="torch")
     ref, _ = RLVRLoss(fused=True, **kw)(x.requires_grad_(), w, ids, mask.float(), adv, old_per_token_logps=old)
     monkeypatch.setattr(L, "FUSED_CHUNK_BYTES_CPU", T * V * 4 - 1)
 

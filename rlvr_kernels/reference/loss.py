@@ -149,8 +149,12 @@ def policy_token_loss(
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | torch.Tensor,
-              horizon: float | None = None) -> torch.Tensor:
+              horizon: float | None = None, row_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Scalar loss of ``per_token [B, T]`` over ``mask`` with a batch-global ``norm`` from :func:`normalizer`.
+
+    ``row_counts [B]``: the active tokens of each whole row, when ``per_token`` holds only a segment of the rows
+    (the per-sequence token mean divides by them; default ``mask.sum(-1)``). Every mode is then a sum over tokens of
+    per-token weights, so the loss of a batch is the sum of its segments' losses.
 
     Modes: ``token-sum-over-norm`` (sum of masked tokens / norm: bnpo, dapo, cispo, dr_grpo, verl token-mean),
     ``seq-mean-token-mean`` (per-sequence token mean, summed, / norm: grpo, sapo, verl seq-mean-token-mean),
@@ -163,7 +167,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: floa
     if mode == "token-sum-over-norm":
         return masked.sum() / norm
     if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / norm
+        counts = mask.sum(-1) if row_counts is None else row_counts
+        return (masked.sum(-1) / counts.clamp(min=1.0)).sum() / norm
     if mode == "seq-mean-token-sum":
         return masked.sum() / norm
     if mode == "seq-mean-token-sum-norm":
