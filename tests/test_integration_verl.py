@@ -589,22 +589,26 @@ print("RESULT", json.dumps({"results": results, "stubbed": STUBBED}))
 '''
 
 
+def _run_e2e_script(path, source: str) -> dict:
+    """Run an end-to-end script in a fresh interpreter (torch backend); returns its last ``RESULT {json}`` line."""
+    import json
+    import subprocess
+
+    path.write_text(source)
+    env = dict(os.environ, RLVR_KERNELS_BACKEND="torch")
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
 def test_end_to_end_through_real_verl_trainer_and_worker(tmp_path):
     """verl's own RayPPOTrainer._update_actor -> DataProto.to_tensordict -> left_right_2_no_padding ->
     TrainingWorker.train_mini_batch -> train_batch -> ppo_loss, all hooked by this module (a fake CPU engine does
     what FSDPEngine.forward_backward_batch does: count loss_mask tokens, micro-batch, call the loss). Runs in a
     subprocess because three rollout-server packages that verl imports eagerly (uvicorn, fastapi, cachetools) are
     not installed here and get stubbed there."""
-    import json
-    import subprocess
-
-    script = tmp_path / "e2e.py"
-    script.write_text(_E2E)
-    env = dict(os.environ, RLVR_KERNELS_BACKEND="torch")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])["results"]
+    res = _run_e2e_script(tmp_path / "e2e.py", _E2E)["results"]
     assert res["5"]["q"] > res["30"]["q"] and res["5"]["active"] < res["30"]["active"]
 
 
@@ -794,16 +798,7 @@ def test_delta_coefficients_computed_inside_real_verl_update(tmp_path):
       ``delta_exclude_zero_adv`` on the padded (no remove-padding) layout, give the direct function's numbers;
     - ``delta_lam_min == delta_lam_max``: all-ones coefficients, no extra forward, ``rlvr_clip``'s gradients;
     - a user-given ``rlvr_delta_coef`` batch field takes precedence (nothing computed)."""
-    import json
-    import subprocess
-
-    script = tmp_path / "e2e_delta.py"
-    script.write_text(_E2E_DELTA)
-    env = dict(os.environ, RLVR_KERNELS_BACKEND="torch")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])["delta"]
+    res = _run_e2e_script(tmp_path / "e2e_delta.py", _E2E_DELTA)["delta"]
     assert res["forwards"] == 4 and res["std"] > 0.02
 
 

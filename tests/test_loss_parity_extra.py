@@ -92,6 +92,20 @@ LIGER_EXTRA = [
 ]
 
 
+def assert_like_liger(kw, x, w, ids, mask, adv, inputs):
+    """RLVRLoss(**kw) on both paths == LigerFusedLinearGRPOLoss(**kw): loss, gradients and the metrics list
+    ([kl (beta != 0)], clip_ratio, in Liger's order)."""
+    l1, m1, gx1, gw1 = run(_liger(**kw), x, w, ids, mask, adv, **inputs)
+    for fused in (True, False):
+        l2, m2, gx2, gw2 = run(RLVRLoss(fused=fused, backend="torch", **kw), x, w, ids, mask, adv, **inputs)
+        close(l2, l1)
+        close(gx2, gx1)
+        close(gw2, gw1)
+        assert len(m2) == len(m1)
+        for a, b in zip(m2, m1):
+            close(a, b)
+
+
 @pytest.mark.parametrize("case", LIGER_EXTRA, ids=lambda c: "-".join(map(str, c)))
 def test_liger_parity_extra(case):
     lt, lvl, beta, bc, delta, isr, nib, empty = case
@@ -100,15 +114,7 @@ def test_liger_parity_extra(case):
               epsilon_high=1.5 if lt == "cispo" else 0.28, delta=delta, use_bias_correction_kl=bc)
     inputs = dict(ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=is_ratio(isr),
                   num_items_in_batch=nib)
-    l1, m1, gx1, gw1 = run(_liger(**kw), x, w, ids, mask, adv, **inputs)
-    for fused in (True, False):
-        l2, m2, gx2, gw2 = run(RLVRLoss(fused=fused, backend="torch", **kw), x, w, ids, mask, adv, **inputs)
-        close(l2, l1)
-        close(gx2, gx1)
-        close(gw2, gw1)
-        assert len(m2) == len(m1)
-        for a, b in zip(m2, m1):  # [kl (beta != 0)], clip_ratio, in Liger's order
-            close(a, b)
+    assert_like_liger(kw, x, w, ids, mask, adv, inputs)
 
 
 def test_use_ref_model_false_ignores_ref_logps_like_liger():
@@ -117,14 +123,9 @@ def test_use_ref_model_false_ignores_ref_logps_like_liger():
     x, w, ids, mask, adv, old, ref = make()
     kw = dict(beta=0.1, use_ref_model=False, loss_type="dapo", temperature=TEMP)
     inputs = dict(ref_per_token_logps=ref, old_per_token_logps=old)
-    l1, m1, gx1, gw1 = run(_liger(**kw), x, w, ids, mask, adv, **inputs)
+    assert_like_liger(kw, x, w, ids, mask, adv, inputs)
     for fused in (True, False):
-        l2, m2, gx2, gw2 = run(RLVRLoss(fused=fused, backend="torch", **kw), x, w, ids, mask, adv, **inputs)
-        close(l2, l1)
-        close(gx2, gx1)
-        close(gw2, gw1)
-        for a, b in zip(m2, m1):
-            close(a, b)
+        _, m2, _, _ = run(RLVRLoss(fused=fused, backend="torch", **kw), x, w, ids, mask, adv, **inputs)
         assert float(m2[0]) == 0.0
 
 
