@@ -7,6 +7,8 @@ variable ``RLVR_KERNELS_BACKEND`` (``auto`` | ``triton`` | ``torch``) overrides 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -62,3 +64,47 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def max_grid() -> int:
     """Largest number of programs we launch along one grid dimension (kernels loop over the rest)."""
     return 65535
+
+
+def autocast_dtype(device: torch.device):
+    """The autocast dtype in force for ``device``'s type, or None when autocast is off there."""
+    dev = device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (RuntimeError, TypeError):  # device types autocast does not know
+        return None
+    return None
+
+
+def autocast_inputs(*tensors):
+    """Cast the floating-point GEMM operands as ``nn.Linear`` would under autocast (fp32/fp16/bf16 to the autocast
+    dtype; float64 and None untouched), so an op called under ``torch.autocast`` sees what the model's ``lm_head``
+    would have used. The op then runs with autocast disabled (:func:`no_autocast`) and picks its own precisions."""
+    first = next((t for t in tensors if t is not None), None)
+    dt = None if first is None else autocast_dtype(first.device)
+    if dt is None:
+        return tensors
+    half = (torch.float32, torch.float16, torch.bfloat16)
+    return tuple(t.to(dt) if t is not None and t.dtype in half else t for t in tensors)
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast disabled on ``device``'s type (kernels and reference math choose their dtypes)."""
+    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "xpu", "mps") \
+        else contextlib.nullcontext()
+
+
+def autocast_off(backward):
+    """Decorator for an autograd Function's ``backward``: run it with autocast disabled on the gradients' device
+    (a backward called inside ``torch.autocast`` must not re-cast the reference's fp32 GEMMs)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        dev = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
+        if dev is None:
+            return backward(ctx, *grads)
+        with no_autocast(dev):
+            return backward(ctx, *grads)
+
+    return wrapper

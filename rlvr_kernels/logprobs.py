@@ -9,11 +9,11 @@ fixed order, so the backward is deterministic (no atomics). The torch backend is
 """
 from __future__ import annotations
 
-import math
-
 import torch
+from torch.autograd.function import once_differentiable
 
-from rlvr_kernels._backend import resolve_backend
+from rlvr_kernels import _checks
+from rlvr_kernels._backend import autocast_inputs, autocast_off, no_autocast, resolve_backend
 from rlvr_kernels.reference import logprobs as ref
 
 # Upper bound on the dz buffer of one backward vocabulary chunk (Triton backend).
@@ -24,11 +24,9 @@ _GATHER_CHUNK_ELEMENTS = 1 << 24
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _check_temperature(temperature: float) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+def _check_temperature(temperature) -> float:
+    """A number > 0 (Python, NumPy or one-element tensor) whose inverse is finite in fp32 -> float."""
+    return _checks.temperature(temperature)
 
 
 def _check_int_tensor(t: torch.Tensor, name: str) -> None:
@@ -65,6 +63,8 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
     _check_int_tensor(targets, "targets")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape [..., H]")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden has an empty hidden size (H = 0), shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H] (nn.Linear layout), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -90,8 +90,7 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     _check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _checks.integer("ignore_index", ignore_index)
     _check_ids_range(targets, weight.shape[0], "targets", ignore_index)
     if gather_ids is not None:
         _check_int_tensor(gather_ids, "gather_ids")
@@ -145,8 +144,11 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         from rlvr_kernels.kernels import logprobs as K
 
         inv_temp = 1.0 / temperature
-        lse, ent, zt = K.merge_split_stats(*K.linear_stats_forward(hidden, weight, bias, targets, inv_temp))
+        # rows whose target is ignore_index are read as zeros (NaN/inf padding stays out of every result)
+        lse, ent, zt = K.merge_split_stats(*K.linear_stats_forward(hidden, weight, bias, targets, inv_temp,
+                                                                   ignore_index=ignore_index))
         ignored = targets == ignore_index
+        ref.check_finite_rows(lse, ~ignored, "fused_linear_logprobs")
         logp = torch.where(ignored, 0.0, zt - lse)
         ent_out = torch.where(ignored, 0.0, ent)
         if gather_ids is not None:
@@ -161,10 +163,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logp, ent_out, gathered
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, g_logp, g_ent, g_gath):
         from rlvr_kernels.kernels import logprobs as K
 
         x, w, b, tgt, ids, lse, ent = ctx.saved_tensors
+        # NaN/inf hidden states of ignored rows would reach dW through 0 * NaN in the GEMMs
+        x = ref.inert_rows(x, tgt == ctx.ignore_index)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n, h = x.shape
         v = w.shape[0]
@@ -184,7 +190,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             for v0 in range(0, v, cols):
                 v1 = min(v, v0 + cols)
                 dz = buf[:, : v1 - v0]
-                K.linear_dlogits(x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz)
+                K.linear_dlogits(x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz,
+                                 ignore_index=ctx.ignore_index)
                 wc = w[v0:v1] if buf_dtype == w.dtype else w[v0:v1].to(buf_dtype)
                 if need_x:
                     if dx.dtype == buf_dtype:
@@ -244,7 +251,15 @@ def fused_linear_logprobs(
     Memory: the Triton path saves 8 bytes per token and never materialises the logits; the torch path keeps
     O(N + chunk * V). Raises ``TypeError``/``ValueError`` naming the argument on bad input, before any kernel runs.
     """
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as the lm_head would compute under autocast
     _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, gather_ids)
+    with no_autocast(hidden.device):
+        return _fused_linear_logprobs(hidden, weight, targets, bias, _check_temperature(temperature), ignore_index,
+                                      return_entropy, gather_ids, backend)
+
+
+def _fused_linear_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids,
+                           backend):
     lead = tuple(targets.shape)
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
@@ -278,6 +293,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
 
         inv_temp = 1.0 / temperature
         logp, ent, lse = K.logits_forward(logits, targets, inv_temp, ignore_index)
+        ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.inv_temp = inv_temp
         ctx.ignore_index = ignore_index
@@ -285,6 +301,8 @@ class _LogprobsFromLogits(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, g_logp, g_ent):
         from rlvr_kernels.kernels import logprobs as K
 
@@ -328,9 +346,8 @@ def logprobs_from_logits(
         )
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
-    _check_temperature(temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    temperature = _check_temperature(temperature)
+    _checks.integer("ignore_index", ignore_index)
     v = logits.shape[-1]
     _check_ids_range(targets, v, "targets", ignore_index)
     lead = tuple(targets.shape)
@@ -339,12 +356,13 @@ def logprobs_from_logits(
     which = resolve_backend(backend, logits.device)
     if which == "triton" and logits.dtype == torch.float64:
         raise TypeError("backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64")
-    if which == "triton" and z.shape[0] > 0:
-        if z.stride(-1) != 1:
-            z = z.contiguous()
-        logp, ent = _LogprobsFromLogits.apply(z, t, float(temperature), ignore_index)
-    else:
-        logp, ent = ref.logprobs_from_logits(
-            z, t, temperature=float(temperature), ignore_index=ignore_index, return_entropy=return_entropy
-        )
+    with no_autocast(logits.device):
+        if which == "triton" and z.shape[0] > 0:
+            if z.stride(-1) != 1:
+                z = z.contiguous()
+            logp, ent = _LogprobsFromLogits.apply(z, t, temperature, ignore_index)
+        else:
+            logp, ent = ref.logprobs_from_logits(
+                z, t, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+            )
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

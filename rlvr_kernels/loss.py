@@ -24,10 +24,13 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from rlvr_kernels._backend import resolve_backend, triton_interpreting
-from rlvr_kernels.logprobs import fused_linear_logprobs
+from rlvr_kernels import _checks as C
+from rlvr_kernels._backend import BACKENDS, autocast_inputs, autocast_off, no_autocast, resolve_backend
+from rlvr_kernels.logprobs import _check_float_tensor, _check_int_tensor, fused_linear_logprobs
 from rlvr_kernels.reference import logprobs as ref_lp
+from rlvr_kernels.reference import cppo as ref_cppo
 from rlvr_kernels.reference import loss as ref_loss
 from rlvr_kernels.schedule import TemporalSchedule
 
@@ -40,11 +43,15 @@ FUSED_CHUNK_BYTES_CPU = 1 << 24
 
 class LossMetrics(list):
     """Liger-compatible metrics: a list (``[kl_mean]`` when beta != 0, then ``clip_ratio``), plus every metric by
-    name: ``metrics["entropy"]``, ``metrics.named`` (a dict of 0-dim tensors)."""
+    name: ``metrics["entropy"]``, ``metrics.named`` (a dict of 0-dim tensors).
 
-    def __init__(self, ordered, named):
+    Trainers rebuild returned containers as ``type(x)(iterable)`` (accelerate's fp32 output conversion under
+    ``bf16=True``, ``recursively_apply``); that call works and gives a plain Liger-style list whose ``named`` is
+    empty. Code that needs the names across such a trainer should pass ``dict(metrics.named)`` instead."""
+
+    def __init__(self, ordered=(), named=None):
         super().__init__(ordered)
-        self.named = named
+        self.named = dict(named) if named is not None else {}
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -105,58 +112,60 @@ class LossConfig:
     def __post_init__(self):
         if self.credit is None:
             self.credit = "none"
-        if self.loss_type not in ref_loss.LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {ref_loss.LOSS_TYPES}, got {self.loss_type!r}")
-        if self.importance_sampling_level not in IS_LEVELS:
-            raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got "
-                             f"{self.importance_sampling_level!r}")
+        self._check_numbers()
+        C.choice("loss_type", self.loss_type, ref_loss.LOSS_TYPES)
+        C.choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo", "dppo", "cppo"):
             raise ValueError(f"importance_sampling_level='sequence' (GSPO) is not supported with "
                              f"loss_type={self.loss_type!r}: its trust region or weight is per token")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length (it divides by B * max_completion_length)")
-        if self.aggregation is not None and self.aggregation not in ref_loss.VERL_AGGREGATIONS:
-            raise ValueError(f"aggregation must be None (the loss type's own normaliser) or one of "
-                             f"{ref_loss.VERL_AGGREGATIONS}, got {self.aggregation!r}")
-        if self.credit not in CREDITS:
-            raise ValueError(f"credit must be one of {CREDITS}, got {self.credit!r}")
+        if self.aggregation is not None:
+            C.choice("aggregation", self.aggregation, ref_loss.VERL_AGGREGATIONS)
+        C.choice("credit", self.credit, CREDITS)
         if self.credit == "tp_schedule" and self.schedule is None:
             raise ValueError("credit='tp_schedule' needs a schedule=TemporalSchedule(...) (its cut-off moves with the step)")
         if self.schedule is not None and not isinstance(self.schedule, TemporalSchedule):
             raise TypeError(f"schedule must be a TemporalSchedule, got {type(self.schedule).__name__}")
-        if self.d3s_scope not in ("batch", "sequence"):
-            raise ValueError(f"d3s_scope must be 'batch' or 'sequence', got {self.d3s_scope!r}")
-        if not 0.0 <= self.credit_rho <= 1.0:
-            raise ValueError(f"credit_rho must lie in [0, 1], got {self.credit_rho}")
-        for name in ("temperature",):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {v}")
-        for name in ("epsilon_low", "epsilon_high"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("delta", "ratio_cap", "log_ratio_clip", "loss_horizon", "max_completion_length"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"dual_clip (verl's clip_ratio_c) must be > 1, got {self.dual_clip}")
+        C.choice("d3s_scope", self.d3s_scope, ("batch", "sequence"))
+        C.choice("cppo_budget", self.cppo_budget, ref_cppo.BUDGETS)
+        C.choice("cppo_divergence", self.cppo_divergence, ref_cppo.DIVERGENCES)
+        C.choice("backend", self.backend, BACKENDS)
         if self.dual_clip is not None and self.loss_type not in ref_loss.PPO_CLIP_TYPES:
             raise ValueError(f"dual_clip applies to the PPO-clip loss types {ref_loss.PPO_CLIP_TYPES}, "
                              f"not {self.loss_type!r}")
         if self.ratio_cap is not None and self.loss_type not in ("dppo", "cppo"):
             raise ValueError("ratio_cap (truncated IS, verl's dppo/cppo form) applies to loss_type 'dppo' or 'cppo'")
-        if self.fused not in ("auto", True, False):
+        if isinstance(self.fused, str) and self.fused != "auto" or not isinstance(self.fused, (str, bool)):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         if self.fused is True and self.credit == "d3s" and self.d3s_scope == "batch":
             raise ValueError("fused=True cannot run credit='d3s' with d3s_scope='batch': the batch-wide top-rho "
                              "selection needs every token's current entropy before any chunk's gradient; use "
                              "fused='auto' (composable path) or d3s_scope='sequence'")
-        if self.loss_type == "cppo":
-            from rlvr_kernels import cppo as _cppo  # noqa: F401  (fails early if the op is unavailable)
+
+    def _check_numbers(self) -> None:
+        """Every number and flag: type and range, stored back as a plain Python value (NaN never passes)."""
+        pos = dict(low=0.0, low_open=True)
+        nonneg = dict(low=0.0)
+        unit = dict(low=0.0, high=1.0)
+        reals = {"beta": nonneg, "epsilon_low": nonneg, "epsilon_high": nonneg, "sapo_temperature_pos": pos,
+                 "sapo_temperature_neg": pos, "vespo_k_pos": nonneg, "vespo_lambda_pos": nonneg,
+                 "vespo_k_neg": nonneg, "vespo_lambda_neg": nonneg, "entropy_coef": {}, "credit_rho": unit,
+                 "entropy_adv_alpha": pos, "entropy_adv_kappa": pos, "cppo_w_min": unit, "cppo_delta_b": nonneg,
+                 "cppo_quantile": unit, "cppo_max_mult": dict(low=1.0)}
+        optional_reals = {"delta": pos, "loss_horizon": pos, "dual_clip": dict(low=1.0, low_open=True),
+                          "cispo_min": nonneg, "ratio_cap": pos, "log_ratio_clip": pos}
+        for name, rng in reals.items():
+            setattr(self, name, C.real(name, getattr(self, name), **rng))
+        for name, rng in optional_reals.items():
+            setattr(self, name, C.optional_real(name, getattr(self, name), **rng))
+        self.temperature = C.temperature(self.temperature)
+        self.chunk_size = C.integer("chunk_size", self.chunk_size, low=1)
+        self.max_completion_length = C.optional_integer("max_completion_length", self.max_completion_length, low=1)
+        self.cppo_horizon = C.optional_integer("cppo_horizon", self.cppo_horizon, low=1)
+        self.ignore_index = C.integer("ignore_index", self.ignore_index)
+        for name in ("compiled", "use_ref_model", "use_bias_correction_kl"):
+            C.flag(name, getattr(self, name))
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -351,6 +360,10 @@ def token_pass(cfg: LossConfig, logp, entropy, rows: dict, q: Optional[float], n
     mask of active tokens.
     """
     mask = rows["mask"]
+    # positions outside the mask take no part: selected to 0 (forward 0, gradient exactly 0, even from NaN/-inf)
+    live = mask > 0
+    logp = torch.where(live, logp, 0.0)
+    entropy = torch.where(live, entropy, 0.0) if entropy is not None else None
     ent_d = entropy.detach() if entropy is not None else None
     # (1) credit masks that need the current policy's entropy
     if cfg.credit in ("forking", "d3s"):
@@ -421,24 +434,61 @@ def token_pass(cfg: LossConfig, logp, entropy, rows: dict, q: Optional[float], n
 # entry point
 
 
-def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weight, is_ratio, mu, coef, old_ent):
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"_input must be [B, T, H] hidden states, got {getattr(x, 'shape', type(x))}")
+def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weight, is_ratio, mu, coef, old_ent,
+                  num_items_in_batch, global_batch_size, batch_num_tokens):
+    """Every tensor's type, shape, dtype and device, ids in range and finite values on the loss tokens, before any
+    kernel runs. Values at positions outside the loss mask are never read (padding may hold anything)."""
+    _check_float_tensor(x, "_input")
+    if x.dim() != 3 or x.shape[-1] == 0:
+        raise ValueError(f"_input must be [B, T, H] hidden states with H > 0, got shape {tuple(x.shape)}")
     B, T, H = x.shape
-    if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != (B, T):
-        raise ValueError(f"selected_token_ids must have shape {(B, T)}, got {tuple(getattr(ids, 'shape', ()))}")
+    _check_float_tensor(w, "lin_weight")
+    if w.dim() != 2 or w.shape[1] != H or w.shape[0] == 0:
+        raise ValueError(f"lin_weight must be [V, H] = [V, {H}] with V > 0 (nn.Linear layout), got {tuple(w.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"lin_weight dtype {w.dtype} does not match _input dtype {x.dtype}")
+    if bias is not None:
+        _check_float_tensor(bias, "bias")
+        if tuple(bias.shape) != (w.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{w.shape[0]}], got {tuple(bias.shape)}")
+    _check_int_tensor(ids, "selected_token_ids")
+    if tuple(ids.shape) != (B, T):
+        raise ValueError(f"selected_token_ids must have shape {(B, T)}, got {tuple(ids.shape)}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
-        raise ValueError(f"attention_mask must have shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
+        raise ValueError(f"attention_mask must be a tensor of shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
+    if mask.is_complex() or (mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all())):
+        raise ValueError("attention_mask must hold finite real values (1 = loss token, 0 = ignored)")
     if not isinstance(adv, torch.Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(getattr(adv, 'shape', ()))}")
+        raise ValueError(f"advantages must be a tensor of shape ({B},) or {(B, T)}, got "
+                         f"{tuple(getattr(adv, 'shape', ()))}")
+    if not adv.dtype.is_floating_point:
+        raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
     for name, t in (("ref_per_token_logps", ref), ("old_per_token_logps", old), ("rollout_per_token_logps", mu),
                     ("delta_coefficients", coef), ("old_entropy", old_ent)):
         _check_2d(name, t, B, T)
     _check_2d("vllm_is_ratio", is_ratio, B, T, allow=((B, 1), (B,)))
+    for name, t in (("lin_weight", w), ("bias", bias), ("selected_token_ids", ids), ("attention_mask", mask),
+                    ("advantages", adv), ("ref_per_token_logps", ref), ("old_per_token_logps", old),
+                    ("rollout_per_token_logps", mu), ("delta_coefficients", coef), ("old_entropy", old_ent),
+                    ("vllm_is_ratio", is_ratio), ("ref_input", ref_input), ("ref_weight", ref_weight)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but _input is on {x.device}")
+    keep = mask != 0
+    if B * T:
+        sel = ids[keep]
+        bad = (sel < 0) | (sel >= w.shape[0])
+        if bool(bad.any()):
+            raise ValueError(f"selected_token_ids must lie in [0, {w.shape[0]}) on loss tokens (attention_mask != 0); "
+                             f"found {int(sel[bad][0])}")
+    rows_used = keep.any(-1)
     for name, t in (("advantages", adv), ("old_per_token_logps", old), ("ref_per_token_logps", ref),
-                    ("vllm_is_ratio", is_ratio), ("rollout_per_token_logps", mu)):
-        if t is not None and bool(~torch.isfinite(t[mask.bool()] if t.shape == mask.shape else t).all()):
-            raise ValueError(f"{name} has non-finite values on loss tokens")
+                    ("vllm_is_ratio", is_ratio), ("rollout_per_token_logps", mu), ("delta_coefficients", coef),
+                    ("old_entropy", old_ent)):
+        if t is None:
+            continue
+        vals = t[keep] if t.shape == mask.shape else t.reshape(B, t.numel() // max(B, 1))[rows_used]
+        if not bool(torch.isfinite(vals.float()).all()):  # fp32 is the token pass's precision
+            raise ValueError(f"{name} has non-finite values on loss tokens (NaN, inf, or beyond the float32 range)")
     if cfg.beta != 0.0 and cfg.use_ref_model and ref is None and ref_input is None:
         raise ValueError("beta != 0 with use_ref_model=True needs ref_per_token_logps or ref_input (and ref_weight)")
     if ref is None and ref_input is not None and ref_weight is None:
@@ -448,6 +498,10 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
                          "rollout_per_token_logps or old_per_token_logps; without them every divergence is 0")
     if cfg.credit == "delta" and coef is None:
         raise ValueError("credit='delta' needs delta_coefficients [B, T] (see rlvr_kernels.delta_coefficients)")
+    for name, v in (("num_items_in_batch", num_items_in_batch), ("global_batch_size", global_batch_size),
+                    ("batch_num_tokens", batch_num_tokens)):
+        if v is not None:
+            C.real(name, v, low=0.0)
 
 
 def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
@@ -455,28 +509,49 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
               vllm_is_ratio=None, num_items_in_batch=None, *, step=None, rollout_per_token_logps=None,
               delta_coefficients=None, old_entropy=None, global_batch_size=None, batch_num_tokens=None,
               dp_size: int = 1):
-    """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``."""
+    """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``.
+
+    Under ``torch.autocast`` the hidden states and the head are cast as the ``lm_head`` would be (to the autocast
+    dtype), and the loss then runs with autocast off: statistics and the token pass in fp32."""
+    _input, lin_weight, bias, ref_input, ref_weight, ref_bias = autocast_inputs(
+        _input, lin_weight, bias, ref_input, ref_weight, ref_bias)
+    device = _input.device if isinstance(_input, torch.Tensor) else torch.device("cpu")
+    with no_autocast(device):
+        return _rlvr_loss(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
+                          ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
+                          num_items_in_batch, step, rollout_per_token_logps, delta_coefficients, old_entropy,
+                          global_batch_size, batch_num_tokens, dp_size)
+
+
+def _rlvr_loss(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
+               old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, step,
+               rollout_per_token_logps, delta_coefficients, old_entropy, global_batch_size, batch_num_tokens,
+               dp_size):
     mu = rollout_per_token_logps if rollout_per_token_logps is not None else old_per_token_logps
     if not cfg.use_ref_model:  # Liger: without a reference model the KL is taken against the current policy (0)
         ref_per_token_logps = ref_input = ref_weight = ref_bias = None
     _check_inputs(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
                   ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, vllm_is_ratio, mu,
-                  delta_coefficients, old_entropy)
+                  delta_coefficients, old_entropy, num_items_in_batch, global_batch_size, batch_num_tokens)
     ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
     B, T, H = _input.shape
     q = _schedule_value(cfg, step)
-    mask = _credit_mask_static(cfg, _as_float(attention_mask), q)
-    # Positions outside the loss mask may hold any id (padding): read them as id 0, they never count.
-    ids = selected_token_ids.long()
-    ids = torch.where(attention_mask.bool(), ids, torch.zeros_like(ids))
+    valid = attention_mask != 0
+    # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
+    mask = _credit_mask_static(cfg, torch.where(valid, _as_float(attention_mask), 0.0), q)
+    # Positions outside the loss mask may hold any id and any hidden state (padding): they are ignore_index rows
+    # of the vocabulary pass, read as zeros, with logp = entropy = 0 and no gradient.
+    ids = torch.where(valid, selected_token_ids.long(), torch.full_like(selected_token_ids, cfg.ignore_index,
+                                                                         dtype=torch.long))
     if ref_per_token_logps is None and ref_input is not None and cfg.beta != 0.0 and cfg.use_ref_model:
         with torch.no_grad():
             ref_per_token_logps, _ = fused_linear_logprobs(ref_input, ref_weight, ids, bias=ref_bias,
                                                            temperature=cfg.temperature, return_entropy=False,
-                                                           backend=cfg.backend)
-    f = lambda t: None if t is None else t.detach().float()  # noqa: E731
-    batch = _Batch(cfg, _input, ids, attention_mask, mask, advantages.detach(), f(old_per_token_logps), f(ref_per_token_logps),
-                   f(vllm_is_ratio), f(mu), f(delta_coefficients), f(old_entropy))
+                                                           ignore_index=cfg.ignore_index, backend=cfg.backend)
+    f = lambda t: None if t is None else _inert(t.detach().float(), valid)  # noqa: E731
+    batch = _Batch(cfg, _input, ids, torch.where(valid, _as_float(attention_mask), 0.0), mask,
+                   _inert(advantages.detach().float(), valid), f(old_per_token_logps), f(ref_per_token_logps),
+                   _inert_ratio(vllm_is_ratio, valid, cfg), f(mu), f(delta_coefficients), f(old_entropy))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (_input, lin_weight, bias))
     fused = cfg.fused
     if fused == "auto":
@@ -484,6 +559,8 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
         # (token_local); other configurations whose rows do not fit take the composable path (O(chunk * V) memory)
         fused = (needs_grad and not (cfg.credit == "d3s" and cfg.d3s_scope == "batch")
                  and (T * lin_weight.shape[0] * 4 <= _chunk_budget(_input.device) or token_local(cfg)))
+    if B * T == 0:
+        fused = False  # nothing to chunk: the composable path gives a zero loss connected to the inputs
     counts = _active_counts(cfg, mask, q)
     logp = ent = None
     if not fused:
@@ -510,6 +587,27 @@ def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention
     if not torch.equal(active.sum(-1), counts):  # the normaliser was computed from the planned active tokens
         raise RuntimeError("internal error: the credit mask kept a different number of tokens than planned")
     return loss, _metrics(cfg, sums, batch, q)
+
+
+def _inert(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``t`` with every position outside the loss mask set to 0 (``[B]`` per-row tensors are returned as they are;
+    rows without a loss token never count)."""
+    if t.shape != valid.shape:
+        return torch.where(torch.isfinite(t), t, 0.0) if t.dim() == 1 else t
+    return torch.where(valid, t, 0.0)
+
+
+def _inert_ratio(is_ratio, valid, cfg):
+    """vllm_is_ratio ``[B, T]`` / ``[B, 1]`` / ``[B]`` as fp32: 1 outside the loss mask (VESPO multiplies every
+    position's ratio into its sequence weight, as Liger and TRL do, so there only non-finite values become 1)."""
+    if is_ratio is None:
+        return None
+    r = is_ratio.detach().float()
+    one = torch.ones((), dtype=r.dtype, device=r.device)
+    if r.shape == valid.shape:
+        keep = valid | torch.isfinite(r) if cfg.loss_type == "vespo" else valid
+        return torch.where(keep, r, one)
+    return torch.where(torch.isfinite(r), r, one)
 
 
 def _active_counts(cfg: LossConfig, mask: torch.Tensor, q: Optional[float]) -> torch.Tensor:
@@ -626,8 +724,11 @@ class _FusedLoss(torch.autograd.Function):
         for sl, cols in _chunks(cfg, B, T, V, x.device):
             rows = batch.rows(sl, cols)
             nr, nc = rows["mask"].shape
-            xc = x[sl, cols].reshape(-1, H).to(cdt)
             tc = rows["ids"].reshape(-1)
+            # padding rows (ignore_index) read as zeros: NaN/inf there reaches neither the logits nor dW
+            ignored = tc == cfg.ignore_index
+            xc = torch.where(ignored.unsqueeze(1), torch.zeros((), dtype=cdt, device=x.device),
+                             x[sl, cols].reshape(-1, H).to(cdt))
             if use_triton:
                 from rlvr_kernels.kernels import logprobs as K
 
@@ -637,6 +738,7 @@ class _FusedLoss(torch.autograd.Function):
                 z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
                 lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index,
                                                                            probs=True)  # logz is z
+            ref_lp.check_finite_rows(lse, ~ignored, "RLVRLoss")
             # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
             lp_leaf = lp.view(nr, nc).float().requires_grad_()
             ent_leaf = ent.view(nr, nc).float().requires_grad_()
@@ -670,13 +772,15 @@ class _FusedLoss(torch.autograd.Function):
             del z, dz
         info["sums"] = sums
         info["active"] = active_all
+        # kept until the graph is freed: a second backward (retain_graph=True) gets the same gradients
         ctx.grads = (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype))
         return loss
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, g_loss):
         dx, dw, db = ctx.grads
-        ctx.grads = None
         scale = lambda t: None if t is None else t * g_loss.to(t.dtype)  # noqa: E731
         return scale(dx), scale(dw), scale(db), None, None, None, None, None, None
 

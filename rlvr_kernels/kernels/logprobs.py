@@ -72,7 +72,7 @@ def _linear_stats_fwd_kernel(
     X, W, Bias, Tgt, Mo, So, Ao, Zo,
     N, V, H,
     stride_xn, stride_xh, stride_wv, stride_wh,
-    inv_temp, split_size, n_splits,
+    inv_temp, split_size, n_splits, ignore_index,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -85,6 +85,8 @@ def _linear_stats_fwd_kernel(
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
         tgt = tl.load(Tgt + rows64, mask=row_ok, other=-1)
+        # ignored rows read their hidden state as zeros: NaN/inf padding never reaches a statistic
+        x_ok = row_ok & (tgt != ignore_index)
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         a = tl.zeros([BLOCK_N], tl.float32)
@@ -94,7 +96,7 @@ def _linear_stats_fwd_kernel(
             col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
             acc = _logit_tile(
-                X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                X, W, Bias, rows64, x_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
                 HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
             )
             z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
@@ -105,7 +107,8 @@ def _linear_stats_fwd_kernel(
             d = tl.where(col_ok[None, :], z - m_ref[:, None], 0.0)
             e = tl.where(col_ok[None, :], tl.exp(d), 0.0)
             shift = tl.where(s > 0.0, m - m_ref, 0.0)
-            a = alpha * (a + s * shift) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 1)
+            # alpha = 0 with shift = -inf when the logits' spread exceeds the fp32 range: that part adds 0, not NaN
+            a = tl.where(alpha > 0.0, alpha * (a + s * shift), 0.0) + tl.sum(tl.where(e > 0.0, e * d, 0.0), 1)
             s = alpha * s + tl.sum(e, 1)
             m = m_new
             zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
@@ -124,7 +127,7 @@ def _linear_dlogits_kernel(
     X, W, Bias, Tgt, Lse, Ent, GL, GH, CP, DZ,
     N, V, H, v_begin, v_end,
     stride_xn, stride_xh, stride_wv, stride_wh, stride_dzn,
-    inv_temp,
+    inv_temp, ignore_index,
     HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -136,14 +139,15 @@ def _linear_dlogits_kernel(
         rows = rb * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows64 = rows.to(tl.int64)
+        tgt = tl.load(Tgt + rows64, mask=row_ok, other=-1)
+        x_ok = row_ok & (tgt != ignore_index)  # as the forward: ignored rows read zeros
         acc = _logit_tile(
-            X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
+            X, W, Bias, rows64, x_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
             HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
         )
         lse = tl.load(Lse + rows64, mask=row_ok, other=0.0)
         gl = tl.load(GL + rows64, mask=row_ok, other=0.0)
         cp = tl.load(CP + rows64, mask=row_ok, other=0.0)
-        tgt = tl.load(Tgt + rows64, mask=row_ok, other=-1)
         logp = acc * inv_temp - lse[:, None]
         p = tl.exp(logp)
         dz = tl.where(cols[None, :] == tgt[:, None], gl[:, None], 0.0) - cp[:, None] * p
@@ -197,9 +201,10 @@ def _num_sms(device: torch.device) -> int:
 
 def linear_stats_forward(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_temp: float,
-    *, n_splits: int | None = None,
+    *, n_splits: int | None = None, ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward vocab pass. x ``[N, H]``, w ``[V, H]`` (any strides), targets int64 ``[N]``.
+    """Launch the forward vocab pass. x ``[N, H]``, w ``[V, H]`` (any strides), targets int64 ``[N]``; rows whose
+    target is ``ignore_index`` are computed from a zero hidden state (their x is never read).
 
     Returns fp32 partials ``(m, s, a, z_target)``, each ``[N, n_splits]``, for :func:`merge_split_stats`.
     """
@@ -215,7 +220,7 @@ def linear_stats_forward(
     parts = torch.empty((4, n, n_splits), device=x.device, dtype=torch.float32)
     args = (
         x, w, bias if bias is not None else x, targets, parts[0], parts[1], parts[2], parts[3],
-        n, v, h, x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp, split_size, n_splits,
+        n, v, h, x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp, split_size, n_splits, ignore_index,
     )
     flags = dict(HAS_BIAS=bias is not None, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype))
     if interp:
@@ -239,7 +244,8 @@ def merge_split_stats(
     r = torch.exp(m - mx)
     s_tot = (r * s).sum(1)
     # a split whose logits are all -inf has m = -inf and s = 0: its shift is 0, not 0 * -inf = NaN
-    a_tot = (r * (a + torch.where(s > 0, s * (m - mx), 0.0))).sum(1)
+    # and a split whose max lies beyond the fp32 range below the overall one has r = 0 and m - M = -inf
+    a_tot = torch.where(r > 0, r * (a + torch.where(s > 0, s * (m - mx), 0.0)), 0.0).sum(1)
     lse = mx.squeeze(1) + torch.log(s_tot)
     entropy = torch.log(s_tot) - a_tot / s_tot
     return lse, entropy, zt.sum(1)
@@ -248,9 +254,10 @@ def merge_split_stats(
 def linear_dlogits(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-    c_p: torch.Tensor, inv_temp: float, v_begin: int, v_end: int, out: torch.Tensor,
+    c_p: torch.Tensor, inv_temp: float, v_begin: int, v_end: int, out: torch.Tensor, *, ignore_index: int = -100,
 ) -> torch.Tensor:
-    """Write ``dL/dz`` for vocabulary columns ``[v_begin, v_end)`` into ``out [N, v_end - v_begin]``.
+    """Write ``dL/dz`` for vocabulary columns ``[v_begin, v_end)`` into ``out [N, v_end - v_begin]``; rows whose
+    target is ``ignore_index`` read a zero hidden state, as in :func:`linear_stats_forward`.
 
     g_logp, c_p, g_ent: fp32 ``[N]`` (g_ent None compiles the entropy term out); rows with zero coefficients get 0.
     """
@@ -265,6 +272,7 @@ def linear_dlogits(
         x, w, bias if bias is not None else x, targets, lse, entropy, g_logp,
         g_ent if g_ent is not None else g_logp, c_p, out,
         n, v, h, v_begin, v_end, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), inv_temp,
+        ignore_index,
     )
     flags = dict(
         HAS_BIAS=bias is not None, HAS_GH=g_ent is not None, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype)
@@ -311,14 +319,14 @@ def _logits_fwd_kernel(
             d = tl.where(ok, z - m_ref, 0.0)
             e = tl.where(ok, tl.exp(d), 0.0)
             shift = tl.where(s > 0.0, m - m_ref, 0.0)
-            a = alpha * (a + s * shift) + tl.where(e > 0.0, e * d, 0.0)
+            a = tl.where(alpha > 0.0, alpha * (a + s * shift), 0.0) + tl.where(e > 0.0, e * d, 0.0)
             s = alpha * s + e
             m = m_new
             zt += tl.where(cols == tgt, z, 0.0)
         mx = tl.max(m, 0)
         r = tl.where(s > 0.0, tl.exp(m - mx), 0.0)
         s_tot = tl.sum(r * s, 0)
-        a_tot = tl.sum(r * (a + tl.where(s > 0.0, s * (m - mx), 0.0)), 0)
+        a_tot = tl.sum(tl.where(r > 0.0, r * (a + tl.where(s > 0.0, s * (m - mx), 0.0)), 0.0), 0)
         log_s = tl.log(s_tot)
         lse = mx + log_s
         ent = log_s - a_tot / s_tot

@@ -13,6 +13,9 @@ logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from rlvr_kernels._backend import autocast_off
 
 # Elements of one [chunk, V] fp32 buffer; the chunked linear path holds a handful of them at once.
 CHUNK_ELEMENTS = 1 << 21
@@ -73,15 +76,27 @@ def logprobs_from_logits(
     logps, ents = [], []
     for s in range(0, n, chunk):
         z = logits[s : s + chunk].to(cdt) / temperature
-        lp, ent, _ = logprobs_from_scaled_logits(
-            z, targets[s : s + chunk], ignore_index=ignore_index, return_entropy=return_entropy
-        )
+        t = targets[s : s + chunk]
+        # the row max is finite exactly when the log-normaliser is (NaN, +inf or all -inf logits are not)
+        check_finite_rows(z.detach().amax(-1), t != ignore_index, "logprobs_from_logits")
+        lp, ent, _ = logprobs_from_scaled_logits(z, t, ignore_index=ignore_index, return_entropy=return_entropy)
         logps.append(lp)
         ents.append(ent)
     if n == 0:
         empty = logits.new_zeros((0,), dtype=cdt) + logits.sum() * 0
         return empty, (empty.clone() if return_entropy else None)
     return torch.cat(logps), (torch.cat(ents) if return_entropy else None)
+
+
+def inert_rows(x: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
+    """``x [n, H]`` with the ``ignored [n]`` rows set to 0 when one of them holds a non-finite value, else ``x``
+    itself (no copy). Padding rows may hold anything (attention kernels leave NaN there); a zero gradient row times
+    NaN would still be NaN in ``dz.T @ x``, so they must not reach a GEMM. (Up to two host syncs.)"""
+    if x.shape[0] == 0 or not bool(ignored.any()):
+        return x
+    if bool(torch.isfinite(x[ignored]).all()):
+        return x
+    return torch.where(ignored.unsqueeze(1), torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def _scaled_logits(x, w, b, inv_temp):
@@ -171,6 +186,24 @@ def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
     return dlogits_from_probs(logz, logz.exp(), entropy, targets, g_logp, g_ent, c_p)
 
 
+def _zero_ignored(x: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """One chunk's hidden rows with the ignored ones replaced by 0 (a chunk-sized copy): padding holding NaN/inf
+    then reaches neither the statistics nor ``dz.T @ x``."""
+    return torch.where((targets == ignore_index).unsqueeze(1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, what: str) -> None:
+    """Raise a ``ValueError`` naming ``what`` when a row that takes part in the result has a non-finite
+    log-normaliser: NaN/inf in the inputs, or logits beyond the float32 range (one host sync)."""
+    bad = keep & ~torch.isfinite(lse)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what}: the logits of row {row} (a row that is not ignore_index) are not finite: NaN/inf in the "
+            "inputs, or logits / temperature beyond the float32 range"
+        )
+
+
 def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_ids, dtype):
     """Per-row gradient coefficients from the upstream gradients (None = unused output), zero on ignored rows.
 
@@ -198,18 +231,22 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         k = 0 if gather_ids is None else gather_ids.shape[1]
         gathered = x.new_empty((n, k), dtype=cdt)
         for s in range(0, n, chunk):
-            z = _scaled_logits(x[s : s + chunk], w, b, inv_temp)
+            t = targets[s : s + chunk]
+            z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, inv_temp)
             ids = None if gather_ids is None else gather_ids[s : s + chunk]
-            lp, en, ls, g = scaled_logit_stats(z, targets[s : s + chunk], ignore_index=ignore_index, gather_ids=ids)
+            lp, en, ls, g = scaled_logit_stats(z, t, ignore_index=ignore_index, gather_ids=ids)
             logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
             if g is not None:
                 gathered[s : s + chunk] = g
+        check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
         ctx.save_for_backward(x, w, b, targets, gather_ids, lse, ent)
         ctx.inv_temp, ctx.ignore_index, ctx.chunk = inv_temp, ignore_index, chunk
         ctx.set_materialize_grads(False)
         return logp, ent, gathered
 
     @staticmethod
+    @once_differentiable
+    @autocast_off
     def backward(ctx, g_logp, g_ent, g_gath):
         x, w, b, targets, ids, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -220,7 +257,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
         for s in range(0, n, ctx.chunk):
             e = min(n, s + ctx.chunk)
-            xc = x[s:e].to(cdt)
+            xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ctx.ignore_index)
             z = _scaled_logits(xc, w, b, ctx.inv_temp)
             dz = dlogits_from_scaled_logits(z, lse[s:e], ent[s:e], targets[s:e], gl[s:e],
                                             None if gh is None else gh[s:e], cp[s:e])

@@ -86,6 +86,9 @@ def policy_token_loss(
     # log(is_ratio) over every position (as Liger and TRL do), so there only non-finite values are replaced.
     # (No host sync: elementwise selects over [b, T].)
     keep = mask > 0
+    # the current log-probs too (verl hands log_prob with NaN/-inf at response_mask == 0): a select, so their
+    # gradient there is exactly 0 rather than 0 * NaN
+    logp = torch.where(keep, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     safe = logp.detach()
     old_logp = torch.where(keep, old_logp, safe)
     if ref_logp is not None:
@@ -163,7 +166,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: floa
     ``(per_token_loss * L).mean()``, which also sums padded positions: the two agree only while the per-token loss
     is ``[B, 1]``, i.e. sequence level, beta = 0 and a per-sequence (or no) vllm_is_ratio).
     """
-    masked = per_token * mask
+    masked = torch.where(mask != 0, per_token * mask, 0.0)  # a select: padding never gives NaN * 0
     if mode == "token-sum-over-norm":
         return masked.sum() / norm
     if mode == "seq-mean-token-mean":
