@@ -81,12 +81,12 @@ def autocast_inputs(*tensors):
     """Cast the floating-point GEMM operands as ``nn.Linear`` would under autocast (fp32/fp16/bf16 to the autocast
     dtype; float64 and None untouched), so an op called under ``torch.autocast`` sees what the model's ``lm_head``
     would have used. The op then runs with autocast disabled (:func:`no_autocast`) and picks its own precisions."""
-    first = next((t for t in tensors if t is not None), None)
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     dt = None if first is None else autocast_dtype(first.device)
     if dt is None:
         return tensors
     half = (torch.float32, torch.float16, torch.bfloat16)
-    return tuple(t.to(dt) if t is not None and t.dtype in half else t for t in tensors)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in half else t for t in tensors)
 
 
 def no_autocast(device: torch.device):
@@ -95,12 +95,19 @@ def no_autocast(device: torch.device):
         else contextlib.nullcontext()
 
 
-def autocast_off(backward):
-    """Decorator for an autograd Function's ``backward``: run it with autocast disabled on the gradients' device
-    (a backward called inside ``torch.autocast`` must not re-cast the reference's fp32 GEMMs)."""
+def first_order_backward(backward):
+    """Decorator for an autograd Function's ``backward`` that computes its gradients by hand: refuse
+    ``create_graph=True`` with a clear error (the result would not be differentiable again, and silently wrong second
+    derivatives are worse than none), and run with autocast disabled on the gradients' device (a backward called
+    inside ``torch.autocast`` must not re-cast the fp32 GEMMs)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "rlvr_kernels: double backward (create_graph=True) is not supported through the fused log-prob/loss "
+                "ops; their gradients are computed by hand and are not differentiable again"
+            )
         dev = next((g.device for g in grads if isinstance(g, torch.Tensor)), None)
         if dev is None:
             return backward(ctx, *grads)

@@ -10,10 +10,9 @@ fixed order, so the backward is deterministic (no atomics). The torch backend is
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlvr_kernels import _checks
-from rlvr_kernels._backend import autocast_inputs, autocast_off, no_autocast, resolve_backend
+from rlvr_kernels._backend import autocast_inputs, first_order_backward, no_autocast, resolve_backend
 from rlvr_kernels.reference import logprobs as ref
 
 # Upper bound on the dz buffer of one backward vocabulary chunk (Triton backend).
@@ -163,8 +162,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logp, ent_out, gathered
 
     @staticmethod
-    @once_differentiable
-    @autocast_off
+    @first_order_backward
     def backward(ctx, g_logp, g_ent, g_gath):
         from rlvr_kernels.kernels import logprobs as K
 
@@ -301,8 +299,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    @once_differentiable
-    @autocast_off
+    @first_order_backward
     def backward(ctx, g_logp, g_ent):
         from rlvr_kernels.kernels import logprobs as K
 

@@ -24,10 +24,9 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from rlvr_kernels import _checks as C
-from rlvr_kernels._backend import BACKENDS, autocast_inputs, autocast_off, no_autocast, resolve_backend
+from rlvr_kernels._backend import BACKENDS, autocast_inputs, first_order_backward, no_autocast, resolve_backend
 from rlvr_kernels.logprobs import _check_float_tensor, _check_int_tensor, fused_linear_logprobs
 from rlvr_kernels.reference import logprobs as ref_lp
 from rlvr_kernels.reference import cppo as ref_cppo
@@ -777,8 +776,7 @@ class _FusedLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
-    @autocast_off
+    @first_order_backward
     def backward(ctx, g_loss):
         dx, dw, db = ctx.grads
         scale = lambda t: None if t is None else t * g_loss.to(t.dtype)  # noqa: E731

@@ -13,9 +13,8 @@ logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from rlvr_kernels._backend import autocast_off
+from rlvr_kernels._backend import first_order_backward
 
 # Elements of one [chunk, V] fp32 buffer; the chunked linear path holds a handful of them at once.
 CHUNK_ELEMENTS = 1 << 21
@@ -245,8 +244,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         return logp, ent, gathered
 
     @staticmethod
-    @once_differentiable
-    @autocast_off
+    @first_order_backward
     def backward(ctx, g_logp, g_ent, g_gath):
         x, w, b, targets, ids, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
