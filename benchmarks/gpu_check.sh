@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One device call for a lent GPU (the device tool's `run`, from the repository root; $OUT comes back):
-#   1. the GPU's name, driver and the versions of torch / triton there;
-#   2. the gpu-marked tests (compiled Triton kernels against the torch reference at realistic shapes);
+# GPU check in one command, from the repository root; everything it writes goes to $OUT (default /tmp/rlvr_gpu_out):
+#   1. the GPU's name, driver and the versions of torch / triton (device.txt);
+#   2. the gpu-marked tests: compiled Triton kernels against the torch reference at realistic shapes (gpu_tests.log);
 #   3. the benchmark (default --quick: the reference shape N=8192, H=4096, V=151936 bf16 plus a short sweep),
-#      its results folder packed as one archive (the tool returns at most 8 files).
-# Peers missing on the device image (trl, liger-kernel, verl) give "not run" rows; carry them as wheels in .whl/
-# (see the device tool's README) to compare against them. Then, here:
-#   mkdir -p benchmarks/results && tar xzf <files_at>/results.tgz -C benchmarks/results
+#      its results folder packed as results.tgz (bench.log).
+# Peers that are not installed (trl, liger-kernel, verl) give "not run" rows; wheels placed in .whl/ are installed
+# into /tmp/site first. To add the results to the repository:
+#   mkdir -p benchmarks/results && tar xzf $OUT/results.tgz -C benchmarks/results
 #   python benchmarks/update_readme.py
 # Usage: bash benchmarks/gpu_check.sh [benchmark arguments, default --quick]
 set -uo pipefail
