@@ -443,7 +443,8 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
     B, T, H = x.shape
     _check_float_tensor(w, "lin_weight")
     if w.dim() != 2 or w.shape[1] != H or w.shape[0] == 0:
-        raise ValueError(f"lin_weight must be [V, H] = [V, {H}] with V > 0 (nn.Linear layout), got {tuple(w.shape)}")
+        raise ValueError(f"lin_weight must be [V, H] with V > 0 and H = {H}, the last dimension of _input "
+                         f"(nn.Linear layout), got {tuple(w.shape)}")
     if w.dtype != x.dtype:
         raise TypeError(f"lin_weight dtype {w.dtype} does not match _input dtype {x.dtype}")
     if bias is not None:
@@ -455,6 +456,12 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
         raise ValueError(f"selected_token_ids must have shape {(B, T)}, got {tuple(ids.shape)}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be a tensor of shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
+    for name, t in (("lin_weight", w), ("bias", bias), ("selected_token_ids", ids), ("attention_mask", mask),
+                    ("advantages", adv), ("ref_per_token_logps", ref), ("old_per_token_logps", old),
+                    ("rollout_per_token_logps", mu), ("delta_coefficients", coef), ("old_entropy", old_ent),
+                    ("vllm_is_ratio", is_ratio), ("ref_input", ref_input), ("ref_weight", ref_weight)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but _input is on {x.device}")
     if mask.is_complex() or (mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all())):
         raise ValueError("attention_mask must hold finite real values (1 = loss token, 0 = ignored)")
     if not isinstance(adv, torch.Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
@@ -466,12 +473,6 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
                     ("delta_coefficients", coef), ("old_entropy", old_ent)):
         _check_2d(name, t, B, T)
     _check_2d("vllm_is_ratio", is_ratio, B, T, allow=((B, 1), (B,)))
-    for name, t in (("lin_weight", w), ("bias", bias), ("selected_token_ids", ids), ("attention_mask", mask),
-                    ("advantages", adv), ("ref_per_token_logps", ref), ("old_per_token_logps", old),
-                    ("rollout_per_token_logps", mu), ("delta_coefficients", coef), ("old_entropy", old_ent),
-                    ("vllm_is_ratio", is_ratio), ("ref_input", ref_input), ("ref_weight", ref_weight)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but _input is on {x.device}")
     keep = mask != 0
     if B * T:
         sel = ids[keep]

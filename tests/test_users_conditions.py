@@ -461,3 +461,45 @@ def test_linear_row_with_huge_logit_spread_has_no_nan():
     for bk in BACKENDS:
         lp, ent = fused_linear_logprobs(x, w, t, bias=b, backend=bk)
         assert lp[0] == -math.inf and lp[1] == -3e38 and (ent == 0).all(), bk
+
+
+FORWARD_TENSOR_ARGS = ["_input", "lin_weight", "selected_token_ids", "attention_mask", "advantages", "bias",
+                       "ref_per_token_logps", "old_per_token_logps", "vllm_is_ratio", "rollout_per_token_logps",
+                       "delta_coefficients", "old_entropy"]
+
+
+@pytest.mark.parametrize("name", FORWARD_TENSOR_ARGS)
+def test_forward_fuzz_every_tensor_argument(name):
+    """Wrong type, shape, dtype or device in any forward tensor: a TypeError/ValueError naming the argument,
+    before any kernel runs; never another exception, never a silent result."""
+    x, w, ids, mask, adv, old, ref = _data()
+    B, T, H = x.shape
+    base = dict(_input=x, lin_weight=w, selected_token_ids=ids, attention_mask=mask, advantages=adv,
+                bias=torch.zeros(w.shape[0]), ref_per_token_logps=ref, old_per_token_logps=old,
+                vllm_is_ratio=torch.ones(B, T), rollout_per_token_logps=old, delta_coefficients=torch.ones(B, T),
+                old_entropy=torch.rand(B, T))
+    loss_fn = RLVRLoss(beta=0.04, loss_type="cppo", credit="delta")
+    loss_fn(**base)  # the valid call runs
+    good = base[name]
+    wrong = ["text", [1.0, 2.0], 3.0, good[..., :1].clone() if good.dim() > 1 and name != "vllm_is_ratio" else good[:1],
+             good.to("meta"), good.unsqueeze(0)]
+    if good.dtype.is_floating_point:
+        wrong.append(good.to(torch.complex64) if name not in ("_input", "lin_weight", "bias") else good.long())
+    else:
+        wrong.append(good.float())
+    for bad in wrong:
+        with pytest.raises((TypeError, ValueError), match=name):
+            loss_fn(**{**base, name: bad})
+
+
+@pytest.mark.parametrize("name,bad", [("step", "3"), ("step", 0), ("step", 2.5), ("dp_size", 0), ("dp_size", "2"),
+                                      ("global_batch_size", float("nan")), ("batch_num_tokens", -1)])
+def test_forward_fuzz_scalar_arguments(name, bad):
+    x, w, ids, mask, adv, old, _ = _data()
+    loss_fn = RLVRLoss(beta=0.0, credit="tp_schedule", schedule=TemporalSchedule(total_steps=10),
+                       aggregation="token-mean")
+    loss_fn(x, w, ids, mask, adv, old_per_token_logps=old, step=3)
+    kw = dict(step=3)
+    kw[name] = bad
+    with pytest.raises((TypeError, ValueError), match=name):
+        loss_fn(x, w, ids, mask, adv, old_per_token_logps=old, **kw)
