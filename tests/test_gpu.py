@@ -255,3 +255,40 @@ def test_ignored_row_of_minus_inf_logits_gets_zero_gradient():
     (lp.sum() + ent.sum()).backward()
     assert torch.isfinite(zz.grad).all() and (zz.grad[2] == 0).all()
     assert lp[2] == 0 and ent[2] == 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_rlvr_loss_bf16_autocast_nan_padding_on_gpu(fused):
+    """The users' conditions on the compiled kernels: bf16 autocast over fp32 parameters, NaN hidden states and
+    garbage ids at padded positions; equal to the call with clean padding, finite, zero gradient on padding."""
+    from rlvr_kernels import RLVRLoss
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    B, T, H, V = 4, 512, 1024, 32000
+    x = torch.randn(B, T, H, device="cuda", generator=gen) * 0.05
+    w = torch.randn(V, H, device="cuda", generator=gen) * 0.05
+    ids = torch.randint(0, V, (B, T), device="cuda", generator=gen)
+    mask = torch.ones(B, T, device="cuda")
+    mask[1, 300:] = 0
+    mask[3, 17:] = 0
+    adv = torch.randn(B, device="cuda", generator=gen)
+    old = -torch.rand(B, T, device="cuda", generator=gen) * 5
+    pad = mask == 0
+    out = []
+    for poison in (0.0, float("nan")):
+        xx = x.clone()
+        xx[pad] = poison
+        xx.requires_grad_()
+        ww = w.clone().requires_grad_()
+        ii = torch.where(pad, -1, ids) if poison != 0.0 else ids
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = RLVRLoss(beta=0.0, loss_type="dapo", fused=fused)(xx, ww, ii, mask, adv,
+                                                                         old_per_token_logps=old)
+        loss.backward()
+        out.append((loss.detach(), xx.grad, ww.grad))
+    (l0, gx0, gw0), (l1, gx1, gw1) = out
+    assert torch.isfinite(l1) and torch.isfinite(gx1).all() and torch.isfinite(gw1).all()
+    assert (gx1[pad] == 0).all()
+    torch.testing.assert_close(l1, l0)
+    torch.testing.assert_close(gx1, gx0)
+    torch.testing.assert_close(gw1, gw0)
