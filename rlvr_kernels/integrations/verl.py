@@ -12,6 +12,11 @@ Importing this module (verl 0.9.x must be installed):
    credit masks, advantage shaping, trust region, ``reference.loss.policy_token_loss``); the aggregation is the
    package's ``aggregate`` / ``normalizer`` fed with verl's ``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
    ``global_batch_size``, ``loss_scale_factor``), so the four verl modes and ``token-sum`` give verl's numbers.
+   Padding (``response_mask == 0``) may hold anything (NaN / +-inf log-probs, advantages, IS weights, entropy,
+   rollout log-probs, DelTA coefficients): loss, gradient (0 there) and metrics are those of clean padding. A
+   non-finite ``old_log_prob``, ``advantages``, ``rollout_is_weights`` (or entropy / rollout log-probs / DelTA
+   coefficient, when the loss reads them) on a loss token is a ``ValueError`` naming it (one host sync, before the
+   math), as in ``RLVRLoss``.
 2. installs small, idempotent hooks (skip them with ``RLVR_VERL_HOOKS=0``), each applied when its verl module is
    imported, because verl 0.9.1 hands a policy loss nothing but the 7 arguments above:
 
@@ -21,12 +26,18 @@ Importing this module (verl 0.9.x must be installed):
    - worker process: ``TrainingWorker.train_mini_batch`` reads them (falling back to the engine's LR-scheduler
      count, see :func:`_step_from_worker`), applies TP-Schedule's cut-off to ``response_mask`` / ``loss_mask``
      **before** verl counts tokens (so ``batch_num_tokens`` is the global count of active tokens, as in the official
-     code), computes the DelTA coefficients of a ``rlvr_delta*`` loss (below), and, for the duration of the update,
-     wraps the worker's loss function so that each micro-batch's ``data`` and ``model_output`` (entropy, extra
-     batch fields) are visible to the ``rlvr_*`` losses;
+     code), computes the DelTA coefficients of a ``rlvr_delta*`` loss (below), switches verl's ``calculate_entropy``
+     on for the forking / entropy-shaped / D^3S losses (they read the current policy's entropy), and, for the
+     duration of the update, wraps the worker's loss function so that each micro-batch's ``data`` and
+     ``model_output`` (entropy, extra batch fields) are visible to the ``rlvr_*`` losses;
    - ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` accepts
      ``fused_kernel_options.impl_backend=rlvr`` (``rlvr_triton``, ``rlvr_torch``) and then installs
-     :func:`patch_forward_with_rlvr`.
+     :func:`patch_forward_with_rlvr`; ``EngineRegistry.new`` refuses ``impl_backend=rlvr*`` with
+     ``use_fused_kernels`` on an engine that never reads it (every strategy but ``fsdp`` / ``fsdp2``, e.g.
+     Megatron, which runs its own fused forward) instead of letting it be silently ignored;
+   - configuration: ``ActorConfig.__post_init__`` (verl's ``validate_config`` on the driver and every worker build
+     the actor config) rejects a ``loss_mode`` spelt ``rlvr_...`` that is none of :data:`LOSS_NAMES`, naming them
+     (:func:`check_loss_mode`; :class:`RLVRPolicyLossConfig` checks it too, hooks or not).
 
 Configuration (Hydra overrides; see the README section "verl"): select a loss with
 ``actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_...``; options live under ``policy_loss.rlvr`` once the policy
@@ -64,10 +75,11 @@ rollout batch: the actor's weights are theta_old. No-grad forwards of the actor 
 ``h_t``, the final hidden state fed to ``lm_head`` (a forward pre-hook on ``lm_head``, as the official
 ``compute_log_prob_h``; the decoder's output when a fused forward bypasses ``lm_head``); ``p_t = exp(old_log_probs)``
 and the advantages come from the batch; a :class:`rlvr_kernels.delta.DeltaEstimator` streams the micro-batches
-(``delta_hidden_cache=none``: K + 3 forwards as the official code, never more than one micro-batch of hidden states; ``cpu`` / ``device``:
-one forward, the response tokens' hidden states kept on the host / the accelerator). E is the DP rank's shard of the
-rollout batch (official; Ulysses SP ranks of one DP rank compute the same coefficients), or the whole rollout batch
-with ``delta_all_reduce=true`` (the statistics are summed over verl's DP group). The coefficients are computed once
+(``delta_hidden_cache=none``: K + 3 forwards as the official code, never more than one micro-batch of hidden
+states; ``cpu`` / ``device``: one forward, the response tokens' hidden states kept on the host / the
+accelerator). E is the DP rank's shard of the rollout batch (official; Ulysses SP ranks of one DP rank compute the
+same coefficients), or the whole rollout batch with ``delta_all_reduce=true`` (the statistics are summed over verl's
+DP group). The coefficients are computed once
 per rollout step and reused by every mini-batch and PPO epoch, as ``old_log_probs`` are. Precedence: coefficients
 given explicitly (``loss_context(delta_coefficients=...)`` around the update, or a ``rlvr_delta_coef`` batch field
 the user put into the batch) are used as they are and nothing is computed; ``delta_lam_min == delta_lam_max`` gives
@@ -81,6 +93,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import difflib
 import functools
 import importlib.abc
 import logging
@@ -112,6 +125,7 @@ __all__ = [
     "LOSS_NAMES",
     "RLVR_OPTION_DEFAULTS",
     "RLVRPolicyLossConfig",
+    "check_loss_mode",
     "STEP_KEY",
     "TOTAL_STEPS_KEY",
     "DELTA_COEF_KEY",
@@ -261,7 +275,7 @@ class RLVRPolicyLossConfig(PolicyLossConfig):
     verl builds configs with Hydra's ``instantiate`` from ``_target_``, which rejects unknown keys, so extra options
     need this subclass:
     ``actor_rollout_ref.actor.policy_loss._target_=rlvr_kernels.integrations.verl.RLVRPolicyLossConfig``.
-    Options are validated here, when verl builds the actor config.
+    Options and a ``loss_mode`` spelt ``rlvr_...`` are validated here, when verl builds the actor config.
     """
 
     rlvr: dict = dataclasses.field(default_factory=dict)
@@ -270,7 +284,20 @@ class RLVRPolicyLossConfig(PolicyLossConfig):
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()
+        check_loss_mode(self.loss_mode)
         _check_options(self.rlvr)
+
+
+def check_loss_mode(loss_mode) -> None:
+    """Raise ``ValueError`` for a ``loss_mode`` that starts with ``rlvr_`` but is none of :data:`LOSS_NAMES` (a typo
+    that verl itself would only report at the first actor update, after the first rollout). Other names are verl's
+    business (its registry may gain losses later)."""
+    if not isinstance(loss_mode, str) or not loss_mode.startswith("rlvr_") or loss_mode in _SPECS:
+        return
+    close = difflib.get_close_matches(loss_mode, LOSS_NAMES, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown policy loss actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: {hint}"
+                     f"the rlvr_* losses are {', '.join(LOSS_NAMES)}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -557,22 +584,17 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
     opts = _options(config)
     ctx = _ctx()
     gbi = dict(_cfg_value(config, "global_batch_info", {}) or {})
-    q, step, sched = _schedule_value(spec, config, opts, ctx)
-    cfg = _loss_config(spec, config, opts, loss_agg_mode, sched)
-    B, T = log_prob.shape
-    valid = response_mask.to(torch.float32)
-    mask = _ensure_tp_mask(spec, cfg, valid, q, ctx, gbi, loss_agg_mode)
-    logp = log_prob.float()
-    old = old_log_prob.detach().float()
+    valid_b = response_mask != 0
     entropy = None
     if spec.credit in ("forking", "d3s", "entropy_adv"):
         entropy = _response_tensor(ctx, "entropy", log_prob)
         if entropy is None:
             raise ValueError(
-                f"{spec.name} needs the current policy's per-token entropy: set "
-                "actor_rollout_ref.actor.calculate_entropy=True and load this module's worker hook (or pass "
-                "entropy= to rlvr_kernels.integrations.verl.loss_context)")
-        entropy = entropy.detach().float()
+                f"{spec.name} needs the current policy's per-token entropy, which verl computes only when asked. "
+                "The worker hook of this module asks for it automatically (load the module in the workers: "
+                "VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, RLVR_VERL_HOOKS unset); otherwise add the "
+                "override actor_rollout_ref.actor.calculate_entropy=True and pass the entropy with "
+                "rlvr_kernels.integrations.verl.loss_context(entropy=...)")
     coef = None
     if spec.credit == "delta":
         coef = _response_tensor(ctx, DELTA_COEF_KEY, log_prob)
@@ -582,15 +604,30 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
                 f"{DELTA_COEF_KEY!r} at the start of each actor update (load this module in the workers: "
                 "VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, RLVR_VERL_HOOKS unset); otherwise set "
                 "that [bs, response_len] batch field or loss_context(delta_coefficients=...); see rlvr_kernels.delta")
-        coef = coef.detach().float()
-    mu = old
+    mu = None
     if spec.trust in ("dppo", "cppo") and opts.anchor == "rollout":
         mu = _response_tensor(ctx, ROLLOUT_LOGP_KEY, log_prob)
         if mu is None:
             raise ValueError(f"{spec.name} with policy_loss.rlvr.anchor=rollout needs the batch field "
                              f"{ROLLOUT_LOGP_KEY!r} (rollout.calculate_log_probs=True) or "
                              "loss_context(rollout_log_probs=)")
-        mu = mu.detach().float()
+    # one check (one host sync) of every input on the loss tokens, before any of the math, as RLVRLoss does;
+    # padding (response_mask == 0) may hold anything and is never read
+    _check_finite(spec.name, valid_b, (("old_log_prob", old_log_prob), ("advantages", advantages),
+                                       ("rollout_is_weights", rollout_is_weights), ("entropy", entropy),
+                                       (DELTA_COEF_KEY, coef), (ROLLOUT_LOGP_KEY, mu)))
+    q, step, sched = _schedule_value(spec, config, opts, ctx)
+    cfg = _loss_config(spec, config, opts, loss_agg_mode, sched)
+    B, T = log_prob.shape
+    valid = response_mask.to(torch.float32)
+    mask = _ensure_tp_mask(spec, cfg, valid, q, ctx, gbi, loss_agg_mode)
+    logp = log_prob.float()
+    old = old_log_prob.detach().float()
+    if entropy is not None:
+        entropy = entropy.detach().float()
+    if coef is not None:
+        coef = coef.detach().float()
+    mu = old if mu is None else mu.detach().float()
     is_ratio = rollout_is_weights.detach().float() if rollout_is_weights is not None else None
     rows = dict(mask=mask, adv=advantages.detach().float(), old=old, ref=None, mu=mu, is_ratio=is_ratio,
                 coef=coef, old_ent=None, ids=None)
@@ -601,15 +638,34 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
     return loss, _metrics(sums, valid, mask, logp, old, q, step, coef)
 
 
+def _nonfinite_flags(valid: torch.Tensor, named) -> list:
+    """For each ``(name, tensor)`` (tensors broadcastable to ``valid [bs, T]``): whether it has a NaN / +-inf on a
+    ``valid`` position. One device-to-host transfer for all of them."""
+    if not named:
+        return []
+    flags = torch.stack([(valid & ~torch.isfinite(t)).any() for _, t in named])
+    return flags.tolist()
+
+
+def _check_finite(loss_name: str, valid: torch.Tensor, named) -> None:
+    named = [(n, t) for n, t in named if t is not None]
+    for (name, _), bad in zip(named, _nonfinite_flags(valid, named)):
+        if bad:
+            raise ValueError(f"{loss_name}: {name} has non-finite values on loss tokens (response_mask == 1); "
+                             "padding may hold anything, the tokens the loss reads may not")
+
+
 def _metrics(sums, valid, mask, logp, old, q, step, coef) -> dict:
     """Floats, as verl's own losses return them (verl wraps them in its ``Metric``, mean over micro-batches)."""
     act = sums["active"].clamp(min=1.0)
+    on = mask > 0  # a select: log-probs at padding may be NaN / -inf (NaN * 0 is NaN)
+    kl = torch.where(on, old - logp.detach(), torch.zeros((), dtype=old.dtype, device=old.device))
     m = {
         "rlvr/clip_ratio": (sums["clipped"] / act).item(),
         "rlvr/clip_ratio_low": (sums["low_clipped"] / act).item(),
         "rlvr/clip_ratio_high": (sums["high_clipped"] / act).item(),
         "rlvr/active_fraction": (sums["active"] / valid.sum().clamp(min=1.0)).item(),
-        "rlvr/ppo_kl": (((old - logp.detach()) * mask).sum() / mask.sum().clamp(min=1.0)).item(),
+        "rlvr/ppo_kl": (kl.sum() / mask.sum().clamp(min=1.0)).item(),
     }
     if "entropy" in sums:
         m["rlvr/entropy"] = (sums["entropy"] / act).item()
@@ -1152,6 +1208,28 @@ def _delta_for_update(worker, data, config, ctx) -> Optional[str]:
     return "computed"
 
 
+def _request_entropy(data, config) -> None:
+    """The forking / entropy-shaped / D^3S losses read the current policy's entropy, which verl's engines compute
+    only when the batch says ``calculate_entropy`` (the trainer sets it from ``actor.calculate_entropy`` or a
+    non-zero ``entropy_coeff``): switch it on for this update. With ``entropy_coeff = 0`` verl then only logs the
+    entropy (``actor/entropy_loss``); the loss is unchanged."""
+    spec = _SPECS.get(_loss_mode(config) or "")
+    if spec is None or spec.credit not in ("forking", "entropy_adv", "d3s") or not hasattr(data, "keys"):
+        return
+    if _non_tensor(data, "calculate_entropy"):
+        return
+    from verl.utils import tensordict_utils as tu
+
+    tu.assign_non_tensor(data, calculate_entropy=True)
+    if not _warned_entropy:
+        _warned_entropy.append(True)
+        logger.info("rlvr_kernels: %s needs the per-token entropy: calculate_entropy switched on for the actor "
+                    "update (actor_rollout_ref.actor.calculate_entropy=True does the same)", spec.name)
+
+
+_warned_entropy: list = []
+
+
 def _wrap_train_mini_batch(orig):
     """Worker side: the step context, TP-Schedule's batch cut and per-micro-batch context for one actor update."""
     if getattr(orig, "_rlvr_wrapped", False):
@@ -1163,6 +1241,8 @@ def _wrap_train_mini_batch(orig):
         config = _actor_config(loss_fn)
         if config is None or not str(_loss_mode(config) or "").startswith("rlvr_"):
             return orig(self, data, *args, **kwargs)
+        check_loss_mode(_loss_mode(config))  # before any work (a config built without verl's validation)
+        _request_entropy(data, config)
         step = _step_from_worker(self, data)
         ctx = {**_ctx(), **step}
         tp_q = _cut_batch_for_tp(data, config, ctx)
@@ -1217,11 +1297,83 @@ def _hook_monkey_patch(mod):
     _patch_attr(mod, "patch_forward_with_backends", _wrap_patch_forward_with_backends)
 
 
+def _wrap_actor_post_init(orig):
+    """verl's ``ActorConfig.__post_init__`` (run by ``omega_conf_to_dataclass`` in verl's ``validate_config`` on the
+    driver and in every worker; the strategy subclasses call it): also reject a misspelt ``rlvr_*`` loss mode, whichever
+    policy-loss config class holds it."""
+    if getattr(orig, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(orig)
+    def __post_init__(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        check_loss_mode(_loss_mode(self))
+        return out
+
+    __post_init__._rlvr_wrapped = True
+    return __post_init__
+
+
+def _hook_actor_config(mod):
+    _patch_attr(mod.ActorConfig, "__post_init__", _wrap_actor_post_init)
+
+
+# verl strategies whose engine passes fused_kernel_options.impl_backend to patch_forward_with_backends (verl 0.9.1:
+# FSDPEngine._build_module -> apply_monkey_patch); every other engine never reads impl_backend
+_FORWARD_BACKEND_STRATEGIES = ("fsdp", "fsdp2")
+
+
+def _check_forward_backend(backend, model_config, engine_name: str) -> None:
+    opts = getattr(model_config, "fused_kernel_options", None)
+    impl = opts.get("impl_backend", None) if hasattr(opts, "get") else None
+    if impl not in _FORWARD_BACKENDS or backend in _FORWARD_BACKEND_STRATEGIES:
+        return
+    setting = f"actor_rollout_ref.model.fused_kernel_options.impl_backend={impl}"
+    if bool(getattr(model_config, "use_fused_kernels", False)):
+        raise NotImplementedError(
+            f"{setting} is not supported by verl's {backend!r} engine ({engine_name}), which never reads "
+            f"impl_backend (the Megatron engine runs its own fused forward) and would silently ignore it. The rlvr "
+            f"fused forward needs actor_rollout_ref.actor.strategy=fsdp or fsdp2; on {backend!r} drop the override "
+            f"(or use verl's own impl_backend)")
+    logger.warning("rlvr_kernels: %s has no effect on verl's %r engine (%s), which never reads impl_backend "
+                   "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2",
+                   setting, backend, engine_name)
+
+
+def _wrap_engine_new(orig):
+    """``EngineRegistry.new`` (TrainingWorker builds every engine through it): refuse ``impl_backend=rlvr`` for an
+    engine that would ignore it."""
+    func = orig.__func__ if isinstance(orig, classmethod) else orig
+    if getattr(func, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(func)
+    def new(cls, model_type, backend, *args, **kwargs):
+        mc = kwargs.get("model_config", None)
+        if mc is not None and hasattr(getattr(mc, "fused_kernel_options", None), "get"):
+            try:
+                engine_cls = cls.get_engine_cls(model_type, backend)
+            except Exception:  # no such engine: verl's own error comes from func below
+                engine_cls = None
+            if engine_cls is not None:
+                _check_forward_backend(backend, mc, engine_cls.__name__)
+        return func(cls, model_type, backend, *args, **kwargs)
+
+    new._rlvr_wrapped = True
+    return classmethod(new)
+
+
+def _hook_engine_registry(mod):
+    _patch_attr(mod.EngineRegistry, "new", _wrap_engine_new)
+
+
 _HOOKS: dict[str, list] = {
     "verl.workers.engine_workers": [_hook_engine_workers],
     "verl.trainer.ppo.ray_trainer": [_hook_ray_trainer],
     "verl.trainer.ppo.v1.trainer_base": [_hook_v1_trainer],
     "verl.models.transformers.monkey_patch": [_hook_monkey_patch],
+    "verl.workers.config.actor": [_hook_actor_config],
+    "verl.workers.engine.base": [_hook_engine_registry],
 }
 
 
