@@ -12,17 +12,16 @@ Layouts as in :mod:`rlvr_kernels.credit`: padded ``[B, T]`` (bool ``mask``, righ
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from rlvr_kernels.credit import _backend, _check_block, _positive_scalar, _Rows, _unit_scalar
+from rlvr_kernels.credit import _backend, _check_block, _Rows
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
+from rlvr_kernels.schedule import _check_unit, _choice, _integer, _real
 
 __all__ = ["cppo_mask", "CPPOMask", "CPPOAnchorWarning", "DIVERGENCES", "BUDGETS"]
 
@@ -49,10 +48,8 @@ class CPPOMask:
     masked_fraction: torch.Tensor
 
 
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+#: Largest accepted ``horizon``: positions are converted to float for ``t / (H - 1)``; beyond 2**53 that is inexact.
+MAX_HORIZON = 1 << 53
 
 
 def _check_topk(rows: _Rows, name: str, x) -> torch.Tensor:
@@ -123,8 +120,18 @@ def cppo_mask(
     inside logs. ``logp`` / ``logp_mu`` are still needed for the toward-mu test.
 
     Shapes and dtypes: ``logp``, ``logp_mu``: ``[B, T]`` (or ``[total]`` with ``cu_seqlens``), any float dtype,
-    finite on valid tokens, computed in fp32 (A8). ``advantages``: per row ``[B]`` (or ``[B, 1]``; ``[S]`` packed) or
-    per token like ``mask``. ``mask``: bool (or real, read as ``!= 0``). ``cu_seqlens``: int ``[S + 1]``.
+    finite and within the fp32 range on valid tokens (``ValueError`` otherwise), computed in fp32 (A8).
+    ``advantages``: per row ``[B]`` (or ``[B, 1]``; ``[S]`` packed) or per token like ``mask``, finite on valid
+    tokens; only their sign is used (taken in their own dtype, so 1e300 or 1e-300 in float64 count as they are).
+    ``mask``: bool (or real, read as ``!= 0``). ``cu_seqlens``: int ``[S + 1]``. Positions outside ``mask`` may hold
+    anything (NaN, inf): they take no part in any output.
+
+    Numbers: Python / NumPy scalars or one-element tensors. ``delta`` in ``(0, F32_MAX]``, ``delta_b`` and
+    ``quantile_scale`` in ``[0, F32_MAX]`` (fp32 scalars), ``w_min`` in ``(0, 1]``, ``quantile`` in ``[0, 1]``,
+    ``max_mult >= 1`` (finite; the upper clamp ``max_mult * delta_b`` is capped at ``F32_MAX`` so that the budget
+    stays finite), ``horizon`` an int in ``[1, 2**53]``. Log-probabilities above 0 (not log-probabilities; rounding
+    can give a tiny positive value) count as probability 1 in every divergence, as Binary-KL always did; the
+    toward-mu sign test uses them as given.
 
     Ambiguity resolutions (cppo.md 7): A1, ``horizon=None`` uses each row's own length ``L`` = last valid index + 1
     (paper, UniRL); ``horizon=max_response_length`` reproduces the authors' verl PR (positions beyond it get
@@ -144,26 +151,16 @@ def cppo_mask(
     logp = rows.check_token_tensor("logp", logp)
     logp_mu = rows.check_token_tensor("logp_mu", logp_mu)
     adv, per_token = rows.check_advantages(advantages)
-    delta = _positive_scalar("delta", delta, allow_zero=False)
-    w_min = _real("w_min", w_min)
-    if not (0.0 < w_min <= 1.0):
-        raise ValueError(f"w_min must lie in (0, 1], got {w_min!r}")
-    delta_b = _positive_scalar("delta_b", delta_b, allow_zero=True)
-    quantile = _unit_scalar("quantile", quantile)
-    max_mult = _real("max_mult", max_mult)
-    if not (math.isfinite(max_mult) and max_mult >= 1.0):
-        raise ValueError(f"max_mult must be a finite number >= 1, got {max_mult!r}")
-    quantile_scale = _positive_scalar("quantile_scale", quantile_scale, allow_zero=True)
+    delta = _real("delta", delta, low=0.0, low_open=True)
+    w_min = _real("w_min", w_min, low=0.0, low_open=True, high=1.0)
+    delta_b = _real("delta_b", delta_b, low=0.0)
+    quantile = _check_unit("quantile", quantile)
+    max_mult = _real("max_mult", max_mult, low=1.0, fp32=False)
+    quantile_scale = _real("quantile_scale", quantile_scale, low=0.0)
     if horizon is not None:
-        if isinstance(horizon, bool) or not isinstance(horizon, numbers.Integral):
-            raise TypeError(f"horizon must be None or an int, got {type(horizon).__name__}")
-        horizon = int(horizon)
-        if horizon < 1:
-            raise ValueError(f"horizon must be None or an int >= 1, got {horizon}")
-    if not isinstance(budget, str) or budget not in BUDGETS:
-        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        horizon = _integer("horizon", horizon, low=1, high=MAX_HORIZON)
+    budget = _choice("budget", budget, BUDGETS)
+    divergence = _choice("divergence", divergence, DIVERGENCES)
     if divergence.startswith("topk"):
         if logp_topk is None or logp_mu_topk is None:
             raise ValueError(f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
@@ -177,13 +174,14 @@ def cppo_mask(
         raise ValueError(f"logp_topk / logp_mu_topk are only used by the topk divergences, not {divergence!r}")
     block = _check_block(block_size)
     use = _backend(backend, rows)
-    rows.check_finite("logp", logp)
-    rows.check_finite("logp_mu", logp_mu)
+    rows.check_finite("logp", logp, fp32=True)
+    rows.check_finite("logp_mu", logp_mu, fp32=True)
     rows.check_finite("advantages", adv, per_token)
 
     logp = logp.detach()
     logp_mu = logp_mu.detach()
-    adv = adv.detach()
+    # only the sign of A enters (Eq. 10): taken in A's own dtype, so that no magnitude over- or underflows in fp32
+    adv = torch.sign(adv.detach())
     valid = rows.valid
     n_valid = valid.sum(dtype=torch.int64)
     if valid.numel() and bool(n_valid > 0) and bool(((logp == logp_mu) | ~valid).all()):

@@ -10,17 +10,23 @@ Layouts (every op accepts both and gives identical results):
 
 Conventions: positions ``t`` are 0-based within the row; ``L`` = last valid index + 1 (the length, equal to the valid
 count ``n`` for right-padded rows); statistics in fp32, per-row integers (cut-offs, budgets) in float64 on the host;
-outputs are fp32 or bool, in the layout of the input. Invalid (masked) positions are 0 / False in every output, even
-if the input holds non-finite values there. ``backend="auto" | "triton" | "torch"`` as in :mod:`rlvr_kernels._backend`;
-``block_size`` (Triton only) is the number of tokens a program handles per loop step (tests use small ones).
+outputs are fp32 or bool, in the layout of the input. Invalid (masked) positions are 0 / False in every output, and
+they take no part in any result: the inputs may hold anything there (NaN, +-inf, values beyond the fp32 range, the
+per-row value of a row without valid tokens), which is what attention kernels leave in padded rows.
+
+Numbers (``q``, ``rho``, ``scale``, ``alpha``, ``kappa``, ...) may be Python or NumPy scalars, 0-d / one-element NumPy
+arrays or tensors; a non-number is a ``TypeError``, NaN, inf or a value out of range a ``ValueError`` naming the
+argument. Float inputs must be finite at valid positions (``ValueError`` otherwise); the ops that compute in fp32
+(forking tokens, entropy-shaped advantages, D^3S) also refuse float64 values beyond the fp32 range there, which the
+fp32 cast would turn into inf (trajectory percentiles compare the values in their own dtype).
+``backend="auto" | "triton" | "torch"`` as in :mod:`rlvr_kernels._backend`; ``block_size`` (Triton only, a power of
+two in [16, 16384]) is the number of tokens a program handles per loop step (tests use small ones).
 
 The Triton kernels run one program per row, looping over blocks of the row (rows of 64k+ tokens work) and over rows
 (no grid dimension above 65535); see :mod:`rlvr_kernels.kernels.credit` and :mod:`rlvr_kernels.kernels.select`.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
@@ -28,7 +34,7 @@ import torch
 from rlvr_kernels._backend import resolve_backend
 from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
 from rlvr_kernels.reference import credit as ref
-from rlvr_kernels.schedule import _check_unit
+from rlvr_kernels.schedule import F32_MAX, F32_TINY, _check_unit, _choice, _flag, _integer, _real
 
 __all__ = [
     "trajectory_percentile",
@@ -46,35 +52,27 @@ D3S_SCOPES = ("batch", "sequence")
 # argument checking and the two layouts
 # ----------------------------------------------------------------------------------------------------------------------
 def _unit_scalar(name: str, value) -> float:
-    """A python/numpy real or a one-element tensor in [0, 1] -> float."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
-        value = value.item()
+    """A number in [0, 1] (Python/NumPy scalar, one-element array or tensor) -> float."""
     return _check_unit(name, value)
 
 
-def _positive_scalar(name: str, value, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    ok = math.isfinite(v) and (v >= 0.0 if allow_zero else v > 0.0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return v
+MAX_BLOCK_SIZE = 1 << 14
 
 
 def _check_block(block_size) -> Optional[int]:
+    """None, or a power of two in [16, 16384] (tokens per program and loop step; larger tiles would only spill)."""
     if block_size is None:
         return None
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    b = int(block_size)
-    if b < 16 or b & (b - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {b}")
+    b = _integer("block_size", block_size)
+    if b < 16 or b > MAX_BLOCK_SIZE or b & (b - 1):
+        raise ValueError(f"block_size must be a power of two in [16, {MAX_BLOCK_SIZE}], got {b}")
     return b
+
+
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto', 'triton' or 'torch'), got {type(backend).__name__}")
+    return backend
 
 
 class _Rows:
@@ -105,6 +103,8 @@ class _Rows:
             self.packed = True
             self.B = self.cu.numel() - 1
             self.T = None
+        if mask.dtype.is_floating_point and mask.numel() and bool(torch.isnan(mask).any()):
+            raise ValueError("mask has NaN values: a float mask is read as mask != 0, which NaN does not answer")
         self.valid = mask if mask.dtype == torch.bool else mask != 0
 
     # --- checks of the other tensors ------------------------------------------------------------------------------
@@ -136,15 +136,17 @@ class _Rows:
             f"advantages must be per row [B]={(self.B,)} (or [B, 1]) or per token {self.shape}, got {shape}"
         )
 
-    def check_finite(self, name: str, x: torch.Tensor, per_token: bool = True) -> None:
+    def check_finite(self, name: str, x: torch.Tensor, per_token: bool = True, *, fp32: bool = False) -> None:
+        """``x`` finite at the valid positions (per row: at the rows with a valid token); with ``fp32``, also within
+        the fp32 range there (a float64 value beyond it would be inf in an op that computes in fp32)."""
         if x.numel() == 0 or not x.dtype.is_floating_point:
             return
-        if per_token:
-            bad = ~torch.isfinite(x) & self.valid
-        else:
-            bad = ~torch.isfinite(x) & (self.counts() > 0)
-        if bool(bad.any()):
+        sel = self.valid if per_token else self.counts() > 0
+        if bool((~torch.isfinite(x) & sel).any()):
             raise ValueError(f"{name} has non-finite values at valid positions")
+        if fp32 and x.dtype == torch.float64 and bool((~torch.isfinite(x.to(torch.float32)) & sel).any()):
+            raise ValueError(f"{name} has values beyond the float32 range (|x| > {F32_MAX:.6g}) at valid positions; "
+                             "this op computes in fp32, where they would be inf")
 
     # --- per-row quantities ------------------------------------------------------------------------------------
     def _row_ids(self) -> torch.Tensor:
@@ -205,7 +207,7 @@ class _Rows:
 
 
 def _backend(backend: str, rows: _Rows) -> str:
-    return resolve_backend(backend, rows.device)
+    return resolve_backend(_check_backend(backend), rows.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -225,10 +227,11 @@ def trajectory_percentile(
     index + 1); in ``[0, (L - 1) / L]``. This is TP-Schedule's criterion: a token is targeted at cut-off q iff
     its position is ``>= b = min(floor(L q), L - 1)`` (use :func:`tp_schedule_mask` for the exact integer cut-off).
 
-    With ``values`` (float or integer, shape of ``mask``, no NaN on valid tokens): the rank percentile
-    ``rank / n`` where ``rank`` is the 0-based ASCENDING rank of the token's value among the ``n`` valid tokens of
-    its row, ties broken by lower index (the earlier token ranks lower); in ``[0, (n - 1) / n]``. This path is a
-    segmented stable sort in torch (O(L log L)) for both backends; a per-row Triton kernel would be O(L^2).
+    With ``values`` (float or integer, shape of ``mask``, no NaN on valid tokens; +-inf allowed): the rank
+    percentile ``rank / n`` where ``rank`` is the 0-based ASCENDING rank of the token's value among the ``n`` valid
+    tokens of its row, ties broken by lower index (the earlier token ranks lower); in ``[0, (n - 1) / n]``. Values
+    are compared in their own dtype (float64 beyond the fp32 range and int64 beyond 2**24 keep their order). This
+    path is a segmented stable sort in torch (O(L log L)) for both backends; a per-row Triton kernel would be O(L^2).
 
     Shapes: ``mask [B, T]`` (padded) or ``[total]`` with ``cu_seqlens``; returns fp32 of the same shape, 0 on invalid
     tokens. A row without valid tokens is all 0; a one-token row gives 0.
@@ -278,8 +281,7 @@ def tp_schedule_mask(
     """
     rows = _Rows(mask, cu_seqlens)
     q = _unit_scalar("q", q)
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    _flag("reverse", reverse)
     block = _check_block(block_size)
     if _backend(backend, rows) == "torch":
         return rows.from_padded(ref.tp_schedule_mask(rows.padded_valid(), q, reverse=reverse))
@@ -307,7 +309,8 @@ def forking_token_mask(
     ``ceil(n rho)`` is computed in float64 (note ``ceil(10 * 0.3) = 4`` in binary floating point, exactly as in the
     official Python code). ``rho = 0`` keeps nothing.
 
-    ``entropy``: float tensor of the shape of ``mask`` (any float dtype, compared in fp32; finite on valid tokens).
+    ``entropy``: float tensor of the shape of ``mask`` (any float dtype, compared in fp32; finite on valid tokens,
+    and within the fp32 range there: a float64 value beyond it is a ``ValueError``, not a tie at inf).
     Returns bool of the shape of ``mask``. Triton path: a radix select of the k-th largest entropy per row on the fp32
     bit pattern, then one blocked pass with a prefix count of ties (:mod:`rlvr_kernels.kernels.select`); no sort.
     """
@@ -315,7 +318,7 @@ def forking_token_mask(
     rows.check_token_tensor("entropy", entropy)
     rho = _unit_scalar("rho", rho)
     block = _check_block(block_size)
-    rows.check_finite("entropy", entropy)
+    rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
         out = ref.forking_token_mask(rows.to_padded(entropy), rows.padded_valid(), rho)
         return rows.from_padded(out)
@@ -347,31 +350,45 @@ def entropy_shaped_advantages(
 
     Shapes: ``entropy`` like ``mask`` (``[B, T]``, or ``[total]`` with ``cu_seqlens``); ``advantages`` per row
     ``[B]`` (or ``[B, 1]``) broadcast over the row, or per token like ``mask`` (in the packed layout a 1-D tensor of
-    length ``total`` is read per token). ``scale`` in ``[0, 1]``, ``alpha >= 0``, ``kappa > 0``. Advantages and
-    entropies must be finite on valid tokens. Returns fp32 of the shape of ``mask``, exactly 0 on invalid tokens.
+    length ``total`` is read per token). ``scale`` in ``[0, 1]``, ``0 <= alpha <= F32_MAX``, ``F32_TINY <= kappa <=
+    F32_MAX`` (fp32 scalars: a smaller kappa would be 0 in fp32). Advantages and entropies must be finite on valid
+    tokens and within the fp32 range there (the op computes in fp32). Returns fp32 of the shape of ``mask``, exactly 0
+    on invalid tokens.
+
+    Extreme magnitudes (the choice: compute, or refuse clearly): ``alpha H`` and ``|A| / kappa`` may overflow to inf
+    on their own (the minimum takes the other, so huge entropies with ``alpha = 0`` or a large ``kappa`` are fine),
+    but a shaped advantage that does not fit fp32 (``|A| (1 + scale / kappa)`` beyond ``F32_MAX``) is a
+    ``ValueError`` naming the advantages: the result is never inf or NaN.
     """
     rows = _Rows(mask, cu_seqlens)
     adv, per_token = rows.check_advantages(advantages)
     rows.check_token_tensor("entropy", entropy)
     scale = _unit_scalar("scale", scale)
-    alpha = _positive_scalar("alpha", alpha, allow_zero=True)
-    kappa = _positive_scalar("kappa", kappa, allow_zero=False)
+    alpha = _real("alpha", alpha, low=0.0)
+    kappa = _real("kappa", kappa, low=F32_TINY)
     block = _check_block(block_size)
-    rows.check_finite("advantages", adv, per_token)
-    rows.check_finite("entropy", entropy)
+    rows.check_finite("advantages", adv, per_token, fp32=True)
+    rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
         out = ref.entropy_shaped_advantages(
             rows.to_padded(adv, per_token), rows.to_padded(entropy), rows.padded_valid(), scale, alpha, kappa
         )
-        return rows.from_padded(out)
-    from rlvr_kernels.kernels import credit as kern
+        out = rows.from_padded(out)
+    else:
+        from rlvr_kernels.kernels import credit as kern
 
-    starts, spans = rows.starts_spans()
-    out = kern.token_advantage_op(
-        adv, entropy, rows.valid8(), starts, spans, per_token=per_token, op=kern.OP_ENTROPY_SHAPED,
-        scale=scale, alpha=alpha, kappa=kappa, block=block,
-    )
-    return rows.unflat(out)
+        starts, spans = rows.starts_spans()
+        out = rows.unflat(kern.token_advantage_op(
+            adv, entropy, rows.valid8(), starts, spans, per_token=per_token, op=kern.OP_ENTROPY_SHAPED,
+            scale=scale, alpha=alpha, kappa=kappa, block=block,
+        ))
+    if out.numel() and not bool(torch.isfinite(out).all()):  # invalid positions are 0: only valid ones can fail
+        raise ValueError(
+            "entropy_shaped_advantages: the shaped advantage A + scale * min(alpha H, |A| / kappa) overflows float32 "
+            f"at a valid position (scale={scale}, alpha={alpha}, kappa={kappa}): the advantages are too large for "
+            "this op's fp32 result"
+        )
+    return out
 
 
 def d3s_token_mask(
@@ -399,19 +416,21 @@ def d3s_token_mask(
     ``rho = 1 - schedule(k)``.
 
     Shapes as in :func:`entropy_shaped_advantages` (advantages per row or per token). Returns bool like ``mask``.
+    Scores are fp32: advantages and entropies must be finite and within the fp32 range at valid tokens
+    (``ValueError`` otherwise); a product ``|A| H`` beyond the fp32 range saturates at +inf, so such tokens rank
+    first and tie among themselves (lower index first).
     Triton path: one kernel writes the scores, then the radix select of :mod:`rlvr_kernels.kernels.select` (one
     program for ``scope="batch"``, one per row for ``"sequence"``). The sample-level D^3S step (choosing rollouts
     within a group) belongs to the data pipeline and is not provided here.
     """
     rows = _Rows(mask, cu_seqlens)
-    if not isinstance(scope, str) or scope not in D3S_SCOPES:
-        raise ValueError(f"scope must be one of {D3S_SCOPES}, got {scope!r}")
+    scope = _choice("scope", scope, D3S_SCOPES)
     adv, per_token = rows.check_advantages(advantages)
     rows.check_token_tensor("entropy", entropy)
     rho = _unit_scalar("rho", rho)
     block = _check_block(block_size)
-    rows.check_finite("advantages", adv, per_token)
-    rows.check_finite("entropy", entropy)
+    rows.check_finite("advantages", adv, per_token, fp32=True)
+    rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
         out = ref.d3s_token_mask(
             rows.to_padded(adv, per_token), rows.to_padded(entropy), rows.padded_valid(), rho, scope=scope

@@ -33,18 +33,32 @@ Resolutions of the spec's open ambiguities (``delta.md``, "Open ambiguities"):
 6. Empty side (no A > 0 or no A < 0): its centroid is 0 and its gamma ``sqrt(eps)`` = 1e-4 (official behaviour).
 7. Dtype: all statistics in fp32 (margin moments and the normaliser in float64); ``hidden_old`` may be bf16/fp16.
 8. Temperature: pass ``old_logp`` computed at the rollout temperature, as the official code does.
+
+Extreme inputs (the choice per input: compute, or refuse clearly; never NaN from finite inputs):
+
+- positions outside ``mask`` (and the per-row advantage of a row without valid tokens) may hold anything, NaN and
+  inf included: they are never read into a result;
+- ``old_logp`` above 0 counts as p = 1 (``s = 0``) and below the fp32 range as p = 0 (``s = 1``): computed;
+- advantages: the coefficients do not change when every advantage is scaled by the same positive factor, and the
+  fp32 statistics hold any advantages whose per-side sums fit fp32; float64 advantages beyond the fp32 range, or
+  sums of ``|A|`` over a side that overflow fp32, are a ``ValueError`` naming the advantages (scale them down);
+- hidden states: any size whose squared distances fit fp32 (``|h|^2 H`` well below 3.4e38, i.e. ``|h|`` up to
+  about 1e17 for H = 4096; a model's final hidden states are many orders below) gives the same coefficients as
+  ``h`` scaled down; beyond that (e.g. 1e30) the centroids or margins overflow, which is a ``ValueError`` naming
+  ``hidden_old``, as are non-finite hidden states at valid positions;
+- numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[F32_TINY, F32_MAX]`` (they are used in fp32, where a smaller value
+  is 0 and a larger one inf), ``iters`` an int in ``[0, 1000]``.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from rlvr_kernels._backend import resolve_backend
-from rlvr_kernels.credit import _positive_scalar, _Rows
+from rlvr_kernels._backend import BACKENDS, resolve_backend
+from rlvr_kernels.credit import _check_backend, _Rows
 from rlvr_kernels.reference import delta as ref
+from rlvr_kernels.schedule import F32_TINY, _flag, _integer, _real
 
 __all__ = ["delta_coefficients", "DeltaEstimator"]
 
@@ -54,20 +68,16 @@ _HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # ----------------------------------------------------------------------------------------------------------------------
 # argument checking
 # ----------------------------------------------------------------------------------------------------------------------
+MAX_ITERS = 1000
+
+
 def _check_params(iters, lam_min, lam_max, eps, exclude_zero_adv):
-    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral):
-        raise TypeError(f"iters must be an int, got {type(iters).__name__}")
-    if int(iters) < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    lam_min = _positive_scalar("lam_min", lam_min, allow_zero=False)
-    if isinstance(lam_max, bool) or not isinstance(lam_max, numbers.Real):
-        raise TypeError(f"lam_max must be a real number, got {type(lam_max).__name__}")
-    if not (math.isfinite(float(lam_max)) and float(lam_max) >= lam_min):
-        raise ValueError(f"lam_max must be a finite number >= lam_min = {lam_min}, got {lam_max!r}")
-    eps = _positive_scalar("eps", eps, allow_zero=False)
-    if not isinstance(exclude_zero_adv, bool):
-        raise TypeError(f"exclude_zero_adv must be a bool, got {type(exclude_zero_adv).__name__}")
-    return int(iters), lam_min, float(lam_max), eps
+    iters = _integer("iters", iters, low=0, high=MAX_ITERS)
+    lam_min = _real("lam_min", lam_min, low=F32_TINY)
+    lam_max = _real("lam_max", lam_max, low=lam_min)
+    eps = _real("eps", eps, low=F32_TINY)
+    _flag("exclude_zero_adv", exclude_zero_adv)
+    return iters, lam_min, lam_max, eps
 
 
 class _Flat:
@@ -105,7 +115,7 @@ class _Flat:
     def _scalars(self, old_logp, adv, per_token: bool) -> None:
         rows = self.rows
         rows.check_finite("old_logp", old_logp)
-        rows.check_finite("advantages", adv, per_token)
+        rows.check_finite("advantages", adv, per_token, fp32=True)
         valid = rows.valid.reshape(-1)
         if per_token:
             a = adv.reshape(-1)
@@ -123,17 +133,37 @@ class _Flat:
 
 def _sweeps(backend: str, device: torch.device):
     """The two sweeps over ``h`` for ``backend`` on ``device``: ``(rowdot, colsum)``."""
-    if resolve_backend(backend, device) == "torch":
+    if resolve_backend(_check_backend(backend), device) == "torch":
         return ref.rowdot3, ref.colsum2
     from rlvr_kernels.kernels import delta as kern
 
     return kern.rowdot3, kern.colsum2
 
 
-def _check_centroids(mu: torch.Tensor) -> None:
-    if not bool(torch.isfinite(mu).all()):
-        raise ValueError("hidden_old has non-finite values at valid positions (or values that overflow fp32): the "
-                         "side centroids are not finite")
+def _check_centroids(mass: torch.Tensor, mu: torch.Tensor) -> None:
+    """The side masses and centroids are finite fp32 (one host sync; the diagnosis only on failure)."""
+    mass32 = mass.to(torch.float32)
+    if bool(torch.isfinite(mass32).all() & torch.isfinite(mu).all()):
+        return
+    if not bool(torch.isfinite(mass32).all()):
+        raise ValueError("advantages are too large: the sum of |A| over a side overflows float32 (DelTA's centroid "
+                         "masses are fp32; the coefficients do not change when every advantage is scaled by the same "
+                         "positive factor, so scale them down)")
+    raise ValueError("hidden_old has non-finite values at valid positions, or values too large for DelTA's fp32 "
+                     "statistics (with these advantages): the side centroids are not finite")
+
+
+def _check_margins(m: torch.Tensor, valid: torch.Tensor) -> None:
+    if m.numel() and not bool((torch.isfinite(m) | ~valid).all()):
+        raise ValueError("hidden_old is too large: DelTA's squared distances to the side centroids overflow float32 "
+                         "(|h|^2 H must stay well below 3.4e38; a model's final hidden states are far smaller)")
+
+
+def _check(kind: str, x, valid: torch.Tensor) -> None:
+    if kind == "centroids":
+        _check_centroids(*x)
+    else:
+        _check_margins(x, valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,7 +212,8 @@ def delta_coefficients(
         fp32 detached coefficients in the layout of ``old_logp``: 0 on invalid tokens, mean exactly 1 (up to
         rounding) over the valid tokens (over the A != 0 tokens with ``exclude_zero_adv``). Never NaN for empty
         rows, an empty side, all-zero advantages (every ``c~`` is 1) or a single token. Non-finite ``hidden_old``
-        on a valid token raises ``ValueError``.
+        on a valid token, or inputs whose statistics overflow fp32, raise ``ValueError`` naming the input (see the
+        module docstring, "Extreme inputs").
     """
     iters, lam_min, lam_max, eps = _check_params(iters, lam_min, lam_max, eps, exclude_zero_adv)
     same = lam_min == lam_max
@@ -193,7 +224,7 @@ def delta_coefficients(
             return x.out(x.valid.to(torch.float32))
         c = ref.delta_coefficients_flat(
             x.h, x.s, x.a, x.valid, iters=iters, lam_min=lam_min, lam_max=lam_max, eps=eps,
-            exclude_zero_adv=exclude_zero_adv, rowdot=rowdot, colsum=colsum, check_finite=_check_centroids,
+            exclude_zero_adv=exclude_zero_adv, rowdot=rowdot, colsum=colsum, check=_check,
         )
     return x.out(c)
 
@@ -259,14 +290,19 @@ class DeltaEstimator:
             raise TypeError(f"all_reduce must be callable (e.g. torch.distributed.all_reduce), got "
                             f"{type(all_reduce).__name__}")
         self.all_reduce = all_reduce
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-        self.backend = backend
-        if hidden_size is not None and (isinstance(hidden_size, bool) or not isinstance(hidden_size, numbers.Integral)
-                                        or int(hidden_size) < 1):
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        self.H = None if hidden_size is None else int(hidden_size)
-        self.device = None if device is None else torch.device(device)
+        if _check_backend(backend) not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = str(backend)
+        self.H = None if hidden_size is None else _integer("hidden_size", hidden_size, low=1, high=1 << 31)
+        if device is None:
+            self.device = None
+        else:
+            if not isinstance(device, (str, torch.device)) or isinstance(device, bool):
+                raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+            try:
+                self.device = torch.device(device)
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"device must name a torch device, got {device!r} ({e})") from None
         if self.lam_min == self.lam_max:
             self._names: list[str] = []
         else:
@@ -328,6 +364,7 @@ class DeltaEstimator:
                 parts = [colsum(x.h, w, x.valid).reshape(-1), mass]
             else:
                 m = ref.margins(rowdot(x.h, self.mu, x.valid), x.s, self.mu, x.pos)
+                _check_margins(m, x.valid)
                 mom = ref.moments(m, x.pos, x.neg)
                 if name == "gamma":
                     parts = [mom]
@@ -362,13 +399,14 @@ class DeltaEstimator:
         with torch.no_grad():
             if name == "centroids":
                 self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H:], self.eps)
-                _check_centroids(self.mu)
+                _check_centroids(stats[2 * H:], self.mu)
             elif name == "gamma":
                 self.gamma = ref.gamma(stats, self.eps)
             elif name == "normaliser":
                 self._norm = stats.clone()
             else:
                 self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H: 2 * H + 2], self.eps)
+                _check_centroids(stats[2 * H: 2 * H + 2], self.mu)
                 self.gamma = ref.gamma(stats[2 * H + 2:], self.eps)  # from the pre-update margins (official order)
         self._stats = None
         self._idx += 1
@@ -384,6 +422,7 @@ class DeltaEstimator:
         rowdot, _ = _sweeps(self.backend, x.device)
         with torch.no_grad():
             m = ref.margins(rowdot(x.h, self.mu, x.valid), x.s, self.mu, x.pos)
+            _check_margins(m, x.valid)
             c = ref.raw_coefficients(m, self.gamma, x.pos, x.neg, x.valid, self.lam_min, self.lam_max)
             out = ref.normalise(c, x.valid, x.pos, x.neg, self._norm, self.eps, self.exclude_zero_adv)
         return x.out(out)
@@ -396,6 +435,11 @@ class DeltaEstimator:
             raise RuntimeError(f"DeltaEstimator: phase {self.phase!r} is still open; run every phase first")
         if not isinstance(raw, torch.Tensor) or not raw.dtype.is_floating_point:
             raise TypeError("raw must be the floating-point tensor that accumulate() returned in the normaliser phase")
+        if isinstance(mask, torch.Tensor):
+            if raw.shape != mask.shape:
+                raise ValueError(f"raw must have the shape of mask {tuple(mask.shape)}, got {tuple(raw.shape)}")
+            if raw.device != mask.device:
+                raise ValueError(f"raw is on {raw.device} but mask is on {mask.device}")
         x = _Flat(None, torch.zeros_like(raw), advantages, mask, cu_seqlens, need_h=False)
         if self.lam_min == self.lam_max:
             return x.out(x.valid.to(torch.float32))

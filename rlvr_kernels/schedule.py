@@ -13,26 +13,115 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Optional
+
+import torch
 
 __all__ = ["TemporalSchedule", "SCHEDULE_MODES"]
 
 SCHEDULE_MODES = ("linear", "sigmoid", "gamma", "cosine", "rex", "step", "constant")
 
 _SIGMOID_STEEPNESS = 8.0  # fixed in the TP-Schedule code
+MAX_TOTAL_STEPS = 1 << 53  # total_steps * begin is a float product: exact below 2**53
 
 
 def _sigma(x: float) -> float:
     return 1.0 / (1.0 + math.exp(_SIGMOID_STEEPNESS * (x - 0.5)))
 
 
-def _check_unit(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (0.0 <= v <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+# ----------------------------------------------------------------------------------------------------------------------
+# argument checks shared by every token op (schedule, credit, cppo, delta): one notion of "a number"
+# ----------------------------------------------------------------------------------------------------------------------
+#: Largest finite fp32 and smallest normal fp32: scalars that the ops use in fp32 arithmetic must lie within these.
+F32_MAX = 3.4028234663852886e38
+F32_TINY = 1.1754943508222875e-38
+
+
+def _unwrap(name: str, value: Any, *, integer: bool) -> Any:
+    """A one-element tensor or NumPy array -> its Python scalar (``.item()``); anything else unchanged.
+
+    A tensor or array with more than one element is a ``ValueError``; a bool / complex one a ``TypeError`` (and a
+    floating-point one, when an int is wanted).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        if value.dtype == torch.bool or value.is_complex() or (integer and value.dtype.is_floating_point):
+            raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got a {value.dtype} tensor")
+        return value.item()
+    if not isinstance(value, (numbers.Number, str, bytes)) and hasattr(value, "__array__") \
+            and hasattr(value, "item") and hasattr(value, "size"):  # NumPy arrays (scalars are numbers.Number)
+        if value.size != 1:
+            raise ValueError(f"{name} must be a number, got an array of shape {tuple(getattr(value, 'shape', ()))}")
+        return value.item()
+    return value
+
+
+def _real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
+          low_open: bool = False, fp32: bool = True) -> float:
+    """``value`` as a finite Python float in ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Accepted: Python / NumPy reals (``bool`` is not a number), and one-element real tensors or arrays. ``fp32``
+    (default): also ``|value| <= F32_MAX`` (the ops compute in fp32, where a larger value is inf). ``TypeError`` for
+    a non-number, ``ValueError`` (naming ``name`` and the range) for NaN, inf or a value out of range.
+    """
+    v = _unwrap(name, value, integer=False)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int too large for a float
+        f = math.inf if v > 0 else -math.inf
+    ok = math.isfinite(f) and (not fp32 or abs(f) <= F32_MAX)
+    if ok and low is not None:
+        ok = f > low if low_open else f >= low
+    if ok and high is not None:
+        ok = f <= high
+    if not ok:
+        parts = []
+        if low is not None:
+            parts.append(f"{'>' if low_open else '>='} {low!r}")
+        if high is not None:
+            parts.append(f"<= {high!r}")
+        if fp32 and (high is None or high > F32_MAX):
+            parts.append(f"<= {F32_MAX!r} in magnitude (it is used in fp32)")
+        rng = " and ".join(parts)
+        raise ValueError(f"{name} must be a finite number{' ' + rng if rng else ''}, got {v!r}")
+    return f
+
+
+def _integer(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as a Python int in ``[low, high]``: Python / NumPy integers, one-element integer tensors or arrays.
+
+    A float (even an integral one) is a ``TypeError``: it is usually a mix-up of two arguments.
+    """
+    v = _unwrap(name, value, integer=True)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if (low is not None and v < low) or (high is not None and v > high):
+        rng = " and ".join(s for s in ((f">= {low}" if low is not None else ""),
+                                       (f"<= {high}" if high is not None else "")) if s)
+        raise ValueError(f"{name} must be an int {rng}, got {v}")
     return v
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A Python ``bool`` (not 0/1, not a NumPy or tensor bool: flags are never computed, so a non-bool is a mix-up)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value
+
+
+def _choice(name: str, value: Any, options: tuple) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return str(value)
+
+
+def _check_unit(name: str, value: Any) -> float:
+    """A number in ``[0, 1]`` (see :func:`_real` for what counts as a number)."""
+    return _real(name, value, low=0.0, high=1.0)
 
 
 class TemporalSchedule:
@@ -67,6 +156,8 @@ class TemporalSchedule:
 
     The step ``k`` is 1-based (verl's ``global_steps``: the first update is k = 1); ``k < 1`` is a ValueError and a
     non-integer ``k`` a TypeError. Steps past ``total_steps`` are allowed and give ``end_value`` (or 0 for gamma).
+    Numbers may be Python or NumPy scalars or one-element tensors (stored as Python floats / ints, so
+    :meth:`to_dict` stays JSON-serialisable); ``total_steps`` is at most 2**53.
 
     The object is immutable in spirit, picklable, comparable (``==``), and round-trips through
     :meth:`to_dict` / :meth:`from_dict` for logging and checkpoints.
@@ -85,22 +176,13 @@ class TemporalSchedule:
         total_steps: int,
         gamma: float = 2.0,
     ) -> None:
-        if not isinstance(mode, str) or mode not in SCHEDULE_MODES:
-            raise ValueError(f"mode must be one of {SCHEDULE_MODES}, got {mode!r}")
+        mode = _choice("mode", mode, SCHEDULE_MODES)
         start_value = _check_unit("start_value", start_value)
         end_value = _check_unit("end_value", end_value)
         begin = _check_unit("begin", begin)
         end = _check_unit("end", end)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral):
-            raise TypeError(f"total_steps must be an int, got {type(total_steps).__name__}")
-        total_steps = int(total_steps)
-        if total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-            raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
-        gamma = float(gamma)
-        if not (math.isfinite(gamma) and gamma > 0.0):
-            raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+        total_steps = _integer("total_steps", total_steps, low=1, high=MAX_TOTAL_STEPS)
+        gamma = _real("gamma", gamma, low=0.0, low_open=True, fp32=False)
         if mode == "gamma" and end_value != 0.0:
             raise ValueError(
                 f"end_value must be 0 for mode='gamma' (q = (start_value * (1 - p)) ** gamma), got {end_value!r}"
@@ -136,14 +218,20 @@ class TemporalSchedule:
         return int(self.total_steps * self.end)
 
     def progress(self, k: int) -> float:
-        """``p = clip((k - k_min) / (k_max - k_min), 0, 1)`` for the 1-based step ``k``."""
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise TypeError(f"step must be an int (1-based training step), got {type(k).__name__}")
-        k = int(k)
-        if k < 1:
-            raise ValueError(f"step must be >= 1 (the first update is step 1), got {k}")
-        p = (k - self.k_min) / (self.k_max - self.k_min)
-        return min(max(p, 0.0), 1.0)
+        """``p = clip((k - k_min) / (k_max - k_min), 0, 1)`` for the 1-based step ``k`` (any int >= 1: Python, NumPy
+        or a one-element integer tensor)."""
+        try:
+            k = _integer("step", k, low=1)
+        except TypeError:
+            raise TypeError(f"step must be an int (1-based training step), got {type(k).__name__}") from None
+        except ValueError:
+            raise ValueError(f"step must be >= 1 (the first update is step 1), got {k!r}") from None
+        k_min, k_max = self.k_min, self.k_max
+        if k >= k_max:  # also steps too large for a float division
+            return 1.0
+        if k <= k_min:
+            return 0.0
+        return (k - k_min) / (k_max - k_min)
 
     def __call__(self, k: int) -> float:
         p = self.progress(k)

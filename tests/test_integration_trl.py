@@ -1,6 +1,7 @@
 """TRL integration (rlvr_kernels.integrations.trl) against trl 1.16.0 from PyPI, on CPU and offline.
 
-A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer built here, a toy prompt set and a toy reward:
+A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer, a toy prompt set and a toy reward
+(tests/_trl_common.py):
 - RLVRGRPOTrainer with the defaults trains like TRL's GRPOTrainer (same seed -> same loss, grad norm and entropy at
   every step), for a dapo run with gradient accumulation and a grpo run with a reference model and two iterations;
 - the RLVRLoss path with neutral settings (forking keeping every token, a zero entropy bonus on the advantage, DPPO
@@ -22,60 +23,18 @@ import torch
 
 pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from _trl_common import BASE, WORDS, dataset, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402,F401
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer, linear_logprobs  # noqa: E402
 
 HAS_CPPO = importlib.util.find_spec("rlvr_kernels.cppo") is not None
-WORDS = [f"w{i}" for i in range(58)]
-
-
-def tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    hf.padding_side = "left"
-    return hf
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Qwen2 saved locally: TRL builds the reference model from the policy's name_or_path."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-def tiny_model(path):
-    return Qwen2ForCausalLM.from_pretrained(path)
-
-
-def dataset():
-    return Dataset.from_dict({"prompt": [" ".join(WORDS[i:i + 3]) for i in range(0, 48, 3)]})
-
-
-def even_words(completions, **kwargs):
-    """Fraction of the completion's words with an even index: varies across random completions."""
-    out = []
-    for c in completions:
-        ws = [w for w in c.split() if w.startswith("w")]
-        out.append(sum(int(w[1:]) % 2 == 0 for w in ws) / 8.0)
-    return out
-
-
-BASE = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2, logging_steps=1,
-            report_to="none", use_cpu=True, bf16=False, seed=0, learning_rate=5e-2, save_strategy="no",
-            dataloader_num_workers=0, disable_tqdm=True)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 def train(trainer_cls, config_cls, tmp_path, model_dir, **kw):

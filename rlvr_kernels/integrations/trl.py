@@ -50,6 +50,19 @@ stale across ``num_iterations`` like the old log-probs) and reach ``RLVRLoss(cre
 ``delta_coefficients``: the advantage becomes ``A c~`` in the unchanged objective of ``loss_type`` / ``trust_region``.
 The DelTA pass's log-probs also serve as the DPPO/CPPO behaviour log-probs when TRL skipped them.
 
+DPPO / CPPO anchor. The mask measures the divergence against mu, the rollout engine's policy: TRL's
+``sampling_per_token_logps`` (vLLM's log-probs of the sampled tokens, or a ``rollout_func``'s), passed to ``RLVRLoss``
+as ``rollout_per_token_logps``; a token the engine did not score (NaN) takes the behaviour log-prob. The ratio
+``rho`` stays against the behaviour log-probs (``old_per_token_logps``). When the trained model generated the batch
+there are no rollout log-probs and mu is the generating policy, the behaviour log-probs: on a batch's first update
+pi equals mu and nothing is masked; the trainer says so once (a ``logging`` warning on the main process) instead of
+CPPO's anchor warning at every step.
+
+Precision. Under ``bf16=True`` / ``fp16=True`` accelerate runs the model's forward under autocast and converts its
+outputs to fp32, rebuilding the returned containers (``type(x)(iterable)``). The head function runs with autocast
+off on the hidden states and head cast to the autocast dtype (what ``lm_head`` would have computed in) and returns
+``(loss, dict of 0-dim metric tensors)``, which that conversion and DDP keep intact.
+
 Why ``RLVRLoss`` for the new methods (rather than masking before TRL's math): the credit masks that depend on the
 current policy (forking tokens, D^3S) are only known after the vocabulary pass, TRL computes its loss mask and
 normaliser before it, and TRL has no DPPO/CPPO objective; the package's composition rule (``tp-schedule.md`` 6.2:
@@ -64,7 +77,9 @@ The schedule is evaluated at the 1-based optimizer step ``self.state.global_step
 ``total_steps = self.state.max_steps`` (the planned total). Metrics are logged as TRL does, under ``rlvr/...``:
 ``schedule_value``, ``active_fraction`` (tokens the credit rule keeps / completion tokens),
 ``trust_region_masked_fraction`` (DPPO/CPPO), ``cppo_delta_b_mean`` (CPPO's dynamic budget), ``delta_coef_std``
-(DelTA: the std of ``c~`` over the micro-batch's loss tokens).
+(DelTA: the std of ``c~`` over the micro-batch's loss tokens). Across processes: D^3S with ``d3s_scope="batch"``
+selects over the micro-batch of one process (not all-reduced), DelTA's E is the generation batch of one process, and
+the token-count normaliser counts every process's kept tokens.
 
 Not supported (clear errors): MoE router aux loss, models with final-logit soft-capping; and, on the RLVRLoss path
 only, TRL's ``top_entropy_quantile`` (use ``credit="forking"``),
@@ -72,10 +87,14 @@ only, TRL's ``top_entropy_quantile`` (use ``credit="forking"``),
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import logging
 import math
 import types
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -90,6 +109,8 @@ from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
 
 __all__ = ["RLVRGRPOConfig", "RLVRGRPOTrainer", "CREDITS", "TRUST_REGIONS"]
 
+logger = logging.getLogger(__name__)
+
 CREDITS = ("none", "tp_schedule", "forking", "entropy_adv", "d3s", "delta")
 TRUST_REGIONS = ("clip", "dppo", "cppo")
 # TRL loss types whose normaliser a DPPO/CPPO objective can take over (the others are objectives of their own).
@@ -98,6 +119,8 @@ _TRUST_REGION_BASES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")
 # The batch-dict key of the DelTA coefficients [B, T]: TRL's shuffle / split carry it to every micro-batch.
 DELTA_KEY = "rlvr_delta_coefficients"
+# TRL's batch-dict key of the rollout engine's per-token log-probs (vLLM, or a rollout_func), NaN where unscored.
+ROLLOUT_KEY = "sampling_per_token_logps"
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
@@ -134,8 +157,14 @@ class RLVRGRPOConfig(GRPOConfig):
         optimizer step k.
     Trust region (``trust_region``): ``"clip"`` TRL's own objective (``loss_type``); ``"dppo"`` DPPO's Binary-TV mask
         with threshold ``cppo_delta`` on both sides; ``"cppo"`` CPPO's position-weighted prefix-budget mask
-        (``cppo_*``). Both are ``-M A rho`` against the behaviour log-probs (``old_per_token_logps``; the trainer
-        computes them when TRL would skip them), normalised like ``loss_type`` (one of grpo, bnpo, dr_grpo, dapo).
+        (``cppo_*``). Both are ``-M A rho`` with ``rho`` against the behaviour log-probs (``old_per_token_logps``;
+        the trainer computes them when TRL would skip them) and the mask against the anchor mu: the rollout engine's
+        log-probs when TRL has them (``sampling_per_token_logps``: vLLM, or a ``rollout_func``; a token the engine
+        did not score takes the behaviour log-prob), else the policy that generated the batch (the behaviour
+        log-probs, logged once). Normalised like ``loss_type`` (one of grpo, bnpo, dr_grpo, dapo).
+    Cross-process sets: D^3S ``d3s_scope="batch"`` selects over the micro-batch of one process (one ``RLVRLoss``
+        call); DelTA's E is this process's generation batch; the token-count normaliser counts the kept tokens of
+        the generation batch of every process.
     """
 
     credit: str = field(default="none", metadata=_help(
@@ -462,6 +491,18 @@ def _install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: b
     return state
 
 
+def _named_metrics(metrics) -> dict:
+    """The metrics dict of the loss as the model's forward returned it: a mapping (what the head function returns),
+    or a ``LossMetrics`` that still has its names."""
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    named = getattr(metrics, "named", None)
+    if named:
+        return dict(named)
+    raise TypeError(f"the RLVRLoss metrics reached the trainer without their names ({type(metrics).__name__}); the "
+                    "head function must return (loss, dict of metrics)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -503,6 +544,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
         if self.ref_model is not None:
             _install_head(self.accelerator.unwrap_model(self.ref_model), want_entropy=False, **common)
         self._rlvr_schedule_cache: dict[int, TemporalSchedule] = {}
+        self._rlvr_anchor_logged = False
 
     # -- schedule -------------------------------------------------------------------------------------------------
 
@@ -533,6 +575,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
+        if self.args.trust_region != "clip" and out.get(ROLLOUT_KEY) is None:
+            self._rlvr_log_anchor()
         need_old = self.args.trust_region != "clip" and out.get("old_per_token_logps") is None
         if self.args.credit == "delta":
             # after the advantages are known and before any optimizer step on this batch: theta_old
@@ -548,6 +592,20 @@ class RLVRGRPOTrainer(GRPOTrainer):
                 out["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
                     self.model, ids, am, out["completion_ids"].size(1), batch_size=bs, **extra)
         return out
+
+    def _rlvr_log_anchor(self) -> None:
+        """Say once per trainer (main process) that DPPO/CPPO have no rollout log-probs to anchor to."""
+        if self._rlvr_anchor_logged:
+            return
+        self._rlvr_anchor_logged = True
+        if not self.accelerator.is_main_process:
+            return
+        logger.warning(
+            "RLVRGRPOTrainer: trust_region=%r without rollout log-probs (TRL's %s, from vLLM or a rollout_func): the "
+            "anchor mu is the policy that generated the batch, TRL's old_per_token_logps (computed by the trainer "
+            "when TRL skips them). On a batch's first update pi equals mu, so the trust region masks tokens only on "
+            "later updates of the same batch (num_iterations > 1 or steps_per_generation > "
+            "gradient_accumulation_steps).", self.args.trust_region, ROLLOUT_KEY)
 
     def _rlvr_forward_args(self, out: dict):
         """``(input_ids, attention_mask, batch_size, multimodal kwargs)`` of TRL's no-grad passes over ``out``."""
@@ -762,21 +820,40 @@ class RLVRGRPOTrainer(GRPOTrainer):
         extra = {}
         if cfg.aggregation in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
             extra["global_batch_size"] = B  # TRL's grpo / dr_grpo divide by every row of the micro-batch
+        mu = inputs.get(ROLLOUT_KEY) if a.trust_region != "clip" else None
+        if mu is not None:
+            # DPPO/CPPO's anchor: the rollout engine's log-probs; a token the engine did not score (NaN) takes the
+            # behaviour log-prob, as TRL's IS correction leaves such a token uncorrected
+            old = inputs["old_per_token_logps"]
+            extra["rollout_per_token_logps"] = torch.where(torch.isnan(mu), old, mu.to(old.dtype))
+        # without rollout log-probs the anchor is the generating policy (logged once at generation): CPPO's
+        # "mu equals pi" warning would say nothing new at every step
+        quiet_cppo = a.trust_region == "cppo" and mu is None
 
         def head_fn(hidden, weight, bias):  # runs inside the model's forward, with the head gathered
-            return rlvr_loss(cfg, hidden[:, -logits_to_keep:], weight, completion_ids, mask, inputs["advantages"],
-                             bias=bias, ref_per_token_logps=inputs.get("ref_per_token_logps"),
-                             old_per_token_logps=inputs.get("old_per_token_logps"), vllm_is_ratio=is_ratio,
-                             num_items_in_batch=num_items, step=step, delta_coefficients=inputs.get(DELTA_KEY),
-                             **extra)
+            loss, metrics = rlvr_loss(
+                cfg, hidden[:, -logits_to_keep:], weight, completion_ids, mask, inputs["advantages"], bias=bias,
+                ref_per_token_logps=inputs.get("ref_per_token_logps"),
+                old_per_token_logps=inputs.get("old_per_token_logps"), vllm_is_ratio=is_ratio,
+                num_items_in_batch=num_items, step=step, delta_coefficients=inputs.get(DELTA_KEY), **extra)
+            # A plain dict of 0-dim tensors: the wrappers around the model's forward rebuild what it returns
+            # (accelerate's fp32 output conversion under bf16/fp16 autocast calls type(x)(iterable), DDP flattens
+            # it), which keeps a dict's names but not LossMetrics.named.
+            return loss, dict(metrics.named)
 
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
                   "token_type_ids", "mm_token_type_ids", "image_position_ids"):
             if inputs.get(k) is not None:
                 model_inputs[k] = inputs[k]
-        with self.accelerator.autocast():
-            loss, metrics = model(**model_inputs, rlvr_head_fn=head_fn)
+        with contextlib.ExitStack() as stack:
+            if quiet_cppo:
+                from rlvr_kernels.cppo import CPPOAnchorWarning
+
+                stack.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", category=CPPOAnchorWarning)
+            with self.accelerator.autocast():
+                loss, metrics = model(**model_inputs, rlvr_head_fn=head_fn)
         if per_micro_batch and mode == "train":
             loss = loss / self.current_gradient_accumulation_steps
         self._log_rlvr_metrics(mode, metrics, q)
@@ -784,7 +861,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
     def _log_rlvr_metrics(self, mode: str, metrics, q: Optional[float]) -> None:
         m = self._metrics[mode]
-        named = metrics.named if hasattr(metrics, "named") else dict(metrics)
+        named = _named_metrics(metrics)
 
         def gathered(name):
             return self.accelerator.gather(named[name].detach().float().reshape(1))

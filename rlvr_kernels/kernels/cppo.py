@@ -25,6 +25,7 @@ import triton.language as tl
 
 from rlvr_kernels import _backend
 from rlvr_kernels.kernels.select import key_to_float, row_kth_largest_key
+from rlvr_kernels.reference.cppo import budget_upper
 
 __all__ = ["DEFAULT_BLOCK", "DEFAULT_SELECT_BLOCK", "cppo_mask"]
 
@@ -62,10 +63,10 @@ def _cppo_kernel(
             inb = offs < span
             ptr = start + offs
             ok = tl.load(Valid + ptr, mask=inb, other=0) != 0
-            if DIV_FUSED:  # Binary-TV |pi(a) - mu(a)|
+            if DIV_FUSED:  # Binary-TV |pi(a) - mu(a)|, log-probs clamped to <= 0 (as the reference's divergence)
                 lp = tl.load(LP + ptr, mask=ok, other=0.0).to(tl.float32)
                 lm = tl.load(LMU + ptr, mask=ok, other=0.0).to(tl.float32)
-                d = tl.abs(tl.exp(lp) - tl.exp(lm))
+                d = tl.abs(tl.exp(tl.minimum(lp, 0.0)) - tl.exp(tl.minimum(lm, 0.0)))
             else:
                 d = tl.load(Dpre + ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(OutD + ptr, tl.where(ok, d, 0.0), mask=inb)
@@ -152,7 +153,9 @@ def cppo_mask(
     """Launch the CPPO kernel on the rows view. Returns ``(mask bool flat, D fp32 flat, w fp32 flat, db fp32 [S])``.
 
     ``logp``/``logp_mu`` flat per token (any float dtype); ``D`` a precomputed flat divergence, or None for the fused
-    Binary-TV; ``adv`` flat per token (``per_token=True``) or one per row. No argument checking (the caller validates).
+    Binary-TV; ``adv`` flat per token (``per_token=True``) or one per row (only its sign is used: the caller passes
+    ``sign(A)``). No argument checking (the caller validates). Inputs at invalid positions are never loaded (masked
+    loads and selects), so they may hold anything.
     """
     lp = _flat(logp)
     lm = _flat(logp_mu)
@@ -175,7 +178,7 @@ def cppo_mask(
     _cppo_kernel[_grid(S)](
         lp, lm, Dpre, a, valid8, starts.to(torch.int64).contiguous(), spans.to(torch.int64).contiguous(),
         out_m, out_d, out_w, out_db, S,
-        float(delta), float(1.0 - w_min), float(delta_b), float(max_mult * delta_b), float(quantile),
+        float(delta), float(1.0 - w_min), float(delta_b), budget_upper(delta_b, max_mult), float(quantile),
         float(quantile_scale), float(max(int(horizon) - 1, 1)) if horizon is not None else 1.0,
         DIV_FUSED=D is None, BUDGET=_BUDGET_CODE[budget], A_PER_TOKEN=bool(per_token),
         HAS_HORIZON=horizon is not None, BLOCK=block, SELECT_BLOCK=sel_block,

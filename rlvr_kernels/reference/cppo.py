@@ -25,6 +25,7 @@ __all__ = [
     "divergence",
     "position_weight",
     "row_quantile",
+    "budget_upper",
     "row_budget",
     "toward_mu",
     "cppo_mask",
@@ -53,7 +54,8 @@ def divergence(
     """Per-token divergence ``D_t`` between mu (rollout/behaviour policy) and pi (current policy), fp32 (cppo.md 1).
 
     Elementwise over any shape (``logp``/``logp_mu`` of shape ``X``, the Top-K tensors ``X + (K,)``); finite inputs
-    give a finite ``D >= 0``:
+    give a finite ``D >= 0``. Every log-prob is clamped to ``<= 0`` first: a value above 0 is not a log-probability
+    (rounding can give a tiny positive one) and counts as probability 1, so ``exp`` never overflows.
 
     - ``binary_tv``: ``|pi(a) - mu(a)|`` (the TV of the Bernoulli {a_t, rest}; official code default);
     - ``binary_kl``: ``KL(Ber(mu(a)) || Ber(pi(a)))``; log-probs are clamped to ``<= 0`` and every probability to
@@ -69,7 +71,7 @@ def divergence(
     empty bucket and contributes nothing.
     """
     if kind == "binary_tv":
-        return (logp.float().exp() - logp_mu.float().exp()).abs()
+        return (logp.float().clamp(max=0.0).exp() - logp_mu.float().clamp(max=0.0).exp()).abs()
     if kind == "binary_kl":
         lp = logp.float().clamp(max=0.0)
         lm = logp_mu.float().clamp(max=0.0)
@@ -80,8 +82,8 @@ def divergence(
         )
         return kl.clamp(min=0.0)
     if kind in ("topk_tv", "topk_kl"):
-        lp = logp_topk.float()
-        lm = logp_mu_topk.float()
+        lp = logp_topk.float().clamp(max=0.0)
+        lm = logp_mu_topk.float().clamp(max=0.0)
         p = lp.exp()
         pm = lm.exp()
         other = (1.0 - p.sum(-1)).clamp(min=0.0)
@@ -136,6 +138,11 @@ def row_quantile(D: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor
     return torch.where(n > 0, torch.lerp(v_lo, v_hi, wgt), nan)
 
 
+def budget_upper(delta_b: float, max_mult: float) -> float:
+    """The dynamic budget's upper clamp ``max_mult * delta_b`` (float64), capped at the largest finite fp32."""
+    return min(float(max_mult) * float(delta_b), float(torch.finfo(torch.float32).max))
+
+
 def row_budget(
     D: torch.Tensor, valid: torch.Tensor, budget: str, delta_b: float, q: float, scale: float, max_mult: float
 ) -> torch.Tensor:
@@ -143,7 +150,9 @@ def row_budget(
 
     ``fixed``: ``delta_b``. ``dynamic`` (Eq. 22, verl PR): ``clamp(scale * quantile(D_valid, q), delta_b,
     max_mult * delta_b)``; a row without valid tokens falls back to ``delta_b``. ``none``: ``+inf`` (no budget: the
-    threshold is ``delta`` everywhere).
+    threshold is ``delta`` everywhere). The upper clamp is capped at the largest finite fp32
+    (:func:`budget_upper`), so the budget of a ``fixed`` / ``dynamic`` row is always finite (``delta_b`` itself must
+    fit fp32) and ``delta_b w`` never meets ``inf * 0`` at an invalid position.
     """
     B = D.shape[0]
     if budget == "none":
@@ -152,7 +161,7 @@ def row_budget(
     if budget == "fixed":
         return fixed
     qv = row_quantile(D, valid, q)
-    db = (scale * qv).clamp(min=float(delta_b), max=float(max_mult * delta_b))
+    db = (scale * qv).clamp(min=float(delta_b), max=budget_upper(delta_b, max_mult))
     return torch.where(torch.isnan(qv), fixed, db)
 
 

@@ -93,10 +93,14 @@ def rank_percentile(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
     ``rank`` is the 0-based ascending rank of the token's value among the row's valid tokens, ties broken by lower
     index (the earlier token gets the lower rank); ``n`` the row's valid count. Values in ``[0, (n - 1) / n]``.
+    The values are compared in their own dtype (fp16/bf16 widened to fp32, exactly): a cast of float64 or int64 to
+    fp32 would tie values that differ (1e300 and 2e300, 2**24 and 2**24 + 1).
     """
     if values.shape[1] == 0:
         return torch.zeros(values.shape, dtype=torch.float32, device=values.device)
-    ranks = _ranks(values.float(), valid, descending=False)
+    if values.dtype.is_floating_point and values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    ranks = _ranks(values, valid, descending=False)
     n = valid_counts(valid).clamp_min(1).to(torch.float32)
     return torch.where(valid, ranks.to(torch.float32) / n[:, None], torch.zeros((), device=values.device))
 

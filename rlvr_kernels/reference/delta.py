@@ -98,9 +98,14 @@ def colsum2(h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 # per-token and per-side pieces of the algorithm (spec section 6), shared by the one-shot and the streaming forms
 # ----------------------------------------------------------------------------------------------------------------------
 def per_token_scalars(old_logp: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor):
-    """``s = 1 - exp(old_logp)`` (as ``-expm1``, exact near p = 1) and the advantage, fp32, both 0 on invalid tokens."""
+    """``s = 1 - exp(old_logp)`` (as ``-expm1``, exact near p = 1) and the advantage, fp32, both 0 on invalid tokens.
+
+    ``old_logp`` is clamped to ``<= 0`` first: a value above 0 is not a log-probability (rounding can give a tiny
+    positive one) and counts as p = 1 (``s = 0``), so ``s`` always lies in ``[0, 1]`` (``-inf``, or a float64 value
+    below the fp32 range, gives ``s = 1``).
+    """
     zero = torch.zeros((), dtype=torch.float32, device=valid.device)
-    s = torch.where(valid, -torch.expm1(old_logp.to(torch.float32)), zero)
+    s = torch.where(valid, -torch.expm1(old_logp.to(torch.float32).clamp(max=0.0)), zero)
     a = torch.where(valid, adv.to(torch.float32), zero)
     return s, a
 
@@ -201,6 +206,10 @@ def normalise(c, valid, pos, neg, stats: torch.Tensor, eps: float, exclude_zero_
     return torch.where(valid, out, 0.0)
 
 
+def _no_check(kind, x, valid) -> None:
+    return None
+
+
 def delta_coefficients_flat(
     h: torch.Tensor,
     s: torch.Tensor,
@@ -214,30 +223,36 @@ def delta_coefficients_flat(
     exclude_zero_adv: bool,
     rowdot: Callable = rowdot3,
     colsum: Callable = colsum2,
-    check_finite: Callable | None = None,
+    check: Callable | None = None,
 ) -> torch.Tensor:
     """One-shot DelTA coefficients on flat arrays (spec section 6, skinny-GEMM form): fp32 ``[N]``.
 
     ``rowdot(h, mu [2, H], valid) -> [N, >=2]`` and ``colsum(h, w [N, 2], valid) -> [2, H]`` are the two sweeps
     (torch here, Triton in :mod:`rlvr_kernels.kernels.delta`). Margins are cached as ``[N]`` scalars between sweeps,
-    so ``h`` is read ``2 iters + 2`` times. ``check_finite(mu)`` is called on the first centroids (the caller turns a
-    non-finite ``hidden_old`` into a ``ValueError`` there, without an extra pass over ``h``).
+    so ``h`` is read ``2 iters + 2`` times. ``check(kind, x, valid)`` is called on every set of centroid masses and
+    centroids (``kind="centroids"``, ``x = (mass, mu)``) and of margins (``kind="margins"``, ``x = m``): the caller
+    turns a non-finite ``hidden_old``, or statistics that overflow fp32, into a ``ValueError`` there (a few ``[N]`` /
+    ``[2, H]`` reductions, no extra pass over ``h``).
     Gamma order exactly as the official code: each refinement step uses the gamma of the previous step's margins
     (the initial margins for the first step), and the final coefficients use the gamma of the margins measured
     before the last centroid update.
     """
+    if check is None:
+        check = _no_check
     pos, neg = sides(a, valid)
     w, mass = initial_weights(a, s, pos, neg)
     mu = centroids(colsum(h, w, valid), mass, eps)
-    if check_finite is not None:
-        check_finite(mu)
+    check("centroids", (mass, mu), valid)
     m = margins(rowdot(h, mu, valid), s, mu, pos)
+    check("margins", m, valid)
     g = gamma(moments(m, pos, neg), eps)
     for _ in range(iters):
         w, mass = refine_weights(m, g, a, s, pos, neg)
         g = gamma(moments(m, pos, neg), eps)  # gamma from the pre-update margins (official order)
         mu = centroids(colsum(h, w, valid), mass, eps)
+        check("centroids", (mass, mu), valid)
         m = margins(rowdot(h, mu, valid), s, mu, pos)
+        check("margins", m, valid)
     c = raw_coefficients(m, g, pos, neg, valid, lam_min, lam_max)
     return normalise(c, valid, pos, neg, normaliser_stats(c, valid, pos, neg, exclude_zero_adv), eps,
                      exclude_zero_adv)
