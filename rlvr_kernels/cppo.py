@@ -18,10 +18,11 @@ from typing import Optional
 
 import torch
 
+from rlvr_kernels import _checks as C
+
 from rlvr_kernels.credit import _backend, _check_block, _Rows
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
-from rlvr_kernels.schedule import _check_unit, _choice, _integer, _real
 
 __all__ = ["cppo_mask", "CPPOMask", "CPPOAnchorWarning", "DIVERGENCES", "BUDGETS"]
 
@@ -126,9 +127,9 @@ def cppo_mask(
     ``mask``: bool (or real, read as ``!= 0``). ``cu_seqlens``: int ``[S + 1]``. Positions outside ``mask`` may hold
     anything (NaN, inf): they take no part in any output.
 
-    Numbers: Python / NumPy scalars or one-element tensors. ``delta`` in ``(0, F32_MAX]``, ``delta_b`` and
-    ``quantile_scale`` in ``[0, F32_MAX]`` (fp32 scalars), ``w_min`` in ``(0, 1]``, ``quantile`` in ``[0, 1]``,
-    ``max_mult >= 1`` (finite; the upper clamp ``max_mult * delta_b`` is capped at ``F32_MAX`` so that the budget
+    Numbers: Python / NumPy scalars or one-element tensors. ``delta`` in ``(0, C.F32_MAX]``, ``delta_b`` and
+    ``quantile_scale`` in ``[0, C.F32_MAX]`` (fp32 scalars), ``w_min`` in ``(0, 1]``, ``quantile`` in ``[0, 1]``,
+    ``max_mult >= 1`` (finite; the upper clamp ``max_mult * delta_b`` is capped at ``C.F32_MAX`` so that the budget
     stays finite), ``horizon`` an int in ``[1, 2**53]``. Log-probabilities above 0 (not log-probabilities; rounding
     can give a tiny positive value) count as probability 1 in every divergence, as Binary-KL always did; the
     toward-mu sign test uses them as given.
@@ -151,16 +152,16 @@ def cppo_mask(
     logp = rows.check_token_tensor("logp", logp)
     logp_mu = rows.check_token_tensor("logp_mu", logp_mu)
     adv, per_token = rows.check_advantages(advantages)
-    delta = _real("delta", delta, low=0.0, low_open=True)
-    w_min = _real("w_min", w_min, low=0.0, low_open=True, high=1.0)
-    delta_b = _real("delta_b", delta_b, low=0.0)
-    quantile = _check_unit("quantile", quantile)
-    max_mult = _real("max_mult", max_mult, low=1.0, fp32=False)
-    quantile_scale = _real("quantile_scale", quantile_scale, low=0.0)
+    delta = C.real("delta", delta, low=0.0, low_open=True)
+    w_min = C.real("w_min", w_min, low=0.0, low_open=True, high=1.0)
+    delta_b = C.real("delta_b", delta_b, low=0.0)
+    quantile = C.unit("quantile", quantile)
+    max_mult = C.real("max_mult", max_mult, low=1.0, fp32=False)
+    quantile_scale = C.real("quantile_scale", quantile_scale, low=0.0)
     if horizon is not None:
-        horizon = _integer("horizon", horizon, low=1, high=MAX_HORIZON)
-    budget = _choice("budget", budget, BUDGETS)
-    divergence = _choice("divergence", divergence, DIVERGENCES)
+        horizon = C.integer("horizon", horizon, low=1, high=MAX_HORIZON)
+    budget = C.choice("budget", budget, BUDGETS)
+    divergence = C.choice("divergence", divergence, DIVERGENCES)
     if divergence.startswith("topk"):
         if logp_topk is None or logp_mu_topk is None:
             raise ValueError(f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "

@@ -31,10 +31,11 @@ from typing import Optional
 
 import torch
 
+from rlvr_kernels import _checks as C
+
 from rlvr_kernels._backend import resolve_backend
 from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
 from rlvr_kernels.reference import credit as ref
-from rlvr_kernels.schedule import F32_MAX, F32_TINY, _check_unit, _choice, _flag, _integer, _real
 
 __all__ = [
     "trajectory_percentile",
@@ -51,11 +52,6 @@ D3S_SCOPES = ("batch", "sequence")
 # ----------------------------------------------------------------------------------------------------------------------
 # argument checking and the two layouts
 # ----------------------------------------------------------------------------------------------------------------------
-def _unit_scalar(name: str, value) -> float:
-    """A number in [0, 1] (Python/NumPy scalar, one-element array or tensor) -> float."""
-    return _check_unit(name, value)
-
-
 MAX_BLOCK_SIZE = 1 << 14
 
 
@@ -63,7 +59,7 @@ def _check_block(block_size) -> Optional[int]:
     """None, or a power of two in [16, 16384] (tokens per program and loop step; larger tiles would only spill)."""
     if block_size is None:
         return None
-    b = _integer("block_size", block_size)
+    b = C.integer("block_size", block_size)
     if b < 16 or b > MAX_BLOCK_SIZE or b & (b - 1):
         raise ValueError(f"block_size must be a power of two in [16, {MAX_BLOCK_SIZE}], got {b}")
     return b
@@ -145,7 +141,7 @@ class _Rows:
         if bool((~torch.isfinite(x) & sel).any()):
             raise ValueError(f"{name} has non-finite values at valid positions")
         if fp32 and x.dtype == torch.float64 and bool((~torch.isfinite(x.to(torch.float32)) & sel).any()):
-            raise ValueError(f"{name} has values beyond the float32 range (|x| > {F32_MAX:.6g}) at valid positions; "
+            raise ValueError(f"{name} has values beyond the float32 range (|x| > {C.F32_MAX:.6g}) at valid positions; "
                              "this op computes in fp32, where they would be inf")
 
     # --- per-row quantities ------------------------------------------------------------------------------------
@@ -280,8 +276,8 @@ def tp_schedule_mask(
     Returns a bool tensor of the shape of ``mask`` (False on invalid tokens and empty rows).
     """
     rows = _Rows(mask, cu_seqlens)
-    q = _unit_scalar("q", q)
-    _flag("reverse", reverse)
+    q = C.unit("q", q)
+    C.flag("reverse", reverse)
     block = _check_block(block_size)
     if _backend(backend, rows) == "torch":
         return rows.from_padded(ref.tp_schedule_mask(rows.padded_valid(), q, reverse=reverse))
@@ -316,7 +312,7 @@ def forking_token_mask(
     """
     rows = _Rows(mask, cu_seqlens)
     rows.check_token_tensor("entropy", entropy)
-    rho = _unit_scalar("rho", rho)
+    rho = C.unit("rho", rho)
     block = _check_block(block_size)
     rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
@@ -350,22 +346,22 @@ def entropy_shaped_advantages(
 
     Shapes: ``entropy`` like ``mask`` (``[B, T]``, or ``[total]`` with ``cu_seqlens``); ``advantages`` per row
     ``[B]`` (or ``[B, 1]``) broadcast over the row, or per token like ``mask`` (in the packed layout a 1-D tensor of
-    length ``total`` is read per token). ``scale`` in ``[0, 1]``, ``0 <= alpha <= F32_MAX``, ``F32_TINY <= kappa <=
-    F32_MAX`` (fp32 scalars: a smaller kappa would be 0 in fp32). Advantages and entropies must be finite on valid
+    length ``total`` is read per token). ``scale`` in ``[0, 1]``, ``0 <= alpha <= C.F32_MAX``, ``C.F32_TINY <= kappa <=
+    C.F32_MAX`` (fp32 scalars: a smaller kappa would be 0 in fp32). Advantages and entropies must be finite on valid
     tokens and within the fp32 range there (the op computes in fp32). Returns fp32 of the shape of ``mask``, exactly 0
     on invalid tokens.
 
     Extreme magnitudes (the choice: compute, or refuse clearly): ``alpha H`` and ``|A| / kappa`` may overflow to inf
     on their own (the minimum takes the other, so huge entropies with ``alpha = 0`` or a large ``kappa`` are fine),
-    but a shaped advantage that does not fit fp32 (``|A| (1 + scale / kappa)`` beyond ``F32_MAX``) is a
+    but a shaped advantage that does not fit fp32 (``|A| (1 + scale / kappa)`` beyond ``C.F32_MAX``) is a
     ``ValueError`` naming the advantages: the result is never inf or NaN.
     """
     rows = _Rows(mask, cu_seqlens)
     adv, per_token = rows.check_advantages(advantages)
     rows.check_token_tensor("entropy", entropy)
-    scale = _unit_scalar("scale", scale)
-    alpha = _real("alpha", alpha, low=0.0)
-    kappa = _real("kappa", kappa, low=F32_TINY)
+    scale = C.unit("scale", scale)
+    alpha = C.real("alpha", alpha, low=0.0)
+    kappa = C.real("kappa", kappa, low=C.F32_TINY)
     block = _check_block(block_size)
     rows.check_finite("advantages", adv, per_token, fp32=True)
     rows.check_finite("entropy", entropy, fp32=True)
@@ -424,10 +420,10 @@ def d3s_token_mask(
     within a group) belongs to the data pipeline and is not provided here.
     """
     rows = _Rows(mask, cu_seqlens)
-    scope = _choice("scope", scope, D3S_SCOPES)
+    scope = C.choice("scope", scope, D3S_SCOPES)
     adv, per_token = rows.check_advantages(advantages)
     rows.check_token_tensor("entropy", entropy)
-    rho = _unit_scalar("rho", rho)
+    rho = C.unit("rho", rho)
     block = _check_block(block_size)
     rows.check_finite("advantages", adv, per_token, fp32=True)
     rows.check_finite("entropy", entropy, fp32=True)

@@ -46,7 +46,7 @@ Extreme inputs (the choice per input: compute, or refuse clearly; never NaN from
   about 1e17 for H = 4096; a model's final hidden states are many orders below) gives the same coefficients as
   ``h`` scaled down; beyond that (e.g. 1e30) the centroids or margins overflow, which is a ``ValueError`` naming
   ``hidden_old``, as are non-finite hidden states at valid positions;
-- numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[F32_TINY, F32_MAX]`` (they are used in fp32, where a smaller value
+- numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[C.F32_TINY, C.F32_MAX]`` (they are used in fp32, where a smaller value
   is 0 and a larger one inf), ``iters`` an int in ``[0, 1000]``.
 """
 from __future__ import annotations
@@ -55,10 +55,11 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from rlvr_kernels import _checks as C
+
 from rlvr_kernels._backend import BACKENDS, resolve_backend
 from rlvr_kernels.credit import _check_backend, _Rows
 from rlvr_kernels.reference import delta as ref
-from rlvr_kernels.schedule import F32_TINY, _flag, _integer, _real
 
 __all__ = ["delta_coefficients", "DeltaEstimator"]
 
@@ -72,11 +73,11 @@ MAX_ITERS = 1000
 
 
 def _check_params(iters, lam_min, lam_max, eps, exclude_zero_adv):
-    iters = _integer("iters", iters, low=0, high=MAX_ITERS)
-    lam_min = _real("lam_min", lam_min, low=F32_TINY)
-    lam_max = _real("lam_max", lam_max, low=lam_min)
-    eps = _real("eps", eps, low=F32_TINY)
-    _flag("exclude_zero_adv", exclude_zero_adv)
+    iters = C.integer("iters", iters, low=0, high=MAX_ITERS)
+    lam_min = C.real("lam_min", lam_min, low=C.F32_TINY)
+    lam_max = C.real("lam_max", lam_max, low=lam_min)
+    eps = C.real("eps", eps, low=C.F32_TINY)
+    C.flag("exclude_zero_adv", exclude_zero_adv)
     return iters, lam_min, lam_max, eps
 
 
@@ -293,7 +294,7 @@ class DeltaEstimator:
         if _check_backend(backend) not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = str(backend)
-        self.H = None if hidden_size is None else _integer("hidden_size", hidden_size, low=1, high=1 << 31)
+        self.H = None if hidden_size is None else C.integer("hidden_size", hidden_size, low=1, high=1 << 31)
         if device is None:
             self.device = None
         else:

@@ -12,10 +12,8 @@ of ``schedules.md`` under the same interface. The value feeds, for example:
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Optional
 
-import torch
+from rlvr_kernels import _checks as C
 
 __all__ = ["TemporalSchedule", "SCHEDULE_MODES"]
 
@@ -28,100 +26,6 @@ MAX_TOTAL_STEPS = 1 << 53  # total_steps * begin is a float product: exact below
 def _sigma(x: float) -> float:
     return 1.0 / (1.0 + math.exp(_SIGMOID_STEEPNESS * (x - 0.5)))
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# argument checks shared by every token op (schedule, credit, cppo, delta): one notion of "a number"
-# ----------------------------------------------------------------------------------------------------------------------
-#: Largest finite fp32 and smallest normal fp32: scalars that the ops use in fp32 arithmetic must lie within these.
-F32_MAX = 3.4028234663852886e38
-F32_TINY = 1.1754943508222875e-38
-
-
-def _unwrap(name: str, value: Any, *, integer: bool) -> Any:
-    """A one-element tensor or NumPy array -> its Python scalar (``.item()``); anything else unchanged.
-
-    A tensor or array with more than one element is a ``ValueError``; a bool / complex one a ``TypeError`` (and a
-    floating-point one, when an int is wanted).
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
-        if value.dtype == torch.bool or value.is_complex() or (integer and value.dtype.is_floating_point):
-            raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got a {value.dtype} tensor")
-        return value.item()
-    if not isinstance(value, (numbers.Number, str, bytes)) and hasattr(value, "__array__") \
-            and hasattr(value, "item") and hasattr(value, "size"):  # NumPy arrays (scalars are numbers.Number)
-        if value.size != 1:
-            raise ValueError(f"{name} must be a number, got an array of shape {tuple(getattr(value, 'shape', ()))}")
-        return value.item()
-    return value
-
-
-def _real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
-          low_open: bool = False, fp32: bool = True) -> float:
-    """``value`` as a finite Python float in ``[low, high]`` (``(low, high]`` with ``low_open``).
-
-    Accepted: Python / NumPy reals (``bool`` is not a number), and one-element real tensors or arrays. ``fp32``
-    (default): also ``|value| <= F32_MAX`` (the ops compute in fp32, where a larger value is inf). ``TypeError`` for
-    a non-number, ``ValueError`` (naming ``name`` and the range) for NaN, inf or a value out of range.
-    """
-    v = _unwrap(name, value, integer=False)
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:  # an int too large for a float
-        f = math.inf if v > 0 else -math.inf
-    ok = math.isfinite(f) and (not fp32 or abs(f) <= F32_MAX)
-    if ok and low is not None:
-        ok = f > low if low_open else f >= low
-    if ok and high is not None:
-        ok = f <= high
-    if not ok:
-        parts = []
-        if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {low!r}")
-        if high is not None:
-            parts.append(f"<= {high!r}")
-        if fp32 and (high is None or high > F32_MAX):
-            parts.append(f"<= {F32_MAX!r} in magnitude (it is used in fp32)")
-        rng = " and ".join(parts)
-        raise ValueError(f"{name} must be a finite number{' ' + rng if rng else ''}, got {v!r}")
-    return f
-
-
-def _integer(name: str, value: Any, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    """``value`` as a Python int in ``[low, high]``: Python / NumPy integers, one-element integer tensors or arrays.
-
-    A float (even an integral one) is a ``TypeError``: it is usually a mix-up of two arguments.
-    """
-    v = _unwrap(name, value, integer=True)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if (low is not None and v < low) or (high is not None and v > high):
-        rng = " and ".join(s for s in ((f">= {low}" if low is not None else ""),
-                                       (f"<= {high}" if high is not None else "")) if s)
-        raise ValueError(f"{name} must be an int {rng}, got {v}")
-    return v
-
-
-def _flag(name: str, value: Any) -> bool:
-    """A Python ``bool`` (not 0/1, not a NumPy or tensor bool: flags are never computed, so a non-bool is a mix-up)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
-    return value
-
-
-def _choice(name: str, value: Any, options: tuple) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
-    return str(value)
-
-
-def _check_unit(name: str, value: Any) -> float:
-    """A number in ``[0, 1]`` (see :func:`_real` for what counts as a number)."""
-    return _real(name, value, low=0.0, high=1.0)
 
 
 class TemporalSchedule:
@@ -176,13 +80,13 @@ class TemporalSchedule:
         total_steps: int,
         gamma: float = 2.0,
     ) -> None:
-        mode = _choice("mode", mode, SCHEDULE_MODES)
-        start_value = _check_unit("start_value", start_value)
-        end_value = _check_unit("end_value", end_value)
-        begin = _check_unit("begin", begin)
-        end = _check_unit("end", end)
-        total_steps = _integer("total_steps", total_steps, low=1, high=MAX_TOTAL_STEPS)
-        gamma = _real("gamma", gamma, low=0.0, low_open=True, fp32=False)
+        mode = C.choice("mode", mode, SCHEDULE_MODES)
+        start_value = C.unit("start_value", start_value)
+        end_value = C.unit("end_value", end_value)
+        begin = C.unit("begin", begin)
+        end = C.unit("end", end)
+        total_steps = C.integer("total_steps", total_steps, low=1, high=MAX_TOTAL_STEPS)
+        gamma = C.real("gamma", gamma, low=0.0, low_open=True, fp32=False)
         if mode == "gamma" and end_value != 0.0:
             raise ValueError(
                 f"end_value must be 0 for mode='gamma' (q = (start_value * (1 - p)) ** gamma), got {end_value!r}"
@@ -221,7 +125,7 @@ class TemporalSchedule:
         """``p = clip((k - k_min) / (k_max - k_min), 0, 1)`` for the 1-based step ``k`` (any int >= 1: Python, NumPy
         or a one-element integer tensor)."""
         try:
-            k = _integer("step", k, low=1)
+            k = C.integer("step", k, low=1)
         except TypeError:
             raise TypeError(f"step must be an int (1-based training step), got {type(k).__name__}") from None
         except ValueError:
