@@ -26,7 +26,7 @@ pytest.importorskip("verl")
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.workers.config import FSDPActorConfig  # noqa: E402
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import rlvr_kernels.integrations.verl as rv  # noqa: E402
@@ -47,8 +47,10 @@ def actor_config(loss_mode="rlvr_clip", loss_agg_mode="token-mean", rlvr=None, *
     """A real verl FSDPActorConfig (what the workers build), with our policy-loss config subclass."""
     kw.setdefault("clip_ratio_low", 0.2)
     kw.setdefault("clip_ratio_high", 0.28)
+    pl = rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {})) if loss_mode.startswith("rlvr_") \
+        else PolicyLossConfig(loss_mode=loss_mode)  # verl's own losses, for parity
     return FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=loss_agg_mode,
-                           policy_loss=rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {})), **kw)
+                           policy_loss=pl, **kw)
 
 
 def batch(seed=0, B=5, T=11, lens=(11, 6, 1, 9, 4), noise=0.6):

@@ -36,6 +36,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import rlvr_kernels.integrations.verl as rv  # noqa: E402
 from rlvr_kernels import forking_token_mask  # noqa: E402
+from test_integration_verl import actor_config  # noqa: E402  (the same real verl FSDPActorConfig)
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 PAIRS = [("vanilla", "rlvr_clip"), ("dppo_tv", "rlvr_dppo"), ("cispo", "rlvr_cispo")]
@@ -59,15 +60,6 @@ def _no_leftover_step():
     rv.clear_training_step()
     yield
     rv.clear_training_step()
-
-
-def actor_config(loss_mode="rlvr_clip", loss_agg_mode="token-mean", rlvr=None, **kw):
-    kw.setdefault("clip_ratio_low", 0.2)
-    kw.setdefault("clip_ratio_high", 0.28)
-    pl = rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {})) if loss_mode.startswith("rlvr_") \
-        else PolicyLossConfig(loss_mode=loss_mode)
-    return FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=loss_agg_mode,
-                           policy_loss=pl, **kw)
 
 
 def inputs(seed=0, padding="zeros"):
