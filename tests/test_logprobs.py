@@ -529,3 +529,59 @@ def test_strided_targets_and_bias(backend):
     lp2, _ = logprobs_from_logits(z, ids[:, 2], backend=backend)
     torch.testing.assert_close(lp2.double(), torch.log_softmax(z.double(), -1).gather(1, ids[:, 2:3])[:, 0],
                                atol=2e-5, rtol=1e-4)
+
+
+_COMPILE_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from rlvr_kernels.kernels import logprobs as K
+
+target = GPUTarget("cuda", 90, 32)
+out = []
+for dt in ("*bf16",):  # the users' dtype (fp32 compiles the same code with other operand types)
+    for cfg in K._gpu_configs():
+        blocks = dict(cfg.kwargs)
+        common = {"HAS_BIAS": True, "UPCAST": False, "DOT_PRECISION": "tf32", **blocks}
+        sig = {"X": dt, "W": dt, "Bias": dt, "Tgt": "*i64", "Mo": "*fp32", "So": "*fp32", "Ao": "*fp32", "Zo": "*fp32",
+               "N": "i32", "V": "i32", "H": "i32", "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64",
+               "stride_wh": "i64", "inv_temp": "fp32", "split_size": "i32", "n_splits": "i32", "ignore_index": "i64",
+               **{k: "constexpr" for k in common}}
+        k = triton.compile(ASTSource(fn=K._linear_stats_fwd_kernel, signature=sig, constexprs=common), target=target,
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(("fwd", dt, str(blocks), k.metadata.shared, bool(k.asm["cubin"])))
+        common = {"HAS_BIAS": True, "HAS_GH": True, "UPCAST": False, "DOT_PRECISION": "tf32", **blocks}
+        sig = {"X": dt, "W": dt, "Bias": dt, "Tgt": "*i64", "Lse": "*fp32", "Ent": "*fp32", "GL": "*fp32",
+               "GH": "*fp32", "CP": "*fp32", "DZ": dt, "N": "i32", "V": "i32", "H": "i32", "v_begin": "i32",
+               "v_end": "i32", "stride_xn": "i64", "stride_xh": "i64", "stride_wv": "i64", "stride_wh": "i64",
+               "stride_dzn": "i64", "inv_temp": "fp32", "ignore_index": "i64", **{k: "constexpr" for k in common}}
+        k = triton.compile(ASTSource(fn=K._linear_dlogits_kernel, signature=sig, constexprs=common), target=target,
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(("dlogits", dt, str(blocks), k.metadata.shared, bool(k.asm["cubin"])))
+print(json.dumps(out))
+"""
+
+
+def test_linear_kernels_compile_for_sm90(tmp_path):
+    """The linear kernels (with the ignore_index row masking) compile for an H100/H200 (sm_90) down to a cubin with
+    Triton's bundled ptxas, for every autotune config with bf16 operands (shared memory per config printed)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    from rlvr_kernels.kernels import logprobs as K
+
+    assert len(rows) == 2 * len(K._gpu_configs()) and all(row[-1] for row in rows)
+    for row in rows:
+        print(*row)
