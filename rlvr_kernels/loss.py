@@ -721,6 +721,7 @@ class _FusedLoss(torch.autograd.Function):
         loss = x.new_zeros((), dtype=torch.float32)
         sums: dict = {}
         active_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)
+        lse_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)  # checked once, after the last chunk
         for sl, cols in _chunks(cfg, B, T, V, x.device):
             rows = batch.rows(sl, cols)
             nr, nc = rows["mask"].shape
@@ -738,7 +739,6 @@ class _FusedLoss(torch.autograd.Function):
                 z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
                 lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index,
                                                                            probs=True)  # logz is z
-            ref_lp.check_finite_rows(lse, ~ignored, "RLVRLoss")
             # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
             lp_leaf = lp.view(nr, nc).float().requires_grad_()
             ent_leaf = ent.view(nr, nc).float().requires_grad_()
@@ -756,6 +756,7 @@ class _FusedLoss(torch.autograd.Function):
                 dz *= inv_temp
             loss += chunk_loss.detach().float()
             active_all[sl, cols] = active.detach()
+            lse_all[sl, cols] = lse.view(nr, nc)
             for k, v in chunk_sums.items():
                 if k.startswith("row_"):  # per-row statistics [rows]: accumulated over a row's segments
                     if k not in sums:
@@ -770,6 +771,8 @@ class _FusedLoss(torch.autograd.Function):
             if need_b:
                 db += dz.sum(0, dtype=torch.float32)
             del z, dz
+        # one host sync for the whole batch (not one per chunk): a row that counts has finite logits
+        ref_lp.check_finite_rows(lse_all.view(-1), batch.ids.reshape(-1) != cfg.ignore_index, "RLVRLoss")
         info["sums"] = sums
         info["active"] = active_all
         # kept until the graph is freed: a second backward (retain_graph=True) gets the same gradients

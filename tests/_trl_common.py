@@ -56,3 +56,19 @@ def even_words(completions, **kwargs):
         ws = [w for w in c.split() if w.startswith("w")]
         out.append(sum(int(w[1:]) % 2 == 0 for w in ws) / 8.0)
     return out
+
+
+def delta_oracle_inputs(trainer, out):
+    """Independently of the integration, DelTA's inputs for a scored generation batch ``out``: the backbone's final
+    hidden states (``model.model(...).last_hidden_state``, the lm_head input) ``[B, T, H]``, the log-probs of the
+    completions from explicit logits at the rollout temperature ``[B, T]`` and the completion mask (theta_old)."""
+    import torch
+
+    P = out["prompt_ids"].size(1)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    with torch.no_grad():
+        h = trainer.model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, P - 1:-1]
+        z = trainer.model.lm_head(h).float() / trainer.args.temperature
+        lp = torch.log_softmax(z, -1).gather(-1, out["completion_ids"][..., None])[..., 0]
+    return h, lp, out["completion_mask"].bool()

@@ -25,7 +25,7 @@ pytest.importorskip("trl")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from _trl_common import BASE, WORDS, dataset, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402,F401
+from _trl_common import BASE, WORDS, dataset, delta_oracle_inputs, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402,F401
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer, linear_logprobs  # noqa: E402
 
 HAS_CPPO = importlib.util.find_spec("rlvr_kernels.cppo") is not None
@@ -223,14 +223,7 @@ class OracleTrainer(RLVRGRPOTrainer):
 
         out = super()._generate_and_score_completions(inputs)
         a = self.args
-        P, T = out["prompt_ids"].size(1), out["completion_ids"].size(1)
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
-        am = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-        with torch.no_grad():
-            h = self.model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, P - 1:-1]
-            z = self.model.lm_head(h).float() / a.temperature
-            lp = torch.log_softmax(z, -1).gather(-1, out["completion_ids"][..., None])[..., 0]
-        mask = out["completion_mask"].bool()
+        h, lp, mask = delta_oracle_inputs(self, out)
         want = delta_coefficients(h, lp, out["advantages"], mask, iters=a.delta_iters, lam_min=a.delta_lam_min,
                                   lam_max=a.delta_lam_max, exclude_zero_adv=a.delta_exclude_zero_adv,
                                   backend="torch")
