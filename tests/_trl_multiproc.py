@@ -39,17 +39,17 @@ from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer  # noq
 
 MODEL_DIR, OUT_DIR = sys.argv[1], pathlib.Path(sys.argv[2])
 REAL_LOSS = integ.rlvr_loss
-COMMON = dict(gradient_accumulation_steps=2, schedule_end=1.0)
+COMMON = dict(gradient_accumulation_steps=2, schedule_end_frac=1.0)
 METHODS = {
     "tp_schedule": dict(credit="tp_schedule"),
-    "forking": dict(credit="forking"),
-    "entropy_adv": dict(credit="entropy_adv"),
+    "forking": dict(credit="forking", schedule=True),
+    "entropy_adv": dict(credit="entropy_adv", schedule=True),
     "d3s": dict(credit="d3s", d3s_scope="batch", credit_rho=0.5),
     "delta": dict(credit="delta"),
     "dppo": dict(trust_region="dppo", num_iterations=2),
     "cppo": dict(trust_region="cppo", num_iterations=2),
     # TRL's default precision under DDP: bf16 autocast, accelerate's fp32 output conversion, DDP's output handling
-    "forking_bf16": dict(credit="forking", bf16=True),
+    "forking_bf16": dict(credit="forking", schedule=True, bf16=True),
     "cppo_bf16": dict(trust_region="cppo", num_iterations=2, bf16=True),
 }
 
@@ -127,8 +127,8 @@ class DeltaOracle(RLVRGRPOTrainer):
         a = self.args
         h, lp, mask = delta_oracle_inputs(self, out)
         adv = out["advantages"].float()
-        kw = dict(iters=a.delta_iters, lam_min=a.delta_lam_min, lam_max=a.delta_lam_max,
-                  exclude_zero_adv=a.delta_exclude_zero_adv, backend="torch")
+        kw = dict(iters=a.delta_coef_iters, lam_min=a.delta_coef_lam_min, lam_max=a.delta_coef_lam_max,
+                  exclude_zero_adv=a.delta_coef_exclude_zero_adv, backend="torch")
         local = delta_coefficients(h, lp, adv, mask, **kw)
         acc = self.accelerator
         B, T = mask.shape

@@ -9,7 +9,7 @@ A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer, a toy promp
 - every method runs two steps with a finite loss, logs its rlvr/ metrics, and the schedule value advances;
 - DelTA (credit="delta"): the coefficients that reach the loss equal delta_coefficients(...) computed from the
   backbone's final hidden states and the old log-probs of the whole generation batch (cached and streamed), and
-  delta_lam_min == delta_lam_max trains exactly like TRL;
+  delta_coef_lam_min == delta_coef_lam_max trains exactly like TRL;
 - the ZeRO-3 form of the head (regathered in the backward) gives the same gradients as the direct one;
 - bad configurations fail with clear errors.
 """
@@ -78,13 +78,23 @@ NEUTRAL = {
                                       credit="forking", credit_rho=1.0, entropy_coef=0.05),
     # entropy-shaped advantages with a zero bonus scale: grpo's per-sequence mean, /GA, with a reference model
     "entropy_adv_zero_grpo": dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2, credit="entropy_adv",
-                                  schedule_mode="constant", schedule_start_value=0.0),
+                                  schedule=True, schedule_mode="constant", schedule_start_value=0.0),
     # DPPO on-policy: every token kept, -A rho has the PPO-clip gradient at rho = 1
     # (the trainer computes the behaviour log-probs TRL skips); loss_type picks the normaliser
     "dppo_onpolicy_bnpo": dict(loss_type="bnpo", trust_region="dppo"),
     "dppo_onpolicy_grpo_ga2": dict(loss_type="grpo", trust_region="dppo", gradient_accumulation_steps=2),
     "dppo_onpolicy_dr_grpo": dict(loss_type="dr_grpo", trust_region="dppo"),
 }
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_cispo_trust_region_is_trls_cispo(tmp_path, model_dir, ga):
+    """trust_region='cispo' on a dapo config (the catalogue's trust region, offered by TRL and verl alike) trains
+    exactly like TRL's own loss_type='cispo': the clamp at epsilon_high, the token-count normaliser, the metric."""
+    kw = dict(epsilon_high=1.05, num_iterations=2, gradient_accumulation_steps=ga)
+    ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, loss_type="cispo", **kw)
+    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, loss_type="dapo", trust_region="cispo", **kw)
+    assert_same_training(ref, got, ("loss", "grad_norm", "entropy", "cispo_clip_ratio"))
 
 
 @pytest.mark.parametrize("name", list(NEUTRAL))
@@ -99,16 +109,17 @@ def test_rlvr_loss_path_matches_trl_when_neutral(tmp_path, model_dir, name):
 
 METHODS = {
     "tp_schedule": dict(credit="tp_schedule"),
-    "forking": dict(credit="forking"),
-    "entropy_adv": dict(credit="entropy_adv"),
-    "d3s": dict(credit="d3s"),
+    "forking": dict(credit="forking", schedule=True),
+    "entropy_adv": dict(credit="entropy_adv", schedule=True),
+    "d3s": dict(credit="d3s", schedule=True),
+    "forking_fixed_rho": dict(credit="forking"),
     "d3s_sequence_rho": dict(credit="d3s", d3s_scope="sequence", credit_rho=0.5, loss_type="grpo"),
     "dppo": dict(trust_region="dppo", num_iterations=2),
     "cppo": dict(trust_region="cppo", num_iterations=2),
     "tp_schedule_cppo": dict(credit="tp_schedule", trust_region="cppo", loss_type="dr_grpo"),
-    "forking_dppo_grpo": dict(credit="forking", trust_region="dppo", loss_type="grpo", num_iterations=2),
+    "forking_dppo_grpo": dict(credit="forking", schedule=True, trust_region="dppo", loss_type="grpo", num_iterations=2),
     "delta": dict(credit="delta"),
-    "delta_dppo_streamed": dict(credit="delta", trust_region="dppo", num_iterations=2, delta_cache_bytes=0),
+    "delta_dppo_streamed": dict(credit="delta", trust_region="dppo", num_iterations=2, delta_coef_cache_bytes=0),
 }
 
 
@@ -117,14 +128,14 @@ def test_methods_train(tmp_path, model_dir, name):
     kw = METHODS[name]
     if kw.get("trust_region") == "cppo" and not HAS_CPPO:
         pytest.skip("rlvr_kernels.cppo is not in this build")
-    # schedule_end=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
-    logs = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, schedule_end=1.0, **kw)
+    # schedule_end_frac=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
+    logs = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, schedule_end_frac=1.0, **kw)
     for row in logs:
         assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
         assert 0.0 < row["rlvr/active_fraction"] <= 1.0
         assert math.isfinite(row["entropy"])
     credit = kw.get("credit", "none")
-    scheduled = credit in ("tp_schedule", "entropy_adv") or (credit in ("forking", "d3s") and "credit_rho" not in kw)
+    scheduled = credit == "tp_schedule" or kw.get("schedule") is True
     if scheduled:
         q = [row["rlvr/schedule_value"] for row in logs]
         assert q[0] == pytest.approx(0.495) and q[1] == pytest.approx(0.0)
@@ -172,7 +183,7 @@ def test_token_count_normaliser_counts_kept_tokens(tmp_path, model_dir, monkeypa
         return loss, metrics
 
     monkeypatch.setattr(integ, "rlvr_loss", spy)
-    train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="tp_schedule", schedule_end=1.0,
+    train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="tp_schedule", schedule_end_frac=1.0,
           gradient_accumulation_steps=2)
     assert [c[3] for c in calls] == [1, 1, 2, 2]
     first, second = calls[:2], calls[2:]
@@ -224,8 +235,8 @@ class OracleTrainer(RLVRGRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         a = self.args
         h, lp, mask = delta_oracle_inputs(self, out)
-        want = delta_coefficients(h, lp, out["advantages"], mask, iters=a.delta_iters, lam_min=a.delta_lam_min,
-                                  lam_max=a.delta_lam_max, exclude_zero_adv=a.delta_exclude_zero_adv,
+        want = delta_coefficients(h, lp, out["advantages"], mask, iters=a.delta_coef_iters, lam_min=a.delta_coef_lam_min,
+                                  lam_max=a.delta_coef_lam_max, exclude_zero_adv=a.delta_coef_exclude_zero_adv,
                                   backend="torch")
         self.oracle.append((out, want, lp, mask))
         return out
@@ -241,8 +252,8 @@ ORACLE = {
     "cached_t07_ga2": (dict(gradient_accumulation_steps=2, temperature=0.7), 2, 4, 1),
     # no cache: each of the K + 3 phases re-runs the backbone (K + 3 = 5 passes, as the official code); TRL computes
     # the old log-probs itself (GA 1 < steps_per_generation 2, one more pass), E spans two optimizer steps
-    "streamed_k2_spg2": (dict(delta_cache_bytes=0, delta_iters=2, steps_per_generation=2), 1, 2, 1 + 5),
-    "exclude_zero_adv_grpo": (dict(delta_exclude_zero_adv=True, delta_lam_min=0.5, delta_lam_max=2.0,
+    "streamed_k2_spg2": (dict(delta_coef_cache_bytes=0, delta_coef_iters=2, steps_per_generation=2), 1, 2, 1 + 5),
+    "exclude_zero_adv_grpo": (dict(delta_coef_exclude_zero_adv=True, delta_coef_lam_min=0.5, delta_coef_lam_max=2.0,
                                    loss_type="grpo", gradient_accumulation_steps=2), 2, 4, 1),
 }
 
@@ -281,12 +292,12 @@ def test_delta_coefficients_match_oracle(tmp_path, model_dir, monkeypatch, name)
 
 
 def test_delta_equal_lams_trains_like_trl(tmp_path, model_dir, monkeypatch):
-    """delta_lam_min == delta_lam_max: every coefficient is 1 and the RLVRLoss path trains exactly like TRL."""
+    """delta_coef_lam_min == delta_coef_lam_max: every coefficient is 1 and the RLVRLoss path trains exactly like TRL."""
     kw = dict(loss_type="dapo", gradient_accumulation_steps=2)
     ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, **kw)
     calls = _capture_loss_inputs(monkeypatch)
-    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="delta", delta_lam_min=0.9,
-                delta_lam_max=0.9, **kw)
+    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="delta", delta_coef_lam_min=0.9,
+                delta_coef_lam_max=0.9, **kw)
     assert_same_training(ref, got)
     assert len(calls) == 4
     for _, mask, coef in calls:
@@ -299,26 +310,27 @@ def cfg(tmp_path, **kw):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(credit="delta", delta_iters=-1), "delta_iters"),
-    (dict(credit="delta", delta_iters=1.5), "delta_iters"),
-    (dict(credit="delta", delta_lam_min=0.0), "delta_lam_min must be a finite number > 0"),
-    (dict(credit="delta", delta_lam_min=1.2, delta_lam_max=0.8), "delta_lam_max must be a finite number >= "),
-    (dict(credit="delta", delta_lam_max=float("inf")), "delta_lam_max"),
-    (dict(credit="delta", delta_exclude_zero_adv="yes"), "delta_exclude_zero_adv must be a bool"),
-    (dict(credit="delta", delta_cache_bytes=-1), "delta_cache_bytes"),
+    (dict(credit="delta", delta_coef_iters=-1), "delta_coef_iters"),
+    (dict(credit="delta", delta_coef_iters=1.5), "delta_coef_iters"),
+    (dict(credit="delta", delta_coef_lam_min=0.0), "delta_coef_lam_min must be a finite number > 0"),
+    (dict(credit="delta", delta_coef_lam_min=1.2, delta_coef_lam_max=0.8), "delta_coef_lam_max must be a finite number >= "),
+    (dict(credit="delta", delta_coef_lam_max=float("inf")), "delta_coef_lam_max"),
+    (dict(credit="delta", delta_coef_exclude_zero_adv="yes"), "delta_coef_exclude_zero_adv must be a bool"),
+    (dict(credit="delta", delta_coef_cache_bytes=-1), "delta_coef_cache_bytes"),
     (dict(credit="delta", top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(credit="nope"), "credit must be one of"),
     (dict(trust_region="ppo"), "trust_region must be one of"),
     (dict(trust_region="dppo", loss_type="sapo"), "loss_type then only picks the normaliser"),
     (dict(trust_region="dppo", importance_sampling_level="sequence"), "importance_sampling_level"),
     (dict(trust_region="dppo", delta=2.0), "delta"),
-    (dict(credit="tp_schedule", credit_rho=0.2), "credit_rho applies"),
-    (dict(credit="forking", credit_rho=0.0), "credit_rho"),
+    (dict(credit="tp_schedule", schedule=False), "schedule cannot be False"),
+    (dict(credit="forking", credit_rho=1.5), "credit_rho"),
+    (dict(credit="delta", schedule=True), "schedule=True applies"),
     (dict(credit="forking", top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(credit="forking", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(credit="tp_schedule", schedule_begin=0.9, schedule_end=0.5), "schedule"),
+    (dict(credit="tp_schedule", schedule_begin_frac=0.9, schedule_end_frac=0.5), "schedule"),
     (dict(credit="tp_schedule", schedule_mode="zigzag"), "schedule"),
-    (dict(trust_region_ratio_cap=10.0), "trust_region_ratio_cap"),
+    (dict(ratio_cap=10.0), "ratio_cap"),
 ])
 def test_bad_configs(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -165,16 +165,16 @@ def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend
               vllm_is_ratio=torch.rand(B, T) * 0.5 + 0.75)
     want = run(RLVRLoss(fused=False, backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
     budget = 3 * V * 4
-    monkeypatch.setattr(L, "FUSED_CHUNK_BYTES_CPU", budget)
+    monkeypatch.setattr(L.fused, "FUSED_CHUNK_BYTES_CPU", budget)
     seen = []
-    real = L._chunks
+    real = L.fused.chunks
 
     def spy(*a):
         out = real(*a)
         seen.extend(out)
         return out
 
-    monkeypatch.setattr(L, "_chunks", spy)
+    monkeypatch.setattr(L.fused, "chunks", spy)
     got = run(RLVRLoss(fused="auto", backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
     assert L.token_local(L.LossConfig(**cfg))
     assert len(seen) == B * math.ceil(T / 3) and all(c.stop - c.start <= 3 for _, c in seen)

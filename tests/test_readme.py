@@ -46,7 +46,7 @@ def test_readme_trl_recipe_trains(tmp_path, monkeypatch):
                       eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
     model_dir = tmp_path / "tiny"
     Qwen2ForCausalLM(cfg).save_pretrained(model_dir)
-    test_args = dict(t.BASE, max_steps=3)  # q(1) = 0.495, q(2) = q(3) = 0 with schedule_end=0.8
+    test_args = dict(t.BASE, max_steps=3)  # q(1) = 0.495, q(2) = q(3) = 0 with schedule_end_frac=0.8
     assert "GRPOConfig(\n" in src
     src = src.replace("GRPOConfig(\n", "GRPOConfig(**_test_args,\n", 1)
     assert src.count("GRPOTrainer(model=") == 1  # the tiny model has no tokenizer files: hand it ours
@@ -87,6 +87,6 @@ def test_readme_verl_recipe_resolves_to_our_loss():
     mode = actor.policy_loss.loss_mode
     assert mode in rv.LOSS_NAMES and get_policy_loss_fn(mode) is rv._LOSSES[mode]
     opts = rv._options(actor)
-    assert (opts.schedule_mode, opts.schedule_end) == ("linear", 0.8)
+    assert (opts.schedule_mode, opts.schedule_end_frac) == ("linear", 0.8)
     assert cfg.actor_rollout_ref.model.use_fused_kernels is True
     assert cfg.actor_rollout_ref.model.fused_kernel_options.impl_backend in rv._FORWARD_BACKENDS

@@ -115,8 +115,8 @@ def assert_rlvr_metrics(logs, kw):
             assert math.isfinite(row["rlvr/cppo_delta_b_mean"]), row
         if credit == "delta":
             assert row["rlvr/delta_coef_std"] >= 0.0, row
-    scheduled = credit in ("tp_schedule", "entropy_adv") or (credit in ("forking", "d3s") and "credit_rho" not in kw)
-    if scheduled:  # schedule_end=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
+    scheduled = credit == "tp_schedule" or kw.get("schedule") is True
+    if scheduled:  # schedule_end_frac=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
         assert [row["rlvr/schedule_value"] for row in logs] == pytest.approx([0.495, 0.0])
     if credit in ("tp_schedule", "forking", "d3s"):
         assert logs[0]["rlvr/active_fraction"] < 1.0
@@ -128,9 +128,9 @@ def assert_rlvr_metrics(logs, kw):
 
 BF16_METHODS = {
     "tp_schedule": dict(credit="tp_schedule"),
-    "forking": dict(credit="forking"),
-    "entropy_adv": dict(credit="entropy_adv"),
-    "d3s": dict(credit="d3s"),
+    "forking": dict(credit="forking", schedule=True),
+    "entropy_adv": dict(credit="entropy_adv", schedule=True),
+    "d3s": dict(credit="d3s", schedule=True),
     "delta": dict(credit="delta"),
     "dppo": dict(trust_region="dppo", num_iterations=2),
     "cppo": dict(trust_region="cppo", num_iterations=2),
@@ -142,7 +142,7 @@ def test_bf16_autocast_trains(tmp_path, model_dir, monkeypatch, name):
     """TRL's default bf16=True (not set by the test): on CPU accelerate runs the forward under bf16 autocast and
     converts its outputs to fp32, rebuilding returned containers. Every method trains, logs its metrics, and the loss
     ran with autocast off on bf16 hidden states (the dtype the lm_head would have used)."""
-    kw = dict(BF16_METHODS[name], schedule_end=1.0)
+    kw = dict(BF16_METHODS[name], schedule_end_frac=1.0)
     calls = spy_loss(monkeypatch)
     trainer, logs, before = run(tmp_path, model_dir, **kw)
     assert trainer.args.bf16 is True and trainer.accelerator.mixed_precision == "bf16"
@@ -157,8 +157,8 @@ def test_bf16_autocast_trains(tmp_path, model_dir, monkeypatch, name):
 
 BF16_WEIGHTS = {
     "defaults": dict(),
-    "forking": dict(credit="forking"),
-    "d3s": dict(credit="d3s"),  # the composable path
+    "forking": dict(credit="forking", schedule=True),
+    "d3s": dict(credit="d3s", schedule=True),  # the composable path
     "delta": dict(credit="delta"),
     "cppo": dict(trust_region="cppo", num_iterations=2),
 }
@@ -167,7 +167,7 @@ BF16_WEIGHTS = {
 @pytest.mark.parametrize("name", list(BF16_WEIGHTS))
 def test_bf16_weights_train(tmp_path, model_dir, monkeypatch, name):
     """A model loaded in bfloat16 (and TRL's default bf16=True): parameters stay bf16 and change, metrics are logged."""
-    kw = dict(BF16_WEIGHTS[name], schedule_end=1.0)
+    kw = dict(BF16_WEIGHTS[name], schedule_end_frac=1.0)
     calls = spy_loss(monkeypatch)
     trainer, logs, before = run(tmp_path, model_dir, dtype=torch.bfloat16, **kw)
     assert_trained(trainer, logs, before, dtype=torch.bfloat16)
@@ -265,12 +265,12 @@ def reference_masked(tr, args, logp, mu, adv, mask):
 
     adv = adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
     if tr == "cppo":
-        keep = cppo_mask(logp, mu, adv, mask, delta=args.cppo_delta, w_min=args.cppo_w_min,
+        keep = cppo_mask(logp, mu, adv, mask, delta=args.trust_region_delta, w_min=args.cppo_w_min,
                          delta_b=args.cppo_delta_b, budget=args.cppo_budget, quantile=args.cppo_quantile,
                          max_mult=args.cppo_max_mult, horizon=args.cppo_horizon, backend="torch").mask
-    else:  # DPPO Binary-TV: a move toward mu is kept, else |pi(a) - mu(a)| within cppo_delta
+    else:  # DPPO Binary-TV: a move toward mu is kept, else |pi(a) - mu(a)| within trust_region_delta
         diff = logp.exp() - mu.exp()
-        keep = torch.where(adv > 0, diff <= args.cppo_delta, diff >= -args.cppo_delta)
+        keep = torch.where(adv > 0, diff <= args.trust_region_delta, diff >= -args.trust_region_delta)
     return int((mask & ~keep.bool()).sum())
 
 

@@ -115,6 +115,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
     ) from exc
 
 from rlvr_kernels import loss as _loss
+from rlvr_kernels import methods as _methods
 from rlvr_kernels.logprobs import fused_linear_logprobs
 from rlvr_kernels.reference import loss as _ref_loss
 from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
@@ -564,7 +565,7 @@ def _ensure_tp_mask(spec, cfg, mask, q, ctx, gbi, loss_agg_mode):
             "rlvr_tp_schedule with loss_agg_mode=token-mean inside verl needs the worker hook: verl's batch_num_tokens "
             "counts the tokens before the cut-off, so the loss would shrink with q. Load this module in the workers "
             "(VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl) and keep RLVR_VERL_HOOKS unset")
-    return _loss._credit_mask_static(cfg, mask, q)
+    return _methods.credit(cfg.credit).static_mask(cfg, mask, q)
 
 
 def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
@@ -629,8 +630,7 @@ def _policy_loss(spec: _Spec, old_log_prob, log_prob, advantages, response_mask,
         coef = coef.detach().float()
     mu = old if mu is None else mu.detach().float()
     is_ratio = rollout_is_weights.detach().float() if rollout_is_weights is not None else None
-    rows = dict(mask=mask, adv=advantages.detach().float(), old=old, ref=None, mu=mu, is_ratio=is_ratio,
-                coef=coef, old_ent=None, ids=None)
+    rows = _loss.Rows(mask=mask, adv=advantages.detach().float(), old=old, mu=mu, is_ratio=is_ratio, coef=coef)
     one = torch.ones((), dtype=torch.float32, device=log_prob.device)
     loss_unnorm, sums, active = _loss.token_pass(cfg, logp, entropy, rows, q, one, one)
     norm = _normaliser(cfg, active, T, gbi)
@@ -657,22 +657,22 @@ def _check_finite(loss_name: str, valid: torch.Tensor, named) -> None:
 
 def _metrics(sums, valid, mask, logp, old, q, step, coef) -> dict:
     """Floats, as verl's own losses return them (verl wraps them in its ``Metric``, mean over micro-batches)."""
-    act = sums["active"].clamp(min=1.0)
+    act = sums.active.clamp(min=1.0)
     on = mask > 0  # a select: log-probs at padding may be NaN / -inf (NaN * 0 is NaN)
     kl = torch.where(on, old - logp.detach(), torch.zeros((), dtype=old.dtype, device=old.device))
     m = {
-        "rlvr/clip_ratio": (sums["clipped"] / act).item(),
-        "rlvr/clip_ratio_low": (sums["low_clipped"] / act).item(),
-        "rlvr/clip_ratio_high": (sums["high_clipped"] / act).item(),
-        "rlvr/active_fraction": (sums["active"] / valid.sum().clamp(min=1.0)).item(),
+        "rlvr/clip_ratio": (sums.clipped / act).item(),
+        "rlvr/clip_ratio_low": (sums.low_clipped / act).item(),
+        "rlvr/clip_ratio_high": (sums.high_clipped / act).item(),
+        "rlvr/active_fraction": (sums.active / valid.sum().clamp(min=1.0)).item(),
         "rlvr/ppo_kl": (kl.sum() / mask.sum().clamp(min=1.0)).item(),
     }
-    if "entropy" in sums:
-        m["rlvr/entropy"] = (sums["entropy"] / act).item()
-    if "trust_masked" in sums:
-        m["rlvr/trust_region_masked_fraction"] = (sums["trust_masked"] / act).item()
-    if "cppo_delta_b_sum" in sums:
-        m["rlvr/cppo_delta_b_mean"] = (sums["cppo_delta_b_sum"] / max(1, int((valid.sum(-1) > 0).sum()))).item()
+    if sums.entropy is not None:
+        m["rlvr/entropy"] = (sums.entropy / act).item()
+    if sums.trust_masked is not None:
+        m["rlvr/trust_region_masked_fraction"] = (sums.trust_masked / act).item()
+    if sums.cppo_delta_b_sum is not None:
+        m["rlvr/cppo_delta_b_mean"] = (sums.cppo_delta_b_sum / max(1, int((valid.sum(-1) > 0).sum()))).item()
     if q is not None:
         m["rlvr/schedule_value"] = float(q)
         m["rlvr/step"] = float(step)

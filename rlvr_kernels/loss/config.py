@@ -1,0 +1,139 @@
+"""``LossConfig``: the settings of :class:`rlvr_kernels.RLVRLoss`, validated once.
+
+Liger's constructor keywords keep their names, defaults and meaning; the method options (credit rules, trust regions)
+take their names, defaults and checks from the catalogue (:mod:`rlvr_kernels.methods`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from rlvr_kernels import _checks as C
+from rlvr_kernels import methods as M
+from rlvr_kernels._backend import BACKENDS
+from rlvr_kernels.reference import loss as ref_loss
+from rlvr_kernels.schedule import TemporalSchedule
+
+IS_LEVELS = ("token", "sequence")
+
+#: The catalogue options that are ``LossConfig`` fields (the others are trainer-level: the schedule settings, which
+#: reach the loss as a :class:`TemporalSchedule`, and DelTA's estimator settings, which reach it as coefficients).
+LOSS_METHOD_OPTIONS = ("credit_rho", "entropy_adv_alpha", "entropy_adv_kappa", "d3s_scope", "ratio_cap",
+                       "cppo_w_min", "cppo_delta_b", "cppo_budget", "cppo_quantile", "cppo_max_mult", "cppo_horizon",
+                       "cppo_divergence")
+_D = M.option_defaults(LOSS_METHOD_OPTIONS)
+
+
+@dataclass
+class LossConfig:
+    """Settings of :class:`RLVRLoss` (validated in ``__post_init__``); see its docstring for their meaning."""
+
+    beta: float = 0.04
+    compiled: bool = True
+    use_ref_model: bool = True
+    chunk_size: int = 1
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"
+    max_completion_length: Optional[int] = None
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    temperature: float = 1.0
+    delta: Optional[float] = None
+    use_bias_correction_kl: bool = False
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    # beyond Liger
+    aggregation: Optional[str] = None
+    loss_horizon: Optional[int] = None
+    dual_clip: Optional[float] = None
+    cispo_min: Optional[float] = None
+    ratio_cap: Optional[float] = _D["ratio_cap"]
+    log_ratio_clip: Optional[float] = None
+    entropy_coef: float = 0.0
+    credit: str = "none"
+    schedule: Optional[TemporalSchedule] = None
+    credit_rho: float = _D["credit_rho"]
+    entropy_adv_alpha: float = _D["entropy_adv_alpha"]
+    entropy_adv_kappa: float = _D["entropy_adv_kappa"]
+    d3s_scope: str = _D["d3s_scope"]
+    cppo_w_min: float = _D["cppo_w_min"]
+    cppo_delta_b: float = _D["cppo_delta_b"]
+    cppo_budget: str = _D["cppo_budget"]
+    cppo_quantile: float = _D["cppo_quantile"]
+    cppo_max_mult: float = _D["cppo_max_mult"]
+    cppo_horizon: Optional[int] = _D["cppo_horizon"]
+    cppo_divergence: str = _D["cppo_divergence"]
+    fused: object = "auto"
+    backend: str = "auto"
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        if self.credit is None:
+            self.credit = "none"
+        self._check_numbers()
+        for name in LOSS_METHOD_OPTIONS:
+            setattr(self, name, M.check_option(name, getattr(self, name)))
+        C.choice("loss_type", self.loss_type, ref_loss.LOSS_TYPES)
+        C.choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo", "dppo", "cppo"):
+            raise ValueError(f"importance_sampling_level='sequence' (GSPO) is not supported with "
+                             f"loss_type={self.loss_type!r}: its trust region or weight is per token")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length (it divides by B * max_completion_length)")
+        if self.aggregation is not None:
+            C.choice("aggregation", self.aggregation, ref_loss.VERL_AGGREGATIONS)
+        rule = M.credit(self.credit)
+        if rule.schedule == "required" and self.schedule is None:
+            raise ValueError(f"credit={self.credit!r} needs a schedule=TemporalSchedule(...) (its cut-off moves with "
+                             "the step)")
+        if self.schedule is not None and not isinstance(self.schedule, TemporalSchedule):
+            raise TypeError(f"schedule must be a TemporalSchedule, got {type(self.schedule).__name__}")
+        C.choice("backend", self.backend, BACKENDS)
+        if self.dual_clip is not None and self.loss_type not in ref_loss.PPO_CLIP_TYPES:
+            raise ValueError(f"dual_clip applies to the PPO-clip loss types {ref_loss.PPO_CLIP_TYPES}, "
+                             f"not {self.loss_type!r}")
+        capped = tuple(t.loss_type for t in M.TRUST_REGIONS.values() if "ratio_cap" in t.options)
+        if self.ratio_cap is not None and self.loss_type not in capped:
+            raise ValueError(f"ratio_cap (truncated IS, verl's dppo/cppo form) applies to loss_type {capped}")
+        if isinstance(self.fused, str) and self.fused != "auto" or not isinstance(self.fused, (str, bool)):
+            raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
+        if self.fused is True and self.batch_selection:
+            raise ValueError(f"fused=True cannot run credit={self.credit!r} with d3s_scope='batch': the batch-wide "
+                             "top-rho selection needs every token's current entropy before any chunk's gradient; "
+                             "use fused='auto' (composable path) or d3s_scope='sequence'")
+
+    @property
+    def batch_selection(self) -> bool:
+        """Whether the credit rule's per-row active counts are known only after the vocabulary pass of the whole
+        batch (a selection over the batch: D^3S with ``d3s_scope="batch"``)."""
+        return M.credit(self.credit).selects_over_batch(self)
+
+    def _check_numbers(self) -> None:
+        """Every Liger-level number and flag: type and range, stored back as a plain Python value (NaN never
+        passes). The method options are checked by the catalogue."""
+        pos = dict(low=0.0, low_open=True)
+        nonneg = dict(low=0.0)
+        reals = {"beta": nonneg, "epsilon_low": nonneg, "epsilon_high": nonneg, "sapo_temperature_pos": pos,
+                 "sapo_temperature_neg": pos, "vespo_k_pos": nonneg, "vespo_lambda_pos": nonneg,
+                 "vespo_k_neg": nonneg, "vespo_lambda_neg": nonneg, "entropy_coef": {}}
+        optional_reals = {"delta": pos, "loss_horizon": pos, "dual_clip": dict(low=1.0, low_open=True),
+                          "cispo_min": nonneg, "log_ratio_clip": pos}
+        for name, rng in reals.items():
+            setattr(self, name, C.real(name, getattr(self, name), **rng))
+        for name, rng in optional_reals.items():
+            setattr(self, name, C.optional_real(name, getattr(self, name), **rng))
+        self.temperature = C.temperature(self.temperature)
+        self.chunk_size = C.integer("chunk_size", self.chunk_size, low=1)
+        self.max_completion_length = C.optional_integer("max_completion_length", self.max_completion_length, low=1)
+        self.ignore_index = C.integer("ignore_index", self.ignore_index)
+        for name in ("compiled", "use_ref_model", "use_bias_correction_kl"):
+            C.flag(name, getattr(self, name))
+
+
+def token_local(cfg: LossConfig) -> bool:
+    """Whether the fused path may split a row into segments (:func:`rlvr_kernels.methods.token_local`)."""
+    return M.token_local(cfg)

@@ -1,0 +1,468 @@
+"""The method catalogue: every credit rule and trust region of the package, in one place.
+
+A *credit rule* decides which tokens of a batch take part in the loss and how strongly (TP-Schedule, forking
+tokens, entropy-shaped advantages, D^3S, DelTA); a *trust region* decides how far the policy may move on each token
+(PPO clip, DPPO, CISPO, CPPO). Each one is a single entry here: its name, the options it reads (defaults and
+validation in :data:`OPTIONS`), whether it is token-local, the inputs it needs and how it counts the active tokens
+before the vocabulary pass. Its math lives in its op (``credit.py``, ``cppo.py``, ``delta.py``) and that op's
+plain-torch reference; its page is under ``docs/methods/``.
+
+Everything that used to keep its own list reads this module: :class:`rlvr_kernels.RLVRLoss` (option checks, the
+token pass, the planned active-token counts), the TRL plug-in (its config fields and their help, the trust regions
+it offers), the verl plug-in (the ``rlvr_*`` loss names and the ``policy_loss.rlvr`` keys) and the benchmark cases.
+
+Adding a method: one entry in :data:`CREDITS` or :data:`TRUST_REGIONS` (plus its options in :data:`OPTIONS`), its op
+and its reference; ``CONTRIBUTING.md`` has the checklist.
+
+Order of composition inside the loss (``docs/methods/objectives.md``): (1) the credit **mask** shrinks the loss mask
+(:meth:`CreditRule.static_mask` before the vocabulary pass, :meth:`CreditRule.policy_mask` after it); (2) the
+**advantage shaping** rescales A per token (:meth:`CreditRule.shape`); (3) the **trust region** of the objective
+(:meth:`TrustRegion.mask`); (4) the **aggregation** over the tokens that remain: every normaliser that counts tokens
+counts the active ones, known in advance from :meth:`CreditRule.planned_counts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Optional
+
+import torch
+
+from rlvr_kernels import _checks as C
+from rlvr_kernels.reference import cppo as _ref_cppo
+from rlvr_kernels.reference.credit import topk_budget
+from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
+
+__all__ = [
+    "Option", "OPTIONS", "RENAMED_OPTIONS", "CreditRule", "TrustRegion", "CREDITS", "TRUST_REGIONS",
+    "SCHEDULE_OPTIONS", "credit", "trust_region", "trust_region_of_loss_type", "check_options", "check_option",
+    "option_defaults", "option_help", "rho", "token_local", "make_schedule",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One method option: the same name, default and check in ``RLVRLoss``, TRL's config and verl's
+    ``policy_loss.rlvr``. ``check(name, value)`` returns the value normalised (a plain Python value) or raises
+    ``TypeError`` / ``ValueError`` naming the option."""
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str
+
+
+def _unit(name, v):
+    return C.unit(name, v)
+
+
+def _pos(name, v):
+    return C.real(name, v, low=0.0, low_open=True)
+
+
+def _nonneg(name, v):
+    return C.real(name, v, low=0.0)
+
+
+def _at_least_one(name, v):
+    return C.real(name, v, low=1.0)
+
+
+def _choice(options: tuple) -> Callable[[str, Any], str]:
+    return lambda name, v: C.choice(name, v, options)
+
+
+def _optional_flag(name, v):
+    return None if v is None else C.flag(name, v)
+
+
+def _optional_pos_int(name, v):
+    return C.optional_integer(name, v, low=1)
+
+
+def _iters(name, v):
+    return C.integer(name, v, low=0)
+
+
+def _cache_bytes(name, v):
+    return C.integer(name, v, low=0)
+
+
+_OPTION_LIST = (
+    # the temporal schedule q(k) (docs/methods/tp-schedule.md, section "The schedule")
+    Option("schedule", None, _optional_flag,
+           "Whether the credit rule follows the temporal schedule q(k): None = only tp_schedule (which needs it); "
+           "True = the scheduled variants (forking / d3s keep rho = 1 - q(k), entropy_adv scales by q(k))."),
+    Option("schedule_mode", "linear", _choice(SCHEDULE_MODES), f"Schedule profile, one of {SCHEDULE_MODES}."),
+    Option("schedule_start_value", 0.99, _unit, "q(k) before schedule_begin_frac (TP-Schedule's m0), in [0, 1]."),
+    Option("schedule_end_value", 0.0, _unit, "q(k) after schedule_end_frac, in [0, 1]."),
+    Option("schedule_begin_frac", 0.0, _unit, "Fraction of the training steps at which q(k) starts to move."),
+    Option("schedule_end_frac", 0.8, _unit, "Fraction of the training steps at which q(k) reaches its end value."),
+    Option("schedule_gamma", 2.0, _pos, "Exponent of schedule_mode='gamma'."),
+    # credit rules
+    Option("credit_rho", 0.2, _unit,
+           "Keep-fraction rho of forking / d3s (ceil(n rho) tokens); with schedule=True rho = 1 - q(k) instead."),
+    Option("entropy_adv_alpha", 0.4, _pos, "alpha of entropy_adv: A' = A + s min(alpha H, |A| / kappa)."),
+    Option("entropy_adv_kappa", 2.0, _pos, "kappa of entropy_adv."),
+    Option("d3s_scope", "batch", _choice(("batch", "sequence")),
+           "D^3S selects the top rho tokens by |A| H over the batch the loss sees ('batch', the paper's) or per "
+           "sequence ('sequence')."),
+    Option("delta_coef_iters", 1, _iters, "DelTA: K >= 0 soft-assignment refinements of the side centroids (official 1)."),
+    Option("delta_coef_lam_min", 0.8, _pos,
+           "DelTA: coefficient of the tokens most like the other side (and of A = 0 tokens), > 0 (official 0.8)."),
+    Option("delta_coef_lam_max", 1.2, _pos,
+           "DelTA: coefficient of the tokens most like their own side, >= delta_coef_lam_min (official 1.2); equal "
+           "values give every token 1 (the plain objective)."),
+    Option("delta_coef_exclude_zero_adv", False, C.flag,
+           "DelTA: leave A = 0 tokens out of the mean-1 normaliser (their coefficient is then 1); False = official."),
+    # trust regions (the thresholds are the trainer's own clip settings, see TrustRegion.thresholds)
+    Option("ratio_cap", None, lambda n, v: C.optional_real(n, v, low=0.0, low_open=True),
+           "DPPO/CPPO truncated-IS form -M A sg(min(rho, cap)) log p (verl's, cap 20); None keeps -M A rho."),
+    Option("cppo_w_min", 0.8, _unit, "CPPO: position weight at the last token, in [0, 1]."),
+    Option("cppo_delta_b", 0.02, _nonneg, "CPPO: prefix divergence budget (the minimum when dynamic)."),
+    Option("cppo_budget", "dynamic", _choice(_ref_cppo.BUDGETS), f"CPPO budget, one of {_ref_cppo.BUDGETS}."),
+    Option("cppo_quantile", 0.9, _unit, "CPPO: quantile of the dynamic budget."),
+    Option("cppo_max_mult", 2.0, _at_least_one, "CPPO: upper clamp of the dynamic budget, x cppo_delta_b (>= 1)."),
+    Option("cppo_horizon", None, _optional_pos_int, "CPPO: horizon of the position weight (None: each row's length)."),
+    Option("cppo_divergence", "binary_tv", _choice(_ref_cppo.DIVERGENCES),
+           f"CPPO divergence, one of {_ref_cppo.DIVERGENCES}."),
+)
+OPTIONS: dict[str, Option] = {o.name: o for o in _OPTION_LIST}
+SCHEDULE_OPTIONS = ("schedule_mode", "schedule_start_value", "schedule_end_value", "schedule_begin_frac",
+                    "schedule_end_frac", "schedule_gamma")
+
+#: Options renamed in 0.2.0 (old -> new): the trainers' option checks name the new one.
+RENAMED_OPTIONS = {
+    "schedule_begin": "schedule_begin_frac",
+    "schedule_end": "schedule_end_frac",
+    "delta_iters": "delta_coef_iters",
+    "delta_lam_min": "delta_coef_lam_min",
+    "delta_lam_max": "delta_coef_lam_max",
+    "delta_exclude_zero_adv": "delta_coef_exclude_zero_adv",
+    "delta_cache_bytes": "delta_coef_cache_bytes",
+    "delta_all_reduce": "delta_coef_all_reduce",
+    "delta_hidden_cache": "delta_coef_hidden_cache",
+    "cppo_delta": "trust_region_delta",
+    "trust_region_ratio_cap": "ratio_cap",
+}
+
+
+def option_defaults(names=None) -> dict:
+    """``{name: default}`` of the catalogue's options (all, or ``names``)."""
+    return {n: OPTIONS[n].default for n in (names if names is not None else OPTIONS)}
+
+
+def option_help(name: str) -> str:
+    return OPTIONS[name].help
+
+
+def check_option(name: str, value: Any, *, prefix: str = "") -> Any:
+    """One option's value, checked and normalised (errors name ``prefix + name``)."""
+    return OPTIONS[name].check(prefix + name, value)
+
+
+def unknown_option_error(key: str, valid, prefix: str = "") -> ValueError:
+    """The error for an option key that is not one of ``valid``: names the renamed option or the closest one."""
+    if key in RENAMED_OPTIONS:
+        return ValueError(f"{prefix}{key} was renamed to {prefix}{RENAMED_OPTIONS[key]} (rlvr-kernels 0.2.0)")
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.7)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    return ValueError(f"unknown option {prefix}{key}{hint}; valid: {sorted(valid)}")
+
+
+def check_options(values: dict, *, prefix: str = "") -> dict:
+    """Every catalogue option in ``values`` checked and normalised, plus the cross-option rules (the schedule as a
+    whole, DelTA's coefficient range). Keys that are not catalogue options are returned unchanged."""
+    out = dict(values)
+    for name, v in values.items():
+        if name in OPTIONS:
+            out[name] = check_option(name, v, prefix=prefix)
+    if "delta_coef_lam_min" in out and "delta_coef_lam_max" in out \
+            and out["delta_coef_lam_max"] < out["delta_coef_lam_min"]:
+        raise ValueError(f"{prefix}delta_coef_lam_max must be a finite number >= {prefix}delta_coef_lam_min = "
+                         f"{out['delta_coef_lam_min']!r}, got {out['delta_coef_lam_max']!r}")
+    if all(n in out for n in SCHEDULE_OPTIONS):
+        try:  # the schedule's own checks (begin < end, gamma needs end_value 0, ...); total_steps comes at train time
+            make_schedule(out, total_steps=1 << 30)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"invalid {prefix}schedule_* settings: {exc}") from None
+    return out
+
+
+def make_schedule(opts, total_steps: int) -> TemporalSchedule:
+    """The :class:`TemporalSchedule` of the ``schedule_*`` options (a mapping or an object with those attributes)."""
+    get = opts.get if isinstance(opts, dict) else lambda n: getattr(opts, n)
+    return TemporalSchedule(get("schedule_mode"), start_value=get("schedule_start_value"),
+                            end_value=get("schedule_end_value"), begin=get("schedule_begin_frac"),
+                            end=get("schedule_end_frac"), gamma=get("schedule_gamma"), total_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# credit rules
+
+
+def rho(cfg, q: Optional[float]) -> float:
+    """The keep-fraction of a top-k credit rule: ``1 - q(k)`` under a schedule, else ``cfg.credit_rho``."""
+    return (1.0 - q) if q is not None else cfg.credit_rho
+
+
+class CreditRule:
+    """One credit rule. Subclasses override the hooks they need; ``cfg`` is a :class:`rlvr_kernels.LossConfig` (its
+    fields carry the options), ``q`` the schedule value at this step (None without a schedule), masks are fp32
+    ``[b, T]`` weights (0 = not in the loss).
+
+    Attributes: ``name``; ``options`` (catalogue option names it reads); ``schedule``: ``"required"`` (the rule is
+    defined by q(k)), ``"optional"`` (a scheduled variant exists) or ``"none"``; ``needs``: inputs beyond the
+    standard ones, among ``"entropy"`` (the current policy's per-token entropy) and ``"coefficients"``
+    (precomputed per-token coefficients); ``token_local``: each token's term depends only on that token and on
+    constants known before the vocabulary pass; ``doc``: its page."""
+
+    name = "none"
+    options: tuple = ()
+    schedule = "none"
+    needs: frozenset = frozenset()
+    token_local = True
+    doc = "docs/methods/objectives.md"
+
+    def static_mask(self, cfg, mask: torch.Tensor, q: Optional[float]) -> torch.Tensor:
+        """The mask after the part of the rule known before the vocabulary pass."""
+        return mask
+
+    def policy_mask(self, cfg, adv: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
+                    q: Optional[float]) -> Optional[torch.Tensor]:
+        """Bool ``[b, T]`` of the tokens kept once the current policy's entropy is known (None: no such mask)."""
+        return None
+
+    def shape(self, cfg, adv: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
+              q: Optional[float], coef: Optional[torch.Tensor]) -> torch.Tensor:
+        """The advantages ``[b, T]`` after the rule's per-token rescaling."""
+        return adv
+
+    def selects_over_batch(self, cfg) -> bool:
+        """Whether the rule selects tokens over the whole batch, so that each row's share of the active tokens is
+        known only after the vocabulary pass of every row (only the batch total is known before)."""
+        return False
+
+    def planned_counts(self, cfg, mask: torch.Tensor, q: Optional[float]) -> Optional[torch.Tensor]:
+        """Active tokens per row ``[B]`` (fp32) given the mask after :meth:`static_mask`, before the vocabulary pass;
+        None when only the batch total is known in advance (:meth:`planned_total`)."""
+        return mask.sum(-1)
+
+    def planned_total(self, cfg, valid: torch.Tensor, q: Optional[float]) -> torch.Tensor:
+        """Active tokens of a whole batch (fp32 0-dim) from its loss mask ``valid [B, T]`` (bool)."""
+        mask = self.static_mask(cfg, valid.to(torch.float32), q)
+        counts = self.planned_counts(cfg, mask, q)
+        return counts.sum().float()
+
+    def uses_schedule(self, flag: Optional[bool]) -> bool:
+        """Whether q(k) is evaluated, for the trainer option ``schedule`` (None = the rule's default)."""
+        if self.schedule == "required":
+            if flag is False:
+                raise ValueError(f"credit={self.name!r} is defined by its schedule: schedule cannot be False")
+            return True
+        if flag and self.schedule == "none":
+            raise ValueError(f"schedule=True applies to the credit rules with a scheduled variant "
+                             f"{tuple(n for n, c in CREDITS.items() if c.schedule != 'none')}, not {self.name!r}")
+        return bool(flag)
+
+    def __repr__(self) -> str:
+        return f"CreditRule({self.name!r})"
+
+
+class _TPSchedule(CreditRule):
+    name = "tp_schedule"
+    schedule = "required"
+    doc = "docs/methods/tp-schedule.md"
+
+    def static_mask(self, cfg, mask, q):
+        from rlvr_kernels.credit import tp_schedule_mask
+
+        return tp_schedule_mask(mask != 0, q, backend=cfg.backend).to(mask.dtype) * mask
+
+
+class _TopK(CreditRule):
+    """Shared by the rules that keep ``ceil(n rho)`` tokens per row."""
+
+    options = ("credit_rho",)
+    schedule = "optional"
+    needs = frozenset({"entropy"})
+    token_local = False
+
+    def planned_counts(self, cfg, mask, q):
+        return topk_budget(mask.sum(-1), rho(cfg, q)).to(torch.float32)
+
+
+class _Forking(_TopK):
+    name = "forking"
+    doc = "docs/methods/forking-tokens.md"
+
+    def policy_mask(self, cfg, adv, entropy, mask, q):
+        from rlvr_kernels.credit import forking_token_mask
+
+        return forking_token_mask(entropy, mask != 0, rho(cfg, q), backend=cfg.backend)
+
+
+class _D3S(_TopK):
+    name = "d3s"
+    options = ("credit_rho", "d3s_scope")
+    doc = "docs/methods/d3s.md"
+
+    def policy_mask(self, cfg, adv, entropy, mask, q, scope: Optional[str] = None):
+        from rlvr_kernels.credit import d3s_token_mask
+
+        return d3s_token_mask(adv, entropy, mask != 0, rho(cfg, q), scope=scope or cfg.d3s_scope, backend=cfg.backend)
+
+    def selects_over_batch(self, cfg):
+        return cfg.d3s_scope == "batch"
+
+    def planned_counts(self, cfg, mask, q):
+        if self.selects_over_batch(cfg):
+            return None  # only the batch total is known; the rows' shares follow from the current entropies
+        return super().planned_counts(cfg, mask, q)
+
+    def planned_total(self, cfg, valid, q):
+        if self.selects_over_batch(cfg):
+            return topk_budget(valid.sum().reshape(1), rho(cfg, q)).sum().float()
+        return super().planned_total(cfg, valid, q)
+
+
+class _EntropyAdv(CreditRule):
+    name = "entropy_adv"
+    options = ("entropy_adv_alpha", "entropy_adv_kappa")
+    schedule = "optional"
+    needs = frozenset({"entropy"})
+    doc = "docs/methods/entropy-advantages.md"
+
+    def shape(self, cfg, adv, entropy, mask, q, coef):
+        from rlvr_kernels.credit import entropy_shaped_advantages
+
+        return entropy_shaped_advantages(adv, entropy.float(), mask != 0, q if q is not None else 1.0,
+                                         alpha=cfg.entropy_adv_alpha, kappa=cfg.entropy_adv_kappa,
+                                         backend=cfg.backend)
+
+
+class _DelTA(CreditRule):
+    name = "delta"
+    options = ("delta_coef_iters", "delta_coef_lam_min", "delta_coef_lam_max", "delta_coef_exclude_zero_adv")
+    needs = frozenset({"coefficients"})
+    doc = "docs/methods/delta.md"
+
+    def shape(self, cfg, adv, entropy, mask, q, coef):
+        return adv * coef.float()
+
+
+CREDITS: dict[str, CreditRule] = {c.name: c for c in (CreditRule(), _TPSchedule(), _Forking(), _EntropyAdv(),
+                                                      _D3S(), _DelTA())}
+
+
+def credit(name: Optional[str]) -> CreditRule:
+    """The catalogue entry of a credit rule (``None`` is ``"none"``)."""
+    name = "none" if name is None else name
+    C.choice("credit", name, tuple(CREDITS))
+    return CREDITS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trust regions
+
+
+class TrustRegion:
+    """One trust region. ``loss_type``: the :class:`rlvr_kernels.RLVRLoss` objective that carries it (``None`` for
+    ``clip``: the base objective's own PPO clip); ``options``: catalogue options it reads; ``needs_anchor``: it
+    measures a divergence against the rollout (behaviour) policy mu; ``token_local`` as for credit rules;
+    ``thresholds``: how each trainer spells its thresholds (their own clip settings)."""
+
+    name = "clip"
+    loss_type: Optional[str] = None
+    options: tuple = ()
+    needs_anchor = False
+    token_local = True
+    thresholds = "RLVRLoss epsilon_low/epsilon_high; TRL epsilon/epsilon_high; verl clip_ratio_low/clip_ratio_high"
+    doc = "docs/methods/objectives.md"
+
+    def mask(self, cfg, logp: torch.Tensor, rows) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(mask, budget_sum)``: the detached ``[b, T]`` fp32 mask of the tokens inside the region (None: no
+        mask) and, for a prefix budget, the sum of the rows' budgets (else None). ``rows`` is a
+        :class:`rlvr_kernels.loss.Rows` (``mask``, ``adv``, ``mu``)."""
+        return None, None
+
+    def __repr__(self) -> str:
+        return f"TrustRegion({self.name!r})"
+
+
+class _DPPO(TrustRegion):
+    name = "dppo"
+    loss_type = "dppo"
+    options = ("ratio_cap",)
+    needs_anchor = True
+    thresholds = ("RLVRLoss epsilon_low/epsilon_high; TRL trust_region_delta (both sides); verl "
+                  "clip_ratio_low/clip_ratio_high (as verl's dppo_tv)")
+    doc = "docs/methods/cppo.md"
+
+    def mask(self, cfg, logp, rows):
+        # DPPO's Binary-TV: keep moves toward mu, else |pi(a) - mu(a)| within the side's threshold
+        diff = logp.detach().exp() - rows.mu.exp()
+        keep = torch.where(rows.adv > 0, diff <= cfg.epsilon_high, diff >= -cfg.epsilon_low)
+        return keep.to(torch.float32), None
+
+
+class _CISPO(TrustRegion):
+    name = "cispo"
+    loss_type = "cispo"
+    thresholds = "RLVRLoss epsilon_high (and cispo_min); TRL epsilon_high; verl clip_ratio_low/clip_ratio_high"
+
+
+class _CPPO(TrustRegion):
+    name = "cppo"
+    loss_type = "cppo"
+    options = ("ratio_cap", "cppo_w_min", "cppo_delta_b", "cppo_budget", "cppo_quantile", "cppo_max_mult",
+               "cppo_horizon", "cppo_divergence")
+    needs_anchor = True
+    token_local = False  # a prefix scan along the row
+    thresholds = "RLVRLoss epsilon_high (CPPO's delta); TRL trust_region_delta; verl clip_ratio_high"
+    doc = "docs/methods/cppo.md"
+
+    def mask(self, cfg, logp, rows):
+        from rlvr_kernels.cppo import cppo_mask
+
+        m = rows.mask
+        res = cppo_mask(logp.detach(), rows.mu, rows.adv, m != 0, delta=cfg.epsilon_high, w_min=cfg.cppo_w_min,
+                        delta_b=cfg.cppo_delta_b, budget=cfg.cppo_budget, quantile=cfg.cppo_quantile,
+                        max_mult=cfg.cppo_max_mult, horizon=cfg.cppo_horizon, divergence=cfg.cppo_divergence,
+                        backend=cfg.backend)
+        db = getattr(res, "delta_b", None)
+        if db is not None:
+            db = (db.reshape(-1).float() * (m.sum(-1) > 0).float()).sum()
+        return res.mask.to(torch.float32), db
+
+
+TRUST_REGIONS: dict[str, TrustRegion] = {t.name: t for t in (TrustRegion(), _DPPO(), _CISPO(), _CPPO())}
+
+
+def trust_region(name: str) -> TrustRegion:
+    C.choice("trust_region", name, tuple(TRUST_REGIONS))
+    return TRUST_REGIONS[name]
+
+
+def trust_region_of_loss_type(loss_type: str) -> TrustRegion:
+    """The trust region an ``RLVRLoss`` ``loss_type`` carries (``clip`` for the PPO-clip family and the others)."""
+    for t in TRUST_REGIONS.values():
+        if t.loss_type == loss_type:
+            return t
+    return TRUST_REGIONS["clip"]
+
+
+#: Objectives whose per-token term reads its whole sequence (a sequence weight).
+_SEQUENCE_OBJECTIVES = ("vespo",)
+
+
+def token_local(cfg) -> bool:
+    """Whether each token's loss term and gradient coefficient depend only on that token and on batch constants known
+    before the vocabulary pass (normalisers, row counts), so that the fused path may split a row: token-level ratios,
+    a token-local objective, credit rule and trust region."""
+    return (cfg.importance_sampling_level == "token" and cfg.loss_type not in _SEQUENCE_OBJECTIVES
+            and trust_region_of_loss_type(cfg.loss_type).token_local and credit(cfg.credit).token_local)

@@ -1,0 +1,135 @@
+"""The method catalogue (rlvr_kernels/methods.py) is the one place that lists methods and their options.
+
+Checks: every consumer (RLVRLoss, the TRL and verl plug-ins, the benchmark) offers exactly the catalogue's methods with
+the catalogue's option defaults; no other module keeps a list of method names; each credit rule's planned
+active-token count (the normaliser, known before the vocabulary pass) is the count its masks then keep.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlvr_kernels import TemporalSchedule
+from rlvr_kernels import methods as M
+from rlvr_kernels.loss import LossConfig
+from rlvr_kernels.loss.config import LOSS_METHOD_OPTIONS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_loss_config_takes_the_catalogue_defaults():
+    cfg = LossConfig()
+    for name in LOSS_METHOD_OPTIONS:
+        assert getattr(cfg, name) == M.OPTIONS[name].default, name
+
+
+def test_loss_config_accepts_every_credit_rule_and_trust_region():
+    for name, rule in M.CREDITS.items():
+        kw = dict(schedule=TemporalSchedule(total_steps=10)) if rule.schedule == "required" else {}
+        assert LossConfig(credit=name, **kw).credit == name
+    for trust in M.TRUST_REGIONS.values():
+        if trust.loss_type is not None:
+            assert LossConfig(loss_type=trust.loss_type).loss_type == trust.loss_type
+    with pytest.raises(ValueError, match="credit must be one of"):
+        LossConfig(credit="nope")
+
+
+def test_loss_config_checks_method_options_with_the_catalogue():
+    for name, bad in (("credit_rho", 1.5), ("d3s_scope", "row"), ("cppo_max_mult", 0.5), ("cppo_horizon", 0),
+                      ("entropy_adv_alpha", 0.0), ("cppo_budget", "static")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            LossConfig(**{name: bad})
+
+
+def test_trl_config_fields_are_the_catalogue_options():
+    pytest.importorskip("trl")
+    from rlvr_kernels.integrations import trl as integ
+
+    fields = {f.name: f for f in dataclasses.fields(integ.RLVRGRPOConfig)}
+    for name, opt in M.OPTIONS.items():
+        assert name in fields, name
+        assert fields[name].default == opt.default, name
+        assert fields[name].metadata["help"] == opt.help, name
+    assert tuple(integ.CREDITS) == tuple(M.CREDITS)
+    assert tuple(integ.TRUST_REGIONS) == tuple(M.TRUST_REGIONS)
+    for old in M.RENAMED_OPTIONS:
+        assert old not in fields, old
+
+
+def test_verl_options_and_losses_come_from_the_catalogue():
+    pytest.importorskip("verl")
+    from rlvr_kernels.integrations import verl as rv
+
+    for name, opt in M.OPTIONS.items():
+        assert name in rv.RLVR_OPTION_DEFAULTS, name
+        assert rv.RLVR_OPTION_DEFAULTS[name] == opt.default, name
+    want = {f"rlvr_{t}" for t in M.TRUST_REGIONS}
+    want |= {f"rlvr_{c}" if t == "clip" else f"rlvr_{c}_{t}" for c in M.CREDITS if c != "none"
+             for t in M.TRUST_REGIONS}
+    assert set(rv.LOSS_NAMES) == want
+    for old, new in M.RENAMED_OPTIONS.items():
+        if new in rv.RLVR_OPTION_DEFAULTS:
+            assert old not in rv.RLVR_OPTION_DEFAULTS
+
+
+def test_renamed_options_name_their_new_name():
+    for old, new in M.RENAMED_OPTIONS.items():
+        err = M.unknown_option_error(old, M.OPTIONS, prefix="policy_loss.rlvr.")
+        assert f"policy_loss.rlvr.{new}" in str(err)
+
+
+_METHOD_NAMES = sorted(set(M.CREDITS) | set(M.TRUST_REGIONS))
+# two or more method names in one literal sequence: a list of methods kept outside the catalogue
+_LIST_OF_METHODS = re.compile(r"[(\[{]\s*(?:\"(?:%s)\",\s*){2,}" % "|".join(_METHOD_NAMES))
+
+
+def test_no_module_outside_the_catalogue_lists_methods():
+    offenders = []
+    for path in sorted((ROOT / "rlvr_kernels").rglob("*.py")):
+        if path.name == "methods.py" and path.parent.name == "rlvr_kernels":
+            continue
+        text = path.read_text()
+        for m in _LIST_OF_METHODS.finditer(text):
+            line = text[: m.start()].count("\n") + 1
+            offenders.append(f"{path.relative_to(ROOT)}:{line}: {m.group(0)!r}")
+    assert not offenders, "method lists outside rlvr_kernels/methods.py:\n" + "\n".join(offenders)
+
+
+def _batch(seed, B, T):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    adv = torch.randn(B, generator=g)[:, None].expand(B, T).contiguous()
+    ent = torch.rand(B, T, generator=g) * 3
+    return mask, adv, ent
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), T=st.integers(1, 12),
+       credit=st.sampled_from(sorted(M.CREDITS)), rho=st.floats(0.0, 1.0), q=st.none() | st.floats(0.0, 1.0),
+       scope=st.sampled_from(["batch", "sequence"]))
+def test_planned_counts_are_the_tokens_the_masks_keep(seed, B, T, credit, rho, q, scope):
+    """The normaliser is computed before the vocabulary pass from planned_counts / planned_total; the masks applied
+    after it must keep exactly that many tokens (per row, or over the batch for a batch-wide selection)."""
+    rule = M.credit(credit)
+    if rule.schedule == "required" and q is None:
+        q = 0.5
+    cfg = LossConfig(credit=credit, credit_rho=rho, d3s_scope=scope, backend="torch",
+                     schedule=TemporalSchedule(total_steps=10) if rule.schedule == "required" else None)
+    valid, adv, ent = _batch(seed, B, T)
+    mask = rule.static_mask(cfg, valid, q)
+    keep = rule.policy_mask(cfg, adv, ent, mask, q)
+    kept = mask * keep.float() if keep is not None else mask
+    planned = rule.planned_counts(cfg, mask, q)
+    if rule.selects_over_batch(cfg):
+        assert planned is None
+    else:
+        torch.testing.assert_close(planned, kept.sum(-1))
+    total = rule.planned_total(cfg, valid.bool(), q)
+    assert float(total) == float(kept.sum())
