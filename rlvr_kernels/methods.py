@@ -135,7 +135,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in _OPTION_LIST}
 SCHEDULE_OPTIONS = ("schedule_mode", "schedule_start_value", "schedule_end_value", "schedule_begin_frac",
                     "schedule_end_frac", "schedule_gamma")
 
-#: Options renamed in 0.2.0 (old -> new): the trainers' option checks name the new one.
+#: Options renamed after 0.1.0 (old -> new): the trainers' option checks name the new one.
 RENAMED_OPTIONS = {
     "schedule_begin": "schedule_begin_frac",
     "schedule_end": "schedule_end_frac",
@@ -168,7 +168,7 @@ def check_option(name: str, value: Any, *, prefix: str = "") -> Any:
 def unknown_option_error(key: str, valid, prefix: str = "") -> ValueError:
     """The error for an option key that is not one of ``valid``: names the renamed option or the closest one."""
     if key in RENAMED_OPTIONS:
-        return ValueError(f"{prefix}{key} was renamed to {prefix}{RENAMED_OPTIONS[key]} (rlvr-kernels 0.2.0)")
+        return ValueError(f"{prefix}{key} was renamed to {prefix}{RENAMED_OPTIONS[key]} (after rlvr-kernels 0.1.0)")
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.7)
     hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
     return ValueError(f"unknown option {prefix}{key}{hint}; valid: {sorted(valid)}")
@@ -466,3 +466,32 @@ def token_local(cfg) -> bool:
     a token-local objective, credit rule and trust region."""
     return (cfg.importance_sampling_level == "token" and cfg.loss_type not in _SEQUENCE_OBJECTIVES
             and trust_region_of_loss_type(cfg.loss_type).token_local and credit(cfg.credit).token_local)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the catalogue as documentation
+
+
+def markdown_table() -> str:
+    """The catalogue as Markdown: one row per method (kind, options, needs, token-local, page) and one row per
+    option (default, meaning). The README's method table is this text
+    (``python -c "from rlvr_kernels import methods; print(methods.markdown_table())"``; a test keeps them equal)."""
+    rows = ["| method | kind | options | needs | token-local | page |", "|---|---|---|---|---|---|"]
+    for c in CREDITS.values():
+        if c.name == "none":
+            continue
+        needs = sorted(c.needs) + (["schedule"] if c.schedule == "required" else [])
+        sched = " (scheduled variant: `schedule=True`)" if c.schedule == "optional" else ""
+        rows.append(f"| `credit={c.name}` | credit rule{sched} | {', '.join(f'`{o}`' for o in c.options) or '-'} "
+                    f"| {', '.join(needs) or '-'} | {'yes' if c.token_local else 'no'} | [{c.doc}]({c.doc}) |")
+    for t in TRUST_REGIONS.values():
+        if t.name == "clip":
+            continue
+        needs = ["rollout (anchor) log-probs"] if t.needs_anchor else []
+        rows.append(f"| `trust_region={t.name}` | trust region (thresholds: {t.thresholds}) "
+                    f"| {', '.join(f'`{o}`' for o in t.options) or '-'} | {', '.join(needs) or '-'} "
+                    f"| {'yes' if t.token_local else 'no'} | [{t.doc}]({t.doc}) |")
+    rows += ["", "| option | default | meaning |", "|---|---|---|"]
+    for o in OPTIONS.values():
+        rows.append(f"| `{o.name}` | `{o.default!r}` | {o.help.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"

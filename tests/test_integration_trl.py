@@ -15,7 +15,6 @@ A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer, a toy promp
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -28,7 +27,6 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from _trl_common import BASE, WORDS, dataset, delta_oracle_inputs, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402,F401
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer, linear_logprobs  # noqa: E402
 
-HAS_CPPO = importlib.util.find_spec("rlvr_kernels.cppo") is not None
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +124,6 @@ METHODS = {
 @pytest.mark.parametrize("name", list(METHODS))
 def test_methods_train(tmp_path, model_dir, name):
     kw = METHODS[name]
-    if kw.get("trust_region") == "cppo" and not HAS_CPPO:
-        pytest.skip("rlvr_kernels.cppo is not in this build")
     # schedule_end_frac=1.0 over 2 steps: q(1) = 0.495, q(2) = 0
     logs = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, schedule_end_frac=1.0, **kw)
     for row in logs:

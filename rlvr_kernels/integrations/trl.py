@@ -7,7 +7,7 @@ For a TRL user the change is two names::
 With the defaults (``credit="none"``, ``trust_region="clip"``) the trainer trains exactly like TRL's: the only
 difference is that the per-token log-probs and entropies come from :func:`rlvr_kernels.fused_linear_logprobs` (last
 hidden states x ``lm_head.weight``, never the ``[tokens x vocab]`` logits) instead of TRL's chunked LM head. Setting
-``credit`` (TP-Schedule, forking tokens, entropy-shaped advantages, D^3S, DelTA) or ``trust_region`` (DPPO, CPPO)
+``credit`` (TP-Schedule, forking tokens, entropy-shaped advantages, D^3S, DelTA) or ``trust_region`` (DPPO, CISPO, CPPO)
 switches the loss to :class:`rlvr_kernels.RLVRLoss` on the same hidden states, with TRL's normalisation.
 
 How the forward is routed (TRL 1.16). TRL 1.16 no longer has ``compute_liger_loss`` / ``_get_last_hidden_state`` in
@@ -32,7 +32,7 @@ pre-forward and gradient hooks fire), and gathers a ZeRO-3-partitioned ``lm_head
   hands its final hidden states (the ``lm_head`` input) to the tap, and skips the head when the pass needs no
   log-probs.
 
-DelTA (``credit="delta"``, spec ``delta.md``). Once per generation batch, in ``_generate_and_score_completions``
+DelTA (``credit="delta"``, ``docs/methods/delta.md``). Once per generation batch, in ``_generate_and_score_completions``
 after TRL has scored it (advantages known) and before any optimizer step on it, the trainer computes the detached
 coefficients ``c~ [B, T]`` (:meth:`RLVRGRPOTrainer.rlvr_delta_coefficients`): E = every loss-mask token of the
 generation batch on this process (no all-reduce, as the official per-DP-rank rollout batch); theta_old = the
@@ -65,7 +65,7 @@ off on the hidden states and head cast to the autocast dtype (what ``lm_head`` w
 
 Why ``RLVRLoss`` for the new methods (rather than masking before TRL's math): the credit masks that depend on the
 current policy (forking tokens, D^3S) are only known after the vocabulary pass, TRL computes its loss mask and
-normaliser before it, and TRL has no DPPO/CPPO objective; the package's composition rule (``tp-schedule.md`` 6.2:
+normaliser before it, and TRL has no DPPO/CPPO objective; the package's composition rule (``docs/methods/objectives.md``:
 every normaliser that counts tokens counts the active ones) also needs the normaliser to follow the credit mask.
 ``RLVRLoss`` applies credit mask -> advantage shaping -> trust region -> aggregation in one place and is parity-tested
 against TRL's loss types. The TRL normalisation is kept: per-micro-batch loss types (grpo, bnpo, dr_grpo, sapo,
