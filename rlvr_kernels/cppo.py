@@ -2,7 +2,7 @@
 
 Paper: Mao, Zhou, Tao et al., "Beyond Uniform Token-Level Trust Region in LLM Reinforcement Learning",
 arXiv 2606.10968v2 (Tencent Hunyuan): Eq. 8-10 (prefix budget, position weight, mask), Eq. 22 (dynamic budget),
-Alg. 1; spec ``cppo.md``. CPPO is only a detached token mask on the DPPO ratio-advantage surrogate
+Alg. 1; method page ``docs/methods/cppo.md``. CPPO is only a detached token mask on the DPPO ratio-advantage surrogate
 ``-M_t A_t rho_t`` (use it through ``RLVRLoss(loss_type="cppo")`` or apply :attr:`CPPOMask.mask` yourself).
 
 Layouts as in :mod:`rlvr_kernels.credit`: padded ``[B, T]`` (bool ``mask``, right padding; holes allowed) or packed
@@ -28,7 +28,8 @@ __all__ = ["cppo_mask", "CPPOMask", "CPPOAnchorWarning", "DIVERGENCES", "BUDGETS
 
 
 class CPPOAnchorWarning(UserWarning):
-    """``logp_mu`` equals ``logp`` on every valid token: every divergence is 0 and CPPO masks nothing (spec A9)."""
+    """``logp_mu`` equals ``logp`` on every valid token: every divergence is 0 and CPPO masks nothing (choice A9 of
+    ``docs/methods/cppo.md``, section "Choices where the paper leaves room")."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def cppo_mask(
     ``"none"``: no prefix budget, ``c_t = delta`` (with ``w_min=1`` this is exactly DPPO's mask ``toward_mu or
     D <= delta``).
 
-    Divergences (``divergence``, cppo.md 1; KL is ``KL(mu || pi)``; see
+    Divergences (``divergence``, ``docs/methods/cppo.md``, section "The divergence"; KL is ``KL(mu || pi)``; see
     :func:`rlvr_kernels.reference.cppo.divergence`): ``"binary_tv"`` (default, A3: the released code's; needs only
     the sampled-token log-probs), ``"binary_kl"``, ``"topk_tv"``, ``"topk_kl"`` (the paper's main runs used Top-K TV
     with K = 20). The Top-K forms need ``logp_topk`` / ``logp_mu_topk`` of shape ``mask.shape + (K,)``: the log-probs
@@ -134,15 +135,16 @@ def cppo_mask(
     can give a tiny positive value) count as probability 1 in every divergence, as Binary-KL always did; the
     toward-mu sign test uses them as given.
 
-    Ambiguity resolutions (cppo.md 7): A1, ``horizon=None`` uses each row's own length ``L`` = last valid index + 1
-    (paper, UniRL); ``horizon=max_response_length`` reproduces the authors' verl PR (positions beyond it get
-    ``w_min``). In both, ``w_0 = 1``, so a one-token row has ``w = 1``. A2: upper clamp ``max_mult = 2``. A3: Binary-TV
-    is the default. A6: for masks with holes (multi-turn), ``w`` and ``D`` are zeroed at masked positions, and
-    positions stay absolute (verl semantics). A7: KL uses the same machinery; the paper's KL thresholds are
-    ``delta=0.1, delta_b=0.002, budget="fixed"``. A8: fp32 everywhere. The prefix term
-    ``delta_b W_{t-1} - S_{t-1}`` is accumulated as a single exclusive sum of ``delta_b w_j - Z_j``, which is the same
-    quantity without cancelling two large sums on long rows. A9: a :class:`CPPOAnchorWarning` is issued (once per call
-    site, by the default warning filter) when ``logp_mu`` equals ``logp`` on every valid token.
+    Choices where the paper leaves room (``docs/methods/cppo.md``, section "Choices where the paper leaves room"):
+    A1, ``horizon=None`` uses each row's own length ``L`` = last valid index + 1 (paper, UniRL);
+    ``horizon=max_response_length`` reproduces the authors' verl PR (positions beyond it get ``w_min``). In both,
+    ``w_0 = 1``, so a one-token row has ``w = 1``. A2: upper clamp ``max_mult = 2``. A3: Binary-TV is the default.
+    A6: for masks with holes (multi-turn), ``w`` and ``D`` are zeroed at masked positions, and positions stay absolute
+    (verl semantics). A7: KL uses the same machinery; the paper's KL thresholds are
+    ``delta=0.1, delta_b=0.002, budget="fixed"``. A8: fp32 everywhere. The prefix term ``delta_b W_{t-1} - S_{t-1}``
+    is accumulated as a single exclusive sum of ``delta_b w_j - Z_j``, which is the same quantity without cancelling
+    two large sums on long rows. A9: a :class:`CPPOAnchorWarning` is issued (once per call site, by the default
+    warning filter) when ``logp_mu`` equals ``logp`` on every valid token.
 
     Returns a :class:`CPPOMask`. Computed under ``no_grad``; nothing is written to the inputs. ``block_size`` (Triton
     only, power of two >= 16) is the number of tokens per loop step. The kernel uses one program per row, loops over
@@ -188,7 +190,7 @@ def cppo_mask(
     if valid.numel() and bool(n_valid > 0) and bool(((logp == logp_mu) | ~valid).all()):
         warnings.warn(
             "cppo_mask: logp_mu equals logp on every valid token, so every divergence is 0 and CPPO masks nothing "
-            "(spec A9). The anchor mu must be the rollout engine's log-probs, frozen for all updates of the rollout "
+            "(docs/methods/cppo.md, choice A9). The anchor mu must be the rollout engine's log-probs, frozen for all updates of the rollout "
             "batch; a recomputed pi_old equals pi on the first update.",
             CPPOAnchorWarning,
             stacklevel=2,

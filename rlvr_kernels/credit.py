@@ -217,7 +217,8 @@ def trajectory_percentile(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Trajectory percentile of every token in its own row (TP-Schedule, tp-schedule.md section 1).
+    """Trajectory percentile of every token in its own row (TP-Schedule; ``docs/methods/tp-schedule.md``, section
+    "Trajectory percentile").
 
     Without ``values``: the relative position ``t / L`` (fp32) of token ``t``, with ``L`` the row length (last valid
     index + 1); in ``[0, (L - 1) / L]``. This is TP-Schedule's criterion: a token is targeted at cut-off q iff
@@ -261,7 +262,8 @@ def tp_schedule_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """TP-Schedule's targeted tokens (tp-schedule.md sections 1, 6.1): ``t >= b``, ``b = min(floor(L q), L - 1)``.
+    """TP-Schedule's targeted tokens: ``t >= b``, ``b = min(floor(L q), L - 1)`` (``docs/methods/tp-schedule.md``,
+    section "The cut-off mask").
 
     ``q`` in ``[0, 1]`` is the schedule value ``TemporalSchedule(...)(k)`` of the current step (python float or a
     one-element tensor). The cut-off is computed per row in float64 in torch and passed to the kernel as an integer,
@@ -270,7 +272,8 @@ def tp_schedule_mask(
     q = 0 targets the whole row (plain GRPO). The result is a binary loss mask: aggregate the loss over the tokens it
     keeps (``sum(m l) / sum(m)``, token-mean over active tokens, as in the official code).
 
-    ``reverse=True`` (EXPERIMENTAL, early-first, not in the paper's experiments; tp-schedule.md 6.5) keeps
+    ``reverse=True`` (EXPERIMENTAL, early-first, not in the paper's experiments; ``docs/methods/tp-schedule.md``,
+    section "Choices where the paper leaves room", item 6) keeps
     ``t < max(ceil(L (1 - q)), 1)`` instead, so at least the first token stays targeted.
 
     Returns a bool tensor of the shape of ``mask`` (False on invalid tokens and empty rows).
@@ -299,11 +302,13 @@ def forking_token_mask(
 ) -> torch.Tensor:
     """Forking (high-entropy) tokens per row: the top ``ceil(n rho)`` valid tokens by entropy, ties to the lower index.
 
-    TP-Schedule's "Forking Tok. -> Schedule" variant (tp-schedule.md section 3, ``compute_entropy_topk_response_mask``,
-    and 6.8 for the deterministic tie rule), where ``rho = 1 - q(k)`` grows from 0.01 to 1; with a fixed ``rho = 0.2``
-    it is a per-row version of the 80/20 forking-token rule. ``n`` is the row's number of valid tokens and the budget
-    ``ceil(n rho)`` is computed in float64 (note ``ceil(10 * 0.3) = 4`` in binary floating point, exactly as in the
-    official Python code). ``rho = 0`` keeps nothing.
+    TP-Schedule's "Forking Tok. -> Schedule" variant (``compute_entropy_topk_response_mask``), where
+    ``rho = 1 - q(k)`` grows from 0.01 to 1; with a fixed ``rho = 0.2`` it is a per-row version of the 80/20
+    forking-token rule (``docs/methods/forking-tokens.md``; the deterministic tie rule is its section "Choices where
+    the paper leaves room"). ``n`` is the row's number of valid tokens and the budget ``ceil(n rho)`` is computed in
+    float64, exactly as in the official Python code, binary floating point included: ``rho = 1 - 0.7`` is
+    ``0.30000000000000004``, so a row of 10 keeps ``ceil(3.0000000000000004) = 4`` tokens (``rho = 0.3`` keeps 3).
+    ``rho = 0`` keeps nothing.
 
     ``entropy``: float tensor of the shape of ``mask`` (any float dtype, compared in fp32; finite on valid tokens,
     and within the fp32 range there: a float64 value beyond it is a ``ValueError``, not a tie at inf).
@@ -340,9 +345,9 @@ def entropy_shaped_advantages(
     """Entropy-shaped advantages ``A' = (A + scale * min(alpha H, |A| / kappa)) * mask`` (fp32).
 
     The entropy-advantage rule of Cheng et al. 2025 (``scale = 1``) and its TP-Schedule variant "Entropy Adv. ->
-    Schedule" with ``scale = q(k)`` (tp-schedule.md section 3 and 6.9, ``apply_entropy_soft_weight_to_advantage``;
-    alpha = 0.4, kappa = 2 as in the released scripts). The bonus is >= 0 and at most ``|A| / kappa``, so the sign of A
-    is kept; a zero advantage stays exactly 0. ``H`` should be the detached old-policy entropy.
+    Schedule" with ``scale = q(k)`` (``apply_entropy_soft_weight_to_advantage``; alpha = 0.4, kappa = 2 as in the
+    released scripts); see ``docs/methods/entropy-advantages.md``. The bonus is >= 0 and at most ``|A| / kappa``, so
+    the sign of A is kept; a zero advantage stays exactly 0. ``H`` should be the detached old-policy entropy.
 
     Shapes: ``entropy`` like ``mask`` (``[B, T]``, or ``[total]`` with ``cu_seqlens``); ``advantages`` per row
     ``[B]`` (or ``[B, 1]``) broadcast over the row, or per token like ``mask`` (in the packed layout a 1-D tensor of
@@ -398,7 +403,8 @@ def d3s_token_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """D^3S token criterion (Wang et al., "Learning More with Less", ICLR 2026, arXiv 2509.22115; schedules.md).
+    """D^3S token criterion (Wang et al., "Learning More with Less", ICLR 2026, arXiv 2509.22115;
+    ``docs/methods/d3s.md``).
 
     Scores every valid token by ``|A| H`` (fp32; ``A`` its advantage, ``H`` the detached full-vocabulary entropy of the
     current policy) and keeps the top ``ceil(n rho)`` valid tokens by score (``n`` valid tokens in scope, budget in

@@ -1,7 +1,8 @@
 """DelTA token coefficients (discriminative token credit assignment), one-shot and streaming.
 
 Paper: Zhang, Wu, Lin, "DelTA: Discriminative Token Credit Assignment for RLVR", arXiv 2605.21467; official code
-RUCBM/DelTA (a verl fork), ``verl/workers/actor/dp_actor.py`` ``compute_log_prob_h``; spec ``delta.md``.
+RUCBM/DelTA (a verl fork), ``verl/workers/actor/dp_actor.py`` ``compute_log_prob_h``; method page
+``docs/methods/delta.md``.
 
 Each valid response token gets a detached coefficient ``c~_t > 0`` with mean 1 over the estimation set; the loss
 uses the advantage ``A_t c~_t`` in the unchanged DAPO surrogate (``RLVRLoss(credit="delta")`` with the forward keyword
@@ -16,7 +17,7 @@ temperatures ``gamma`` (population std of the margins), ``iters`` soft-assignmen
 Layouts as in :mod:`rlvr_kernels.credit`: padded (``hidden_old [B, T, H]``, ``old_logp``/``mask [B, T]``) or packed
 (``hidden_old [N, H]``, ``old_logp``/``mask [N]`` plus ``cu_seqlens [S + 1]``); identical results either way.
 
-Resolutions of the spec's open ambiguities (``delta.md``, "Open ambiguities"):
+Choices where the paper leaves room (``docs/methods/delta.md``, section "Choices where the paper leaves room"):
 
 1. Paper vs code: the official code's identity metric and ``lam_w = 1`` (the diagonal-Mahalanobis metric and the
    margin weight are computed or declared there but disabled; their paper form was not available to us, so no
@@ -46,8 +47,8 @@ Extreme inputs (the choice per input: compute, or refuse clearly; never NaN from
   about 1e17 for H = 4096; a model's final hidden states are many orders below) gives the same coefficients as
   ``h`` scaled down; beyond that (e.g. 1e30) the centroids or margins overflow, which is a ``ValueError`` naming
   ``hidden_old``, as are non-finite hidden states at valid positions;
-- numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[C.F32_TINY, C.F32_MAX]`` (they are used in fp32, where a smaller value
-  is 0 and a larger one inf), ``iters`` an int in ``[0, 1000]``.
+- numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[C.F32_TINY, C.F32_MAX]`` (they are used in fp32, where a smaller
+  value is 0 and a larger one inf), ``iters`` an int in ``[0, 1000]``.
 """
 from __future__ import annotations
 
@@ -184,7 +185,8 @@ def delta_coefficients(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """DelTA coefficients ``c~`` of every token of one estimation set (spec ``delta.md`` sections 1-3 and 6).
+    """DelTA coefficients ``c~`` of every token of one estimation set (``docs/methods/delta.md``, sections
+    "The proxy and the side centroids" to "Refinement and coefficients").
 
     Official algorithm (``compute_log_prob_h``, DelTA arXiv 2605.21467), proxy ``v_t = (1 - p_t) h_t``:
     side centroids ``mu+- = sum a+- v / sum a+-`` (``a+- = max(+-A, 0)``), margins ``m_t = D-_t - D+_t`` (Pos) or
@@ -234,7 +236,8 @@ def delta_coefficients(
 # streaming
 # ----------------------------------------------------------------------------------------------------------------------
 class DeltaEstimator:
-    """Streaming DelTA coefficients over micro-batches (spec ``delta.md`` section 4 and ambiguity 2).
+    """Streaming DelTA coefficients over micro-batches (``docs/methods/delta.md``, section "How the package
+    computes it", and choice 2 of its section "Choices where the paper leaves room").
 
     Gives the same coefficients as :func:`delta_coefficients` on the concatenation of every micro-batch (of every
     rank, when ``all_reduce`` sums across ranks), without holding more than one micro-batch of hidden states. Because

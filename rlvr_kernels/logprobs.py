@@ -5,7 +5,7 @@ is one vocab pass that saves 8 bytes per token (lse, entropy); the backward reco
 of the vocabulary, writes ``dz`` for one chunk into a buffer of at most ``BACKWARD_CHUNK_BYTES`` and turns it into dX,
 dW and db with GEMMs. dW is written once per vocabulary chunk by one GEMM and dX is accumulated over chunks in a
 fixed order, so the backward is deterministic (no atomics). The torch backend is the plain-torch reference in
-``rlvr_kernels.reference.logprobs``, chunked over tokens.
+``rlvr_kernels.reference.logprobs``, chunked over tokens. Design notes: ``docs/design/vocab-pass.md``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Temporal schedules: the value q(k) that a token-level credit rule uses at training step k.
 
 Implements the step schedule of TP-Schedule ("Not only where, But when: Temporal Scheduling for RLVR", Zhang et al.,
-arXiv 2605.25381; official code ``_prefix_curriculum``; our spec ``tp-schedule.md`` section 2) and the other profiles
-of ``schedules.md`` under the same interface. The value feeds, for example:
+arXiv 2605.25381; official code ``_prefix_curriculum``) and the other profiles under the same interface, as described
+in ``docs/methods/tp-schedule.md``, section "The schedule". The value feeds, for example:
 
 - TP-Schedule's cut-off ``q`` (:func:`rlvr_kernels.tp_schedule_mask`),
 - the forking-token budget ``rho = 1 - q`` (:func:`rlvr_kernels.forking_token_mask`),
@@ -43,7 +43,8 @@ class TemporalSchedule:
     - ``total_steps``: the number of optimizer steps T (int >= 1); verl's ``total_training_steps``.
     - ``gamma`` (default 2.0, > 0): exponent of ``mode="gamma"``.
 
-    Definition (``tp-schedule.md`` section 2, ``schedules.md``): with ``p = clip((k - k_min) / (k_max - k_min), 0, 1)``,
+    Definition (``docs/methods/tp-schedule.md``, section "Profiles"): with
+    ``p = clip((k - k_min) / (k_max - k_min), 0, 1)``,
 
     - ``gamma``:   ``q = (start_value * (1 - p)) ** gamma``, TP's exact form (the power also applies to m0, so the
       value before ``k_min`` is ``start_value ** gamma``); it requires ``end_value == 0``;
@@ -52,8 +53,8 @@ class TemporalSchedule:
       ``cosine f = (1 + cos(pi p)) / 2``; ``rex f = (1 - p) / (0.5 + 0.5 (1 - p))`` (REX, Chen et al.,
       arXiv 2107.04197); ``step f = 1`` for ``p < 1`` else 0 (a hard switch at ``k_max``); ``constant f = 1``.
 
-    With the defaults and ``total_steps=100`` this reproduces the worked table of ``tp-schedule.md``: linear
-    q(1) = 0.977625, q(20) = 0.7425, q(40) = 0.495, q(60) = 0.2475, q(k >= 80) = 0.
+    With the defaults and ``total_steps=100`` this reproduces the worked table of ``docs/methods/tp-schedule.md``,
+    section "Worked values": linear q(1) = 0.977625, q(20) = 0.7425, q(40) = 0.495, q(60) = 0.2475, q(k >= 80) = 0.
 
     UBA ("Stepsize anything", Tang et al., arXiv 2505.24452) is NOT offered: its closed form was not available to us
     when this was written, and we do not ship a formula we cannot cite.

@@ -1,4 +1,4 @@
-"""Triton kernel of the CPPO token mask (arXiv 2606.10968v2, Alg. 1; spec ``cppo.md``) and its launch helper.
+"""Triton kernel of the CPPO token mask (arXiv 2606.10968v2, Alg. 1; ``docs/methods/cppo.md``) and its launch helper.
 
 Rows view as in :mod:`rlvr_kernels.kernels.credit`: flat contiguous tensors, per row an int64 ``start`` and ``span``
 (padded ``[B, T]``: ``start = b T``, ``span = T``; packed: from ``cu_seqlens``), a flat int8 ``valid`` mask. One

@@ -1,4 +1,5 @@
-"""Triton sweeps over the hidden states for the DelTA coefficients (spec ``delta.md`` section 4), and their launchers.
+"""Triton sweeps over the hidden states for the DelTA coefficients, and their launchers (``docs/methods/delta.md``,
+section "How the package computes it").
 
 Both read ``h [N, H]`` (fp32 / bf16 / fp16 / fp64, last dim contiguous, any row stride) once, accumulate in fp32,
 skip rows whose int8 ``valid`` flag is 0 (their contents, NaN included, never reach the result), handle any ``H``

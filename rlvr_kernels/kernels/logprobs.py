@@ -12,7 +12,8 @@ Linear form (hidden states x lm_head, the logits never reach memory):
 Logits form (logits a model already produced): one program per row (looping over rows), looping over vocab blocks.
 
 Correctness rules kept here: columns past V are -inf, never 0; statistics in fp32 with max initialised to -inf;
-int64 row offsets; no grid dimension above 65535 (programs loop over the rest).
+int64 row offsets; no grid dimension above 65535 (programs loop over the rest). Design notes:
+``docs/design/vocab-pass.md``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Plain-torch reference of the CPPO token mask (the CPU path, and the oracle of the Triton kernel).
 
 CPPO: Mao, Zhou, Tao et al., "Beyond Uniform Token-Level Trust Region in LLM Reinforcement Learning",
-arXiv 2606.10968v2 (Eq. 8-10, Eq. 22, Alg. 1); spec ``cppo.md``. The public op, its argument checking and the
+arXiv 2606.10968v2 (Eq. 8-10, Eq. 22, Alg. 1); ``docs/methods/cppo.md``. The public op, its argument checking and the
 packed layout live in :mod:`rlvr_kernels.cppo`; everything here takes the PADDED layout (``[B, T]`` tensors and a
 bool ``valid`` mask of the same shape), already validated, and computes in fp32 (A8).
 
@@ -51,7 +51,8 @@ def divergence(
     logp_topk: Optional[torch.Tensor] = None,
     logp_mu_topk: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-token divergence ``D_t`` between mu (rollout/behaviour policy) and pi (current policy), fp32 (cppo.md 1).
+    """Per-token divergence ``D_t`` between mu (rollout/behaviour policy) and pi (current policy), fp32
+    (``docs/methods/cppo.md``, section "The divergence").
 
     Elementwise over any shape (``logp``/``logp_mu`` of shape ``X``, the Top-K tensors ``X + (K,)``); finite inputs
     give a finite ``D >= 0``. Every log-prob is clamped to ``<= 0`` first: a value above 0 is not a log-probability

@@ -39,9 +39,10 @@ def valid_counts(valid: torch.Tensor) -> torch.Tensor:
 def tp_bounds(lengths: torch.Tensor, q: float, *, reverse: bool = False):
     """TP-Schedule's targeted range ``[lo, hi)`` per row (int64 ``[B]`` each), computed in float64.
 
-    Late-first (default, tp-schedule.md 6.1): ``b = min(floor(L q), L - 1)``, range ``[b, L)``; at least the last
-    token stays active. Reverse (experimental, 6.5): ``e = max(ceil(L (1 - q)), 1)``, range ``[0, e)``; at least the
-    first token stays active. Rows with ``L = 0`` get an empty range.
+    Late-first (default; ``docs/methods/tp-schedule.md``, section "The cut-off mask"): ``b = min(floor(L q), L - 1)``,
+    range ``[b, L)``; at least the last token stays active. Reverse (experimental; same page, section "Choices where
+    the paper leaves room", item 6): ``e = max(ceil(L (1 - q)), 1)``, range ``[0, e)``; at least the first token stays
+    active. Rows with ``L = 0`` get an empty range.
     """
     L = lengths.to(torch.int64)
     Ld = L.to(torch.float64)

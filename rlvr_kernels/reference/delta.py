@@ -1,7 +1,8 @@
 """Plain-torch reference of the DelTA coefficients (the CPU path, and the oracle of the Triton sweeps).
 
 DelTA (Zhang, Wu, Lin, arXiv 2605.21467; official code RUCBM/DelTA ``verl/workers/actor/dp_actor.py``
-``compute_log_prob_h``), spec ``delta.md`` sections 2, 3, 4 ("Cheapest exact algorithm") and 6.
+``compute_log_prob_h``); the algorithm and the skinny-product form used here are described in
+``docs/methods/delta.md``, sections "Refinement and coefficients" and "How the package computes it".
 
 Everything here works on FLAT per-token arrays of one call (already validated and laid out by
 :mod:`rlvr_kernels.delta`): ``h [N, H]`` (any float dtype, last dim contiguous; rows that are not ``valid`` may hold
@@ -95,7 +96,7 @@ def colsum2(h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# per-token and per-side pieces of the algorithm (spec section 6), shared by the one-shot and the streaming forms
+# per-token and per-side pieces of the algorithm (docs/methods/delta.md), shared by the one-shot and streaming forms
 # ----------------------------------------------------------------------------------------------------------------------
 def per_token_scalars(old_logp: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor):
     """``s = 1 - exp(old_logp)`` (as ``-expm1``, exact near p = 1) and the advantage, fp32, both 0 on invalid tokens.
@@ -225,7 +226,7 @@ def delta_coefficients_flat(
     colsum: Callable = colsum2,
     check: Callable | None = None,
 ) -> torch.Tensor:
-    """One-shot DelTA coefficients on flat arrays (spec section 6, skinny-GEMM form): fp32 ``[N]``.
+    """One-shot DelTA coefficients on flat arrays (skinny-GEMM form of ``docs/methods/delta.md``): fp32 ``[N]``.
 
     ``rowdot(h, mu [2, H], valid) -> [N, >=2]`` and ``colsum(h, w [N, 2], valid) -> [2, H]`` are the two sweeps
     (torch here, Triton in :mod:`rlvr_kernels.kernels.delta`). Margins are cached as ``[N]`` scalars between sweeps,

@@ -8,7 +8,8 @@ Math, for scaled logits ``z = (x @ W.T + b) / T`` of one token with target ``y``
 Computed in float32, or float64 when an input is float64. Rows whose target is ``ignore_index`` give 0 for both
 outputs (and no gradient). ``logprobs_from_logits`` differentiates through these ops with autograd; the linear form
 runs over token chunks with the analytic gradient (:func:`dlogits_from_scaled_logits`), recomputing each chunk's
-logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V).
+logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V). Design notes:
+``docs/design/vocab-pass.md``.
 """
 from __future__ import annotations
 
