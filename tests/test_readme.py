@@ -90,3 +90,16 @@ def test_readme_verl_recipe_resolves_to_our_loss():
     assert (opts.schedule_mode, opts.schedule_end_frac) == ("linear", 0.8)
     assert cfg.actor_rollout_ref.model.use_fused_kernels is True
     assert cfg.actor_rollout_ref.model.fused_kernel_options.impl_backend in rv._FORWARD_BACKENDS
+
+
+def test_readme_methods_table_is_the_catalogue():
+    """The README's method/option table is generated from rlvr_kernels/methods.py and must not drift from it."""
+    from rlvr_kernels import methods
+
+    text = README.read_text()
+    start, end = "<!-- methods-table:start -->\n", "<!-- methods-table:end -->"
+    assert start in text and end in text
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    assert block == methods.markdown_table(), (
+        "README method table is stale: replace the block between the methods-table markers with "
+        "rlvr_kernels.methods.markdown_table()")
