@@ -2,8 +2,8 @@
 # GPU check in one command, from the repository root; everything it writes goes to $OUT (default /tmp/rlvr_gpu_out):
 #   1. the GPU's name, driver and the versions of torch / triton (device.txt);
 #   2. the gpu-marked tests: compiled Triton kernels against the torch reference at realistic shapes (gpu_tests.log);
-#   3. the benchmark (default --quick: the reference shape N=8192, H=4096, V=151936 bf16 plus a short sweep),
-#      its results folder packed as results.tgz (bench.log).
+#   3. the benchmark (python -m rlvr_kernels.bench, i.e. rlvr-bench; default --quick: the reference shape N=8192,
+#      H=4096, V=151936 bf16 plus a short sweep), its results folder packed as results.tgz (bench.log).
 # Peers that are not installed (trl, liger-kernel, verl) give "not run" rows; wheels placed in .whl/ are installed
 # into /tmp/site first. To add the results to the repository:
 #   mkdir -p benchmarks/results && tar xzf $OUT/results.tgz -C benchmarks/results
@@ -23,7 +23,8 @@ fi
 } | tee "$OUT/device.txt"
 python3 -m pytest tests -m gpu -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/run.py "${@:---quick}" --out "$OUT/results" --no-progress 2>&1 | tee "$OUT/bench.log"
+# $OUT/results is this script's scratch folder (packed and removed below): --overwrite replaces a leftover one
+python3 -m rlvr_kernels.bench "${@:---quick}" --out "$OUT/results" --overwrite --no-progress 2>&1 | tee "$OUT/bench.log"
 bench_rc=${PIPESTATUS[0]}
 if [ -d "$OUT/results" ]; then
   dev=$(python3 -c "import json; m = json.load(open('$OUT/results/meta.json')); print(m['device'] + '-' + m['date'])" \

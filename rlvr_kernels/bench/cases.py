@@ -1,9 +1,9 @@
-"""What the benchmark runs: the ops, the implementations of each, and how one point is measured.
+"""What the benchmark runs: the ops, the implementations of each, and how one point is built.
 
 A *point* is a dict ``{op, impl, case, N, H, V, T, dtype}``; :func:`build` turns it into a zero-argument ``step``
-callable (one forward, or one forward + backward) on fresh inputs, and :func:`measure` times it and takes its peak
-memory. Every builder raises :class:`NotAvailable` (or any exception) when the implementation cannot run here; the
-caller turns that into a record with an ``error`` field instead of a number.
+callable (one forward, or one forward + backward) on fresh inputs (:mod:`rlvr_kernels.bench.timing` times it and
+takes its peak memory). Every builder raises :class:`NotAvailable` (or any exception) when the implementation cannot
+run here; the caller turns that into a record with an ``error`` field instead of a number.
 
 Ops:
 - ``logprobs_fwd``: per-token log-prob + entropy from hidden states ``[N, H]`` and an lm_head ``[V, H]``, no grad.
@@ -11,48 +11,133 @@ Ops:
 - ``loss_fused``: a DAPO loss (PPO clip, token mean, beta = 0) from hidden states, forward + backward.
 - ``token_pass``: the ``[B, T]`` token-level ops alone (``case`` names which: percentile, TP mask, forking, ...).
 - ``loss_<name>``: whole ``RLVRLoss`` objectives and credit rules, forward + backward (e.g. ``loss_dapo_forking``).
+  The method cases come from the catalogue :mod:`rlvr_kernels.methods` (:func:`method_cases`): one
+  ``dapo_<credit>`` per credit rule and one ``<trust region>`` per trust region carried by a ``loss_type``.
+
+The GEMM roofline rows have the implementation id ``cublas_gemm`` (kept so that results stay comparable across
+runs); they run ``torch.mm``, which is cuBLAS only on a GPU. Text shows them as :func:`impl_label` names them:
+``torch.mm (CPU)`` or ``cuBLAS (torch.mm)``.
 """
+
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import statistics
-import time
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 LOGPROB_OPS = ("logprobs_fwd", "logprobs_fwd_bwd")
 # implementations per op, in the order they are run and shown
-LOGPROB_IMPLS = ("cublas_gemm", "rlvr_kernels", "torch_full_logits", "torch_compile", "trl_unfused", "liger_flsce",
-                 "verl_triton", "verl_torch")
-LOSS_FUSED_IMPLS = ("cublas_gemm", "rlvr_kernels", "rlvr_kernels_composable", "torch_full_logits", "torch_compile",
-                    "trl_unfused", "liger_grpo", "liger_flsce", "verl_triton", "verl_torch")
+LOGPROB_IMPLS = (
+    "cublas_gemm",
+    "rlvr_kernels",
+    "torch_full_logits",
+    "torch_compile",
+    "trl_unfused",
+    "liger_flsce",
+    "verl_triton",
+    "verl_torch",
+)
+LOSS_FUSED_IMPLS = (
+    "cublas_gemm",
+    "rlvr_kernels",
+    "rlvr_kernels_composable",
+    "torch_full_logits",
+    "torch_compile",
+    "trl_unfused",
+    "liger_grpo",
+    "liger_flsce",
+    "verl_triton",
+    "verl_torch",
+)
 TOKEN_CASES = ("percentile", "tp_mask", "forking", "entropy_adv", "d3s", "cppo_mask", "delta_coef")
 # GEMM-equivalents each op is bounded by: its cublas_gemm row runs that many [N,H]x[H,V]-sized GEMMs
 GEMMS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 4, "loss_fused": 3}
 
-# Whole losses: name -> (RLVRLoss keywords, extra forward inputs, Liger's LigerFusedLinearGRPOLoss keywords or None)
-# Every loss has beta = 0 and old log-probs unless it says otherwise; "needs" names optional modules of the package.
-LOSS_VARIANTS = {
+GEMM_IMPL = "cublas_gemm"  # the roofline rows' implementation id (a record field; see impl_label for its name)
+# other names the command line accepts for an implementation
+IMPL_ALIASES = {"gemm": GEMM_IMPL, "torch_mm": GEMM_IMPL}
+
+
+def impl_label(impl: str, device: str) -> str:
+    """How text, legends and tables name an implementation on ``device`` (``"cpu"``, ``"cuda"`` or a record's device
+    name such as ``cpu-x86_64``): the GEMM roofline is ``torch.mm``, cuBLAS only on a GPU."""
+    if impl == GEMM_IMPL:
+        return "torch.mm (CPU)" if str(device).startswith("cpu") else "cuBLAS (torch.mm)"
+    return impl
+
+
+# Whole losses: name -> dict(ours=RLVRLoss keywords, liger=LigerFusedLinearGRPOLoss keywords or None, ref=True when
+# the loss reads reference log-probs, schedule=True in ours when the loss runs under a TemporalSchedule at step 10,
+# coefficients=True when its forward takes DelTA-style per-token coefficients). Every loss has beta = 0 and old
+# log-probs unless it says otherwise; "T" stands for the sequence length.
+
+# The objectives that are not catalogue methods (the peers' own loss types and variants), compared with Liger.
+BASE_LOSSES = {
     "grpo": dict(ours=dict(loss_type="grpo"), liger=dict(loss_type="grpo")),
     "dapo": dict(ours=dict(loss_type="dapo", epsilon_high=0.28), liger=dict(loss_type="dapo", epsilon_high=0.28)),
     "bnpo": dict(ours=dict(loss_type="bnpo"), liger=dict(loss_type="bnpo")),
-    "dr_grpo": dict(ours=dict(loss_type="dr_grpo", max_completion_length="T"),
-                    liger=dict(loss_type="dr_grpo", max_completion_length="T")),
-    "cispo": dict(ours=dict(loss_type="cispo", epsilon_high=4.0), liger=dict(loss_type="cispo", epsilon_high=4.0)),
-    "gspo": dict(ours=dict(loss_type="grpo", importance_sampling_level="sequence"),
-                 liger=dict(loss_type="grpo", importance_sampling_level="sequence")),
+    "dr_grpo": dict(
+        ours=dict(loss_type="dr_grpo", max_completion_length="T"),
+        liger=dict(loss_type="dr_grpo", max_completion_length="T"),
+    ),
+    "gspo": dict(
+        ours=dict(loss_type="grpo", importance_sampling_level="sequence"),
+        liger=dict(loss_type="grpo", importance_sampling_level="sequence"),
+    ),
     "grpo_kl": dict(ours=dict(loss_type="grpo", beta=0.04), liger=dict(loss_type="grpo", beta=0.04), ref=True),
-    "dppo": dict(ours=dict(loss_type="dppo")),
-    "cppo": dict(ours=dict(loss_type="cppo"), needs="rlvr_kernels.cppo"),
-    "dapo_tp_schedule": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="tp_schedule", schedule=True)),
-    "dapo_forking": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="forking")),
-    "dapo_entropy_adv": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="entropy_adv")),
-    "dapo_d3s": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="d3s")),
-    "dapo_delta": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, credit="delta"), needs="rlvr_kernels.delta"),
+}
+# Non-method extras, after the method cases.
+EXTRA_LOSSES = {
     "dapo_entropy_bonus": dict(ours=dict(loss_type="dapo", epsilon_high=0.28, entropy_coef=0.01)),
 }
+# The base objective of the credit-rule cases (DAPO with clip-higher).
+CREDIT_BASE = dict(loss_type="dapo", epsilon_high=0.28)
+# Settings a trust-region case uses beyond its loss_type (none: RLVRLoss's defaults). CISPO's clip bound of 4 is the
+# paper's and the one it was always benchmarked with.
+TRUST_REGION_SETTINGS = {"cispo": dict(epsilon_high=4.0)}
+# Loss types LigerFusedLinearGRPOLoss 0.8.5 offers: a trust-region case whose loss_type Liger has is compared with it.
+LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+
+
+def method_cases(credits=None, trust_regions=None) -> dict:
+    """The loss cases of the method catalogue: ``{name: spec}``, one ``<trust region>`` per trust region that a
+    ``loss_type`` carries (``dppo``, ``cispo``, ``cppo``, ...), then one ``dapo_<credit>`` per credit rule but
+    ``none`` (a schedule when the rule's ``schedule`` is ``"required"``, coefficients when it needs them).
+    Defaults: :data:`rlvr_kernels.methods.CREDITS` and :data:`rlvr_kernels.methods.TRUST_REGIONS`."""
+    if credits is None or trust_regions is None:
+        from rlvr_kernels import methods
+
+        credits = methods.CREDITS if credits is None else credits
+        trust_regions = methods.TRUST_REGIONS if trust_regions is None else trust_regions
+    out = {}
+    for name, tr in trust_regions.items():
+        if tr.loss_type is None:  # "clip": the base objectives' own PPO clip
+            continue
+        ours = dict(loss_type=tr.loss_type, **TRUST_REGION_SETTINGS.get(name, {}))
+        out[name] = dict(ours=ours, liger=dict(ours) if tr.loss_type in LIGER_LOSS_TYPES else None)
+    for name, rule in credits.items():
+        if name == "none":
+            continue
+        ours = dict(CREDIT_BASE, credit=name)
+        if rule.schedule == "required":
+            ours["schedule"] = True
+        spec = dict(ours=ours)
+        if "coefficients" in rule.needs:
+            spec["coefficients"] = True
+        out[f"dapo_{name}"] = spec
+    return out
+
+
+def _loss_variants() -> dict:
+    out = dict(BASE_LOSSES)
+    for name, spec in list(method_cases().items()) + list(EXTRA_LOSSES.items()):
+        if name in out:
+            raise RuntimeError(f"benchmark loss case {name!r} is defined twice")
+        out[name] = spec
+    return out
+
+
+LOSS_VARIANTS = _loss_variants()
 LOSS_VARIANT_IMPLS = ("rlvr_kernels", "liger_grpo")
 
 # Modules each implementation imports (preloaded by the CPU fork server so that a point does not pay for them).
@@ -181,6 +266,7 @@ def _lp_fn(impl: str, inp: Inputs, device: str):
             # TRL's trainer works on [B, T, V] logits from the model's lm_head.
             logits = (x2d @ w.T).view(B, T, -1)
             return utils.selective_log_softmax(logits, inp.t).view(-1), utils.entropy_from_logits(logits).view(-1)
+
         return trl
     if impl == "liger_flsce":
         mod = _import("liger_kernel.ops.fused_linear_scaled_cross_entropy")
@@ -189,11 +275,14 @@ def _lp_fn(impl: str, inp: Inputs, device: str):
         def liger():
             nll, ent = fn.apply(x2d, w, t, 1.0, -100, 1, True)[:2]
             return -nll, ent
+
         return liger
     if impl == "verl_triton":
         if device != "cuda":
-            raise NotAvailable("verl's Triton linear_cross_entropy runs only on CUDA tensors (its kernels are "
-                               "GPU Triton); verl_torch is its CPU path")
+            raise NotAvailable(
+                "verl's Triton linear_cross_entropy runs only on CUDA tensors (its kernels are "
+                "GPU Triton); verl_torch is its CPU path"
+            )
         if x2d.shape[-1] % 128:
             raise NotAvailable(f"verl's linear_cross_entropy needs H % 128 == 0, got H={x2d.shape[-1]}")
         lce = _import("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
@@ -226,6 +315,7 @@ def _gemm_step(inp: Inputs, gemms: int):
         if gemms >= 3:
             torch.mm(z, w, out=dx)
             torch.mm(z.T, x, out=dw)
+
     return step
 
 
@@ -246,6 +336,7 @@ def _build_logprobs(p: dict, device: str):
         else:
             with torch.no_grad():
                 fn()
+
     return step, (inp.grad_bytes() if bwd else 0)
 
 
@@ -266,8 +357,7 @@ def _build_loss_fused(p: dict, device: str):
             return lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, old_per_token_logps=inp.old)[0]
     elif impl == "liger_grpo":
         mod = _import("liger_kernel.chunked_loss")
-        lf = mod.LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", use_ref_model=False,
-                                          compiled=device == "cuda")
+        lf = mod.LigerFusedLinearGRPOLoss(beta=0.0, loss_type="dapo", use_ref_model=False, compiled=device == "cuda")
 
         def run():
             return lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, old_per_token_logps=inp.old)[0]
@@ -284,12 +374,14 @@ def _build_loss_fused(p: dict, device: str):
                 with torch.no_grad():
                     ent = -(logz.exp() * logz).sum(-1)
                 return dapo_loss_torch(logp, old, adv, mask), ent
+
             compiled = torch.compile(full)
 
             def run():
                 return compiled(inp.x, inp.w, inp.t, inp.old, inp.adv, inp.mask)[0]
         else:
             if impl == "torch_full_logits":
+
                 def lp():
                     z = (inp.x2d() @ inp.w.T).float()
                     logz = torch.log_softmax(z, -1)
@@ -316,18 +408,16 @@ def _build_loss_fused(p: dict, device: str):
     def step():
         run().backward()
         inp.clear_grads()
+
     return step, inp.grad_bytes()
 
 
 def _build_loss_variant(p: dict, device: str):
-    name = p["op"][len("loss_"):]
+    name = p["op"][len("loss_") :]
     spec = LOSS_VARIANTS.get(name)
     if spec is None:
         raise ValueError(f"unknown loss {name!r}")
     impl = p["impl"]
-    needs = spec.get("needs")
-    if needs and not _module_available(needs):
-        raise NotAvailable(f"{needs} is not in this checkout")
     inp = Inputs(p, device, grad=True)
 
     def fill(kw):
@@ -345,7 +435,7 @@ def _build_loss_variant(p: dict, device: str):
             extra["step"] = 10
         if kw.get("beta", 0.0) == 0.0:
             kw["beta"] = 0.0
-        if kw.get("credit") == "delta":
+        if spec.get("coefficients"):
             extra["delta_coefficients"] = _delta_coefficients(inp)
         lf = RLVRLoss(**kw)
     elif impl == "liger_grpo":
@@ -361,11 +451,13 @@ def _build_loss_variant(p: dict, device: str):
     def step():
         lf(inp.x, inp.w, inp.t, inp.mask, inp.adv, **extra)[0].backward()
         inp.clear_grads()
+
     return step, inp.grad_bytes()
 
 
 def _delta_coefficients(inp: Inputs):
-    """DelTA coefficients from the old policy's hidden states (computed once per rollout batch, outside the step)."""
+    """DelTA coefficients from the old policy's hidden states (computed once per rollout batch, outside the step):
+    the per-token coefficients of the credit rules that need them."""
     import torch
 
     from rlvr_kernels.delta import delta_coefficients
@@ -435,6 +527,7 @@ def _build_token_pass(p: dict, device: str):
     def step():
         with torch.no_grad():
             fn()
+
     return step, 0
 
 
@@ -450,125 +543,3 @@ def build(p: dict, device: str):
     if op.startswith("loss_"):
         return _build_loss_variant(p, device)
     raise ValueError(f"unknown op {op!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# measurement
-
-
-def _proc_status_kib(field: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Return freed heap to the OS and reset the kernel's peak-RSS mark (Linux >= 4.0); False where unsupported."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _proc_status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def _sync(device):
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def measure(p: dict, device: str, timing: dict) -> dict:
-    """Median time (ms) and peak memory (MiB) of one point, after ``timing['warmup']`` warm-up steps.
-
-    GPU: CUDA events around each step; peak = ``max_memory_allocated`` during the timed steps minus what was
-    allocated before them (the inputs). CPU: ``perf_counter``; peak = growth of the resident set during the timed
-    steps over the resident set before them (the peak mark is reset after warm-up; the caller runs each CPU point in
-    a fresh process). Steps that take a gradient drop it at their end, so the peak includes the gradients once.
-    """
-    import resource
-
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t_build = time.perf_counter()
-    step, grad_bytes = build(p, device)
-    for _ in range(timing["warmup"]):
-        step()
-    _sync(device)
-    warm_s = time.perf_counter() - t_build
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        hwm_ok = _reset_rss_peak()
-        base = _proc_status_kib("VmRSS") if hwm_ok else None
-    times = []
-    t_end = time.perf_counter() + timing["target_s"]
-    while len(times) < timing["min_reps"] or (time.perf_counter() < t_end and len(times) < timing["max_reps"]):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            s = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - s) * 1e3)
-    if device == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    elif base is not None:
-        peak = (_proc_status_kib("VmHWM") - base) / 1024
-    else:  # no resettable peak mark: growth of ru_maxrss over the whole run, warm-up included
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - ru0) / 1024
-    peak = max(0.0, peak)
-    res = {
-        "ms_median": statistics.median(times),
-        "ms_min": min(times),
-        "reps": len(times),
-        "peak_mem_mib": peak,
-        "warmup_s": round(warm_s, 3),
-    }
-    if grad_bytes:
-        res["grads_mib"] = grad_bytes / 2**20
-        res["extra_mem_mib"] = max(0.0, peak - grad_bytes / 2**20)
-    return res
-
-
-def measure_safe(p: dict, device: str, timing: dict) -> dict:
-    try:
-        return measure(p, device, timing)
-    except NotAvailable as exc:
-        return {"error": f"not available: {exc}"[:400]}
-    except Exception as exc:  # noqa: BLE001 - any failure of an implementation becomes a row saying why
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return {"error": msg[:400]}
-    finally:
-        gc.collect()
-
-
-def worker(q, points, device, timing):
-    """Child process: measure ``points`` in order, reporting each result on ``q`` as ``(index, result)``."""
-    # Objects inherited from the fork server (torch, the peers) are never garbage: keep the collector off them, so
-    # that it neither spends time on them nor touches (copies) their pages.
-    gc.freeze()
-    for i, p in enumerate(points):
-        q.put(("start", i, None))
-        q.put(("done", i, measure_safe(p, device, timing)))

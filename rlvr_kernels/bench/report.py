@@ -1,0 +1,325 @@
+"""Writing a benchmark run: results.json, results.csv, meta.json, results.md (markdown tables) and PNG plots.
+
+:func:`summary_markdown` is shared with :mod:`rlvr_kernels.bench.readme_table`, which puts the same tables into the
+README. Times are shown as the median with the interquartile range (p25-p75) of the repeats next to it; records of
+older runs, which kept only the median and the minimum, show an empty IQR cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+from rlvr_kernels.bench.cases import GEMM_IMPL, impl_label
+
+MAIN_FIELDS = [
+    "op",
+    "impl",
+    "case",
+    "device",
+    "dtype",
+    "N",
+    "H",
+    "V",
+    "B",
+    "T",
+    "ms_median",
+    "ms_p25",
+    "ms_p75",
+    "ms_min",
+    "ms_max",
+    "reps",
+    "peak_mem_mib",
+    "ratio_vs_gemm",
+    "ours_time_ratio",
+    "ours_mem_ratio",
+    "ratio_vs_vocab_pass",
+    "gemms",
+    "impl_label",
+    "grads_mib",
+    "extra_mem_mib",
+    "warmup",
+    "warmup_s",
+    "run_id",
+    "error",
+]
+CORE_OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "loss_fused")
+OP_TITLES = {
+    "logprobs_fwd": "forward: log-prob + entropy from hidden states (no grad); roofline 1 GEMM",
+    "logprobs_fwd_bwd": "composable forward + backward of sum(logp) + sum(entropy); roofline 4 GEMMs",
+    "loss_fused": "DAPO loss from hidden states, forward + backward; roofline 3 GEMMs",
+    "token_pass": "token-level ops on [B, T] inputs",
+}
+# Files a run writes into its folder (``--overwrite`` removes these, and only these, before writing).
+OUTPUT_FILES = ("results.json", "results.csv", "results.md", "meta.json") + tuple(
+    f"{name}.png" for name in CORE_OPS + ("token_pass", "losses")
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numbers
+
+
+def fmt_ms(x) -> str:
+    if x is None:
+        return ""
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 0.1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def fmt_iqr(r: dict) -> str:
+    """``p25–p75`` of a record's repeats ('' for records without them)."""
+    if r.get("ms_p25") is None or r.get("ms_p75") is None:
+        return ""
+    return f"{fmt_ms(r['ms_p25'])}–{fmt_ms(r['ms_p75'])}"
+
+
+def fmt_ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def fmt_mib(x) -> str:
+    if x is None:
+        return ""
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _cell(text: str, n: int = 110) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def label(r: dict) -> str:
+    """A record's implementation as text shows it (the GEMM roofline: ``torch.mm (CPU)`` / ``cuBLAS (torch.mm)``)."""
+    return impl_label(r["impl"], r.get("device", ""))
+
+
+def reference_of(records: list, meta: dict | None) -> dict:
+    """The reference point ``{N, H, V, dtype}``: from meta.json, else the shape with the most records."""
+    if meta and meta.get("reference"):
+        return meta["reference"]
+    counts: dict = {}
+    for r in records:
+        if r["op"] in CORE_OPS:
+            k = (r["N"], r["H"], r["V"], r["dtype"])
+            counts[k] = counts.get(k, 0) + 1
+    n, h, v, d = max(counts, key=counts.get)
+    return dict(N=n, H=h, V=v, dtype=d)
+
+
+def _at(records, ref, **kw):
+    out = []
+    for r in records:
+        if r["dtype"] != ref["dtype"] or r["H"] != ref["H"] or r["V"] != ref["V"]:
+            continue
+        if all(r.get(k) == v for k, v in kw.items()):
+            out.append(r)
+    return out
+
+
+def command_of(meta: dict) -> str:
+    """The command line of a run (older runs recorded only the arguments of ``python benchmarks/run.py``)."""
+    if meta.get("command"):
+        return meta["command"]
+    return " ".join(["python benchmarks/run.py"] + list(meta.get("argv") or []))
+
+
+def busy_note(meta: dict) -> str:
+    """A warning line when the machine was busy at the start of the run ('' otherwise)."""
+    if not meta.get("busy"):
+        return ""
+    runs = [r for r in (meta.get("runs") or [meta]) if r.get("busy")] or [meta]
+    load = max((r.get("loadavg") or {}).get("1m") or 0.0 for r in runs)
+    return (
+        f"**Warning: the machine was busy** (1-minute load average {load:.2f} at the start on "
+        f"{meta.get('cpu_count')} CPUs): the figures are noisy."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# markdown
+
+
+def summary_markdown(records: list, meta: dict | None, *, heading: str = "###") -> str:
+    """Tables at the reference shape: the three vocabulary-pass ops, the token pass, the whole losses."""
+    ref = reference_of(records, meta)
+    n0 = ref["N"]
+    lines = []
+    shape = f"N={n0}, H={ref['H']}, V={ref['V']}, {ref['dtype']}"
+    lines += [
+        f"{heading} Vocabulary pass at {shape}",
+        "",
+        "| op | impl | ms (median) | IQR (ms) | x GEMM roofline | peak MiB | ours / this (time) | "
+        "ours / this (memory) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for op in CORE_OPS:
+        for r in _at(records, ref, op=op, N=n0):
+            if "error" in r:
+                lines.append(f"| {op} | {label(r)} | not run: {_cell(r['error'])} | | | | | |")
+                continue
+            impl = f"**{r['impl']}**" if r["impl"] == "rlvr_kernels" else label(r)
+            if r["impl"] == GEMM_IMPL:
+                impl = f"{label(r)} x{r.get('gemms', '?')}"
+            lines.append(
+                f"| {op} | {impl} | {fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | "
+                f"{fmt_ratio(r.get('ratio_vs_gemm'))} | {fmt_mib(r['peak_mem_mib'])} | "
+                f"{fmt_ratio(r.get('ours_time_ratio'))} | {fmt_ratio(r.get('ours_mem_ratio'))} |"
+            )
+    tok = [r for r in records if r["op"] == "token_pass" and r["dtype"] == ref["dtype"]]
+    if tok:
+        ns = sorted({r["N"] for r in tok})
+        nt = n0 if n0 in ns else ns[-1]
+        T = next(r["T"] for r in tok if r["N"] == nt)
+        lines += [
+            "",
+            f"{heading} Token pass at N={nt} (B={nt // T}, T={T})",
+            "",
+            "| op | impl | ms (median) | IQR (ms) | % of our forward vocab pass |",
+            "|---|---|---|---|---|",
+        ]
+        for r in tok:
+            if r["N"] != nt:
+                continue
+            name = f"token_pass/{r['case']}"
+            if "error" in r:
+                lines.append(f"| {name} | {label(r)} | not run: {_cell(r['error'])} | | |")
+            else:
+                pct = r.get("ratio_vs_vocab_pass")
+                lines.append(
+                    f"| {name} | {label(r)} | {fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | "
+                    f"{'' if pct is None else f'{100 * pct:.1f}'} |"
+                )
+    losses = [r for r in _at(records, ref, N=n0) if r["op"].startswith("loss_") and r["op"] != "loss_fused"]
+    if losses:
+        lines += [
+            "",
+            f"{heading} Whole losses (forward + backward) at {shape}",
+            "",
+            "| loss | rlvr_kernels ms (median) | IQR (ms) | x 3 GEMMs | peak MiB | Liger ms (median) | "
+            "Liger IQR (ms) | ours / Liger (time) | ours / Liger (memory) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for op in dict.fromkeys(r["op"] for r in losses):
+            ours = next((r for r in losses if r["op"] == op and r["impl"] == "rlvr_kernels"), None)
+            lig = next((r for r in losses if r["op"] == op and r["impl"] == "liger_grpo"), None)
+            if ours is None:
+                continue
+            if "error" in ours:
+                cells = [f"not run: {_cell(ours['error'], 80)}", "", "", ""]
+            else:
+                cells = [
+                    fmt_ms(ours["ms_median"]),
+                    fmt_iqr(ours),
+                    fmt_ratio(ours.get("ratio_vs_gemm")),
+                    fmt_mib(ours["peak_mem_mib"]),
+                ]
+            if lig is None:
+                cells += ["–", "", "", ""]
+            elif "error" in lig:
+                cells += [f"not run: {_cell(lig['error'], 60)}", "", "", ""]
+            else:
+                cells += [
+                    fmt_ms(lig["ms_median"]),
+                    fmt_iqr(lig),
+                    fmt_ratio(lig.get("ours_time_ratio")),
+                    fmt_ratio(lig.get("ours_mem_ratio")),
+                ]
+            lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def full_table(records: list) -> str:
+    lines = [
+        "| op | impl | dtype | N x H x V | ms (median) | IQR (ms) | min (ms) | repeats | x GEMM roofline | "
+        "peak MiB | ours / this (time) | ours / this (memory) |",
+        "|---" * 12 + "|",
+    ]
+    for r in records:
+        op = r["op"] + (f"/{r['case']}" if r.get("case") else "")
+        shape = f"{r['N']} x {r['H']} x {r['V']}"
+        if "error" in r:
+            lines.append(f"| {op} | {label(r)} | {r['dtype']} | {shape} | not run: {_cell(r['error'])} | | | | | | | |")
+        else:
+            lines.append(
+                f"| {op} | {label(r)} | {r['dtype']} | {shape} | {fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | "
+                f"{fmt_ms(r.get('ms_min'))} | {r.get('reps', '')} | {fmt_ratio(r.get('ratio_vs_gemm'))} | "
+                f"{fmt_mib(r['peak_mem_mib'])} | {fmt_ratio(r.get('ours_time_ratio'))} | "
+                f"{fmt_ratio(r.get('ours_mem_ratio'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+HOW_TO_READ = """\
+How to read: every number is measured in one run, each point in its own child process. *ms* is the median of the
+timed repeats after warm-up, *IQR* their interquartile range (25th-75th percentile; empty for runs that kept only
+the median). *x GEMM roofline* divides by the op's GEMM-only floor measured in the same run: 1 `[N,H]x[H,V]` GEMM
+for the forward, 4 for the composable forward+backward, 3 for the fused loss, run with `torch.mm` (rows
+`cuBLAS (torch.mm)` on a GPU, `torch.mm (CPU)` on a CPU, where MKL/oneDNN runs it). Every ratio divides medians of
+the same run. *peak MiB* is the memory the step adds on top of its inputs (GPU: `max_memory_allocated`; CPU: growth
+of the process's resident set), gradients included. *ours / this* is rlvr_kernels' time (memory) over that row's:
+below 1 means we are faster (leaner). `not run` rows say why a peer could not run on this device.
+"""
+
+
+def machine_line(meta: dict) -> str:
+    """One sentence on the machine and the software of a run."""
+    v = meta.get("versions", {})
+    peers = ", ".join(f"{k} {v[k]}" for k in ("trl", "liger-kernel", "verl", "transformers") if v.get(k))
+    load = meta.get("loadavg")
+    load_s = (
+        f"load average {load['1m']:.2f} / {load['5m']:.2f} / {load['15m']:.2f} at the start"
+        if load
+        else "load average unknown"
+    )
+    threads = meta.get("torch_num_threads")
+    dev = meta.get("device_full_name") or meta["device"]
+    t = meta.get("timing") or {}
+    reps = f"{t.get('warmup')} warm-up + {t.get('min_reps')}-{t.get('max_reps')} timed repeats per point" if t else ""
+    return (
+        f"(mode {meta['mode']}, {dev}, {meta.get('cpu_count')} CPUs"
+        + (f", {threads} torch threads" if threads is not None else "")
+        + (f", {load_s}" if "loadavg" in meta else "")
+        + (f"; {reps}" if reps else "")
+        + f"; torch {v.get('torch')}, triton {v.get('triton')}; {peers}; wall time {meta.get('wall_s', 0):.0f} s)."
+    )
+
+
+def write_markdown(records: list, meta: dict, path: str) -> None:
+    head = [f"# Benchmark: {meta['device']}, {meta['date']}", "", f"`{command_of(meta)}`", machine_line(meta), ""]
+    note = busy_note(meta)
+    if note:
+        head += [note, ""]
+    head += [HOW_TO_READ, summary_markdown(records, meta, heading="##"), "## All records", "", full_table(records)]
+    with open(path, "w") as f:
+        f.write("\n".join(head))
+
+
+def write_csv(records: list, path: str) -> None:
+    extra = sorted({k for r in records for k in r} - set(MAIN_FIELDS))
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=MAIN_FIELDS + extra, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(records)
+
+
+def write_all(records: list, meta: dict, out: str, *, plots: bool = True) -> list:
+    """Write every output file of a run into ``out``; returns the plots written."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    write_csv(records, os.path.join(out, "results.csv"))
+    write_markdown(records, meta, os.path.join(out, "results.md"))
+    if not plots:
+        return []
+    from rlvr_kernels.bench import plots as plots_mod
+
+    return plots_mod.write_plots(records, meta, out)
