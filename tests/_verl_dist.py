@@ -13,8 +13,8 @@ rank, with a single-process computation over the union of both ranks' rows (no c
   group and sets ``dp_size`` = 2; micro-batches of 2) with verl's ``ppo_loss`` and an ``rlvr_*`` loss, in every
   ``loss_agg_mode``; the DP gradient (the ranks' gradients averaged, as FSDP does) and the mean of the ranks' losses
   equal the gradient / loss of the same ``rlvr_*`` loss over the union batch with ``dp_size`` 1;
-- DelTA: the worker hook's ``_delta_for_update`` (no-grad forwards through verl's ``infer_batch``) with
-  ``delta_all_reduce=true`` equals ``rlvr_kernels.delta_coefficients`` over both ranks' tokens, without it
+- DelTA: the worker hook's ``delta_for_update`` (no-grad forwards through verl's ``infer_batch``) with
+  ``delta_coef_all_reduce=true`` equals ``rlvr_kernels.delta_coefficients`` over both ranks' tokens, without it
   ``delta_coefficients`` over the rank's own tokens; the all-reduced coefficients then feed ``rlvr_delta``.
 """
 from __future__ import annotations
@@ -82,6 +82,7 @@ def run(rank: int, world: int) -> dict:
 
     import rlvr_kernels.integrations.verl as rv
     from rlvr_kernels import delta_coefficients
+    from rlvr_kernels.integrations._verl.delta_worker import delta_for_update
 
     ti.get_device_id = ti.get_device_name = lambda: "cpu"  # the CPU stands in for the accelerator
 
@@ -174,10 +175,10 @@ def run(rank: int, world: int) -> dict:
     for all_reduce in (True, False):
         for cache in ("none", "cpu"):
             cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, policy_loss=(
-                rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr={"delta_all_reduce": all_reduce,
-                                                                      "delta_hidden_cache": cache})))
+                rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr={"delta_coef_all_reduce": all_reduce,
+                                                                      "delta_coef_hidden_cache": cache})))
             td = rank_batch()
-            assert rv._delta_for_update(worker, td, cfg, {}) == "computed"
+            assert delta_for_update(worker, td, cfg, {}) == "computed"
             c = td[rv.DELTA_COEF_KEY]
             c = (c.to_padded_tensor(0.0) if c.is_nested else c)[:, :R]
             want = union_coef[mine] if all_reduce else own_coef

@@ -31,6 +31,9 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import rlvr_kernels.integrations.verl as rv  # noqa: E402
 from rlvr_kernels import TemporalSchedule, entropy_shaped_advantages, forking_token_mask, tp_schedule_mask  # noqa: E402
+from rlvr_kernels.integrations._verl import delta_worker as vdw  # noqa: E402
+from rlvr_kernels.integrations._verl import hooks as vh  # noqa: E402
+from rlvr_kernels.integrations._verl import options as vo  # noqa: E402
 
 AGG_MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 PAIRS = [("vanilla", "rlvr_clip"), ("dppo_tv", "rlvr_dppo"), ("cispo", "rlvr_cispo")]
@@ -103,11 +106,11 @@ def test_config_route_through_verl_yaml_and_hydra_target():
     actor.policy_loss.loss_mode = "rlvr_tp_schedule"
     actor.policy_loss._target_ = "rlvr_kernels.integrations.verl.RLVRPolicyLossConfig"
     with open_dict(actor):
-        actor.policy_loss.rlvr = {"schedule_mode": "sigmoid", "schedule_end": 0.6}
+        actor.policy_loss.rlvr = {"schedule_mode": "sigmoid", "schedule_end_frac": 0.6}
     ac = omega_conf_to_dataclass(actor)
     assert isinstance(ac.policy_loss, rv.RLVRPolicyLossConfig)
     assert ac.policy_loss.loss_mode == "rlvr_tp_schedule"
-    assert rv._options(ac).schedule_mode == "sigmoid" and rv._options(ac).schedule_end == 0.6
+    assert vo.options_of(ac).schedule_mode == "sigmoid" and vo.options_of(ac).schedule_end_frac == 0.6
     with open_dict(actor):
         actor.policy_loss.rlvr = {"schedul_mode": "linear"}  # typo: rejected when verl builds the config
     with pytest.raises(Exception, match="schedul_mode"):
@@ -117,12 +120,12 @@ def test_config_route_through_verl_yaml_and_hydra_target():
 DELTA_OVERRIDES = [  # the README's DelTA overrides (module docstring of rlvr_kernels.integrations.verl)
     "actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_delta",
     "actor_rollout_ref.actor.policy_loss._target_=rlvr_kernels.integrations.verl.RLVRPolicyLossConfig",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_iters=2",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_min=0.7",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_lam_max=1.3",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_exclude_zero_adv=true",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_all_reduce=false",
-    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_hidden_cache=cpu",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_iters=2",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_lam_min=0.7",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_lam_max=1.3",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_exclude_zero_adv=true",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_all_reduce=false",
+    "+actor_rollout_ref.actor.policy_loss.rlvr.delta_coef_hidden_cache=cpu",
 ]
 
 
@@ -138,9 +141,9 @@ def test_delta_overrides_compose_with_hydra():
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
     ac = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(ac.policy_loss, rv.RLVRPolicyLossConfig) and ac.policy_loss.loss_mode == "rlvr_delta"
-    o = rv._options(ac)
-    assert (o.delta_iters, o.delta_lam_min, o.delta_lam_max, o.delta_exclude_zero_adv, o.delta_all_reduce,
-            o.delta_hidden_cache) == (2, 0.7, 1.3, True, False, "cpu")
+    o = vo.options_of(ac)
+    assert (o.delta_coef_iters, o.delta_coef_lam_min, o.delta_coef_lam_max, o.delta_coef_exclude_zero_adv,
+            o.delta_coef_all_reduce, o.delta_coef_hidden_cache) == (2, 0.7, 1.3, True, False, "cpu")
 
 
 def test_bad_options_and_inputs():
@@ -149,7 +152,8 @@ def test_bad_options_and_inputs():
     with pytest.raises(ValueError, match="anchor"):
         rv.RLVRPolicyLossConfig(loss_mode="rlvr_dppo", rlvr={"anchor": "ref"})
     with pytest.raises(ValueError, match="schedule options"):  # TemporalSchedule's own checks, at config time
-        rv.RLVRPolicyLossConfig(loss_mode="rlvr_tp_schedule", rlvr={"schedule_begin": 0.9, "schedule_end": 0.5})
+        rv.RLVRPolicyLossConfig(loss_mode="rlvr_tp_schedule",
+                                rlvr={"schedule_begin_frac": 0.9, "schedule_end_frac": 0.5})
     rv.set_training_step(3, total_steps=10)
     with pytest.raises(ValueError, match="schedule=true applies"):
         o, l_, a_, m_, _ = batch()
@@ -164,6 +168,17 @@ def test_bad_options_and_inputs():
         fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask, loss_agg_mode="mean", config=cfg)
     with pytest.raises(ValueError, match="config"):
         fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask)
+
+
+def test_renamed_options_name_the_new_key():
+    """The options renamed in the catalogue (methods.RENAMED_OPTIONS): the old key is a ValueError naming the new."""
+    for old, new in (("schedule_begin", "schedule_begin_frac"), ("schedule_end", "schedule_end_frac"),
+                     ("delta_iters", "delta_coef_iters"), ("delta_lam_min", "delta_coef_lam_min"),
+                     ("delta_lam_max", "delta_coef_lam_max"),
+                     ("delta_exclude_zero_adv", "delta_coef_exclude_zero_adv"),
+                     ("delta_all_reduce", "delta_coef_all_reduce"), ("delta_hidden_cache", "delta_coef_hidden_cache")):
+        with pytest.raises(ValueError, match=rf"policy_loss\.rlvr\.{old} was renamed to policy_loss\.rlvr\.{new}\b"):
+            rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr={old: 1})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +314,7 @@ def test_schedule_value_advances_with_the_step():
 
 def test_schedule_options_and_total_steps_sources():
     old, lp, adv, mask, _ = batch()
-    opts = {"schedule_mode": "gamma", "schedule_start_value": 0.9, "schedule_end": 0.5}
+    opts = {"schedule_mode": "gamma", "schedule_start_value": 0.9, "schedule_end_frac": 0.5}
     cfg = actor_config("rlvr_tp_schedule", loss_agg_mode="seq-mean-token-sum", rlvr=opts)
     rv.set_training_step(7, total_steps=40)
     _, _, met = run("rlvr_tp_schedule", old, lp, adv, mask, "seq-mean-token-sum", cfg)
@@ -379,7 +394,7 @@ def test_worker_hook_cuts_the_batch_before_verl_counts_tokens():
 
     worker = _FakeTrainingWorker(cfg, make_output)
     orig_loss_fn = worker.loss_fn
-    wrapped = rv._wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)
+    wrapped = vh.wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)
     total = wrapped(worker, data)
     assert worker.loss_fn is orig_loss_fn  # restored
     torch.testing.assert_close(data["response_mask"].bool(), keep)
@@ -410,7 +425,7 @@ def test_worker_hook_lr_scheduler_fallback_and_passthrough():
         return {"log_probs": torch.cat([packed[offsets[i]:offsets[i + 1]] for i in range(*sl.indices(5))])}
 
     worker = _FakeTrainingWorker(cfg, make_output, updates=9)  # nine updates done: this is step 10
-    rv._wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)(worker, data)
+    vh.wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)(worker, data)
     want = TemporalSchedule("linear", total_steps=50)(10)
     assert metric(worker.seen[0], "rlvr/step") == 10
     assert metric(worker.seen[0], "rlvr/schedule_value") == pytest.approx(want)
@@ -420,7 +435,7 @@ def test_worker_hook_lr_scheduler_fallback_and_passthrough():
     data2["loss_mask"] = data2["response_mask"]
     before = data2["response_mask"].clone()
     w2 = _FakeTrainingWorker(cfg_v, make_output)
-    rv._wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)(w2, data2)
+    vh.wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)(w2, data2)
     assert torch.equal(data2["response_mask"], before) and "rlvr/step" not in w2.seen[0]
 
 
@@ -430,7 +445,7 @@ def test_tp_cut_on_v1_nested_layout():
     rm = torch.nested.as_nested_tensor([torch.ones(n, dtype=torch.int64) for n in lens], layout=torch.jagged)
     lm = torch.nested.as_nested_tensor([torch.ones(n, dtype=torch.int64) for n in lens], layout=torch.jagged)
     td = tu.get_tensordict({"response_mask": rm, "loss_mask": lm})
-    q = rv._cut_batch_for_tp(td, actor_config("rlvr_tp_schedule"), {"step": 10, "total_steps": 20})
+    q = vh.cut_batch(td, actor_config("rlvr_tp_schedule"), {"step": 10, "total_steps": 20})
     assert q == pytest.approx(TemporalSchedule("linear", total_steps=20)(10))
     valid = torch.arange(8)[None, :] < torch.tensor(lens)[:, None]
     want = tp_schedule_mask(valid, q)
@@ -764,15 +779,16 @@ for n, gv in van["grads"][0].items():
 out["delta"] = {"std": float(want[rmask].std()), "forwards": base["forwards"]}
 # a host cache (one forward), the all-reduce hook (world size 1), the rlvr fused forward; K = 2 with the
 # padded (no remove-padding) layout
-cached = run("rlvr_delta", rlvr={"delta_hidden_cache": "cpu", "delta_all_reduce": True}, fused=True)
+cached = run("rlvr_delta", rlvr={"delta_coef_hidden_cache": "cpu", "delta_coef_all_reduce": True}, fused=True)
 close(cached["coef"][rmask], want[rmask], rtol=1e-5, atol=1e-5)
 assert cached["forwards"] == 1
-k2 = run("rlvr_delta", rlvr={"delta_iters": 2, "delta_hidden_cache": "device", "delta_exclude_zero_adv": True},
+k2 = run("rlvr_delta", rlvr={"delta_coef_iters": 2, "delta_coef_hidden_cache": "device",
+                             "delta_coef_exclude_zero_adv": True},
          rmpad=False)
 close(k2["coef"][rmask], delta_coefficients(H_OLD, OLD, adv, rmask, iters=2, exclude_zero_adv=True)[rmask],
       rtol=1e-5, atol=1e-5)
 # lam_min == lam_max: every coefficient is 1 and the update is rlvr_clip's, without any extra forward
-same = run("rlvr_delta", rlvr={"delta_lam_min": 1.0, "delta_lam_max": 1.0})
+same = run("rlvr_delta", rlvr={"delta_coef_lam_min": 1.0, "delta_coef_lam_max": 1.0})
 clip = run("rlvr_clip")
 assert torch.equal(same["coef"][rmask], torch.ones(int(rmask.sum()))) and same["forwards"] == 0
 for step in range(2):
@@ -797,8 +813,8 @@ def test_delta_coefficients_computed_inside_real_verl_update(tmp_path):
       alone), old log-probs, advantages and response mask; mean 1 over the valid tokens; the first step's gradient
       is verl's ``vanilla`` on ``A * c``;
     - the host cache (one forward) with the all-reduce hook and the rlvr fused forward (decoder hook), and K = 2 with
-      ``delta_exclude_zero_adv`` on the padded (no remove-padding) layout, give the direct function's numbers;
-    - ``delta_lam_min == delta_lam_max``: all-ones coefficients, no extra forward, ``rlvr_clip``'s gradients;
+      ``delta_coef_exclude_zero_adv`` on the padded (no remove-padding) layout, give the direct function's numbers;
+    - ``delta_coef_lam_min == delta_coef_lam_max``: all-ones coefficients, no extra forward, ``rlvr_clip``'s gradients;
     - a user-given ``rlvr_delta_coef`` batch field takes precedence (nothing computed)."""
     res = _run_e2e_script(tmp_path / "e2e_delta.py", _E2E_DELTA)["delta"]
     assert res["forwards"] == 4 and res["std"] > 0.02
@@ -816,12 +832,12 @@ def test_trainer_hook_ships_the_step_to_the_worker():
             calls.append(batch)
             return batch
 
-    Trainer._update_actor = rv._wrap_update_actor(Trainer._update_actor)
-    assert rv._wrap_update_actor(Trainer._update_actor) is Trainer._update_actor  # idempotent
+    Trainer._update_actor = vh.wrap_update_actor(Trainer._update_actor)
+    assert vh.wrap_update_actor(Trainer._update_actor) is Trainer._update_actor  # idempotent
     dp = DataProto.from_single_dict({"x": torch.zeros(2, 3)}, meta_info={"temperature": 1.0})
     Trainer()._update_actor(dp)
     td = dp.to_tensordict()  # what verl sends to update_actor (legacy trainer)
-    assert rv._step_from_worker(types.SimpleNamespace(engine=None), td) == {
+    assert vh.step_from_worker(types.SimpleNamespace(engine=None), td) == {
         "step": 12, "total_steps": 345, "source": "trainer"}
     kv = types.SimpleNamespace(extra_info={"temperature": 1.0})  # v1 trainer's KVBatchMeta
     Trainer()._update_actor(kv, metrics={})
@@ -836,7 +852,7 @@ def test_hooks_run_when_their_module_is_imported(tmp_path, monkeypatch):
     (tmp_path / f"{name}.py").write_text("class W:\n    def f(self):\n        return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     hits = []
-    rv._when_imported(name, lambda mod: hits.append(mod.W))
+    vh._when_imported(name, lambda mod: hits.append(mod.W))
     try:
         assert hits == []
         import importlib
@@ -844,7 +860,7 @@ def test_hooks_run_when_their_module_is_imported(tmp_path, monkeypatch):
         mod = importlib.import_module(name)
         assert hits == [mod.W]
     finally:
-        rv._HOOKS.pop(name, None)
+        vh._HOOKS.pop(name, None)
         sys.modules.pop(name, None)
 
 
@@ -866,7 +882,7 @@ def test_forking_reads_entropy_from_verl_model_output():
     worker = _FakeTrainingWorker(cfg, lambda sl, mb: None)
     worker.train_mini_batch = types.MethodType(
         lambda self, d: self.loss_fn(model_output=out, data=d, dp_group=None), worker)
-    loss, met = rv._wrap_train_mini_batch(lambda self, d: self.train_mini_batch(d))(worker, data)
+    loss, met = vh.wrap_train_mini_batch(lambda self, d: self.train_mini_batch(d))(worker, data)
     loss.backward()
     keep = forking_token_mask(ent, mask, 0.3)
     cv = actor_config("vanilla")
@@ -917,35 +933,37 @@ def test_delta_coefficients_scale_the_advantage():
 def test_delta_worker_options_precedence_and_layouts():
     """The worker-side DelTA pass: option checks at config time, the explicit routes win (nothing is computed),
     clear errors for missing fields / unsupported engines, and the v1 trainer's jagged field layout."""
-    for bad, match in [({"delta_iters": -1}, "delta_iters"), ({"delta_iters": True}, "delta_iters"),
-                       ({"delta_lam_min": 0.0}, "delta_lam_min"), ({"delta_lam_max": 0.5}, "delta_lam_max"),
-                       ({"delta_lam_min": float("nan")}, "delta_lam_min"),
-                       ({"delta_exclude_zero_adv": "yes"}, "delta_exclude_zero_adv"),
-                       ({"delta_all_reduce": 1}, "delta_all_reduce"), ({"delta_hidden_cache": "gpu"}, "cache")]:
+    for bad, match in [({"delta_coef_iters": -1}, "delta_coef_iters"), ({"delta_coef_iters": True}, "delta_coef_iters"),
+                       ({"delta_coef_lam_min": 0.0}, "delta_coef_lam_min"),
+                       ({"delta_coef_lam_max": 0.5}, "delta_coef_lam_max"),
+                       ({"delta_coef_lam_min": float("nan")}, "delta_coef_lam_min"),
+                       ({"delta_coef_exclude_zero_adv": "yes"}, "delta_coef_exclude_zero_adv"),
+                       ({"delta_coef_all_reduce": 1}, "delta_coef_all_reduce"),
+                       ({"delta_coef_hidden_cache": "gpu"}, "cache")]:
         with pytest.raises(ValueError, match=match):
             rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr=bad)
     old, lp, adv, mask, _ = batch(seed=11)
     cfg = actor_config("rlvr_delta")
     no_engine = types.SimpleNamespace(engine=types.SimpleNamespace(module=None))
     data, _ = _micro_batch(old, lp, adv, mask)
-    assert rv._delta_for_update(no_engine, data, actor_config("rlvr_clip"), {}) is None  # not a DelTA loss
-    assert rv._delta_for_update(no_engine, data, cfg, {"delta_coef": torch.ones_like(lp)}) == "context"
+    assert vdw.delta_for_update(no_engine, data, actor_config("rlvr_clip"), {}) is None  # not a DelTA loss
+    assert vdw.delta_for_update(no_engine, data, cfg, {"delta_coef": torch.ones_like(lp)}) == "context"
     with pytest.raises(NotImplementedError, match="Hugging Face causal LM"):
-        rv._delta_for_update(no_engine, data, cfg, {})
+        vdw.delta_for_update(no_engine, data, cfg, {})
     data[rv.DELTA_COEF_KEY] = torch.full_like(lp, 2.0)
-    assert rv._delta_for_update(no_engine, data, cfg, {}) == "batch"
+    assert vdw.delta_for_update(no_engine, data, cfg, {}) == "batch"
     assert torch.equal(data[rv.DELTA_COEF_KEY], torch.full_like(lp, 2.0))  # left as given
     del data["old_log_probs"], data[rv.DELTA_COEF_KEY]
     with pytest.raises(ValueError, match="old_log_probs"):
-        rv._delta_for_update(no_engine, data, cfg, {})
+        vdw.delta_for_update(no_engine, data, cfg, {})
     # lam_min == lam_max needs no forward; the v1 trainer's fields are jagged over the responses: same layout out
     lens = [5, 1, 3]
     nested = lambda rows: torch.nested.as_nested_tensor(rows, layout=torch.jagged)  # noqa: E731
     td = tu.get_tensordict({"response_mask": nested([torch.ones(n, dtype=torch.int64) for n in lens]),
                             "advantages": nested([torch.full((n,), 0.5) for n in lens]),
                             "old_log_probs": nested([-torch.ones(n) for n in lens])})
-    ones = actor_config("rlvr_delta", rlvr={"delta_lam_min": 1.1, "delta_lam_max": 1.1})
-    assert rv._delta_for_update(no_engine, td, ones, {}) == "computed"
+    ones = actor_config("rlvr_delta", rlvr={"delta_coef_lam_min": 1.1, "delta_coef_lam_max": 1.1})
+    assert vdw.delta_for_update(no_engine, td, ones, {}) == "computed"
     c = td[rv.DELTA_COEF_KEY]
     assert c.is_nested and torch.equal(c.offsets(), td["advantages"].offsets())
     assert torch.equal(c.values(), torch.ones(sum(lens)))

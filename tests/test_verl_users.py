@@ -36,6 +36,8 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 
 import rlvr_kernels.integrations.verl as rv  # noqa: E402
 from rlvr_kernels import forking_token_mask  # noqa: E402
+from rlvr_kernels.integrations._verl import hooks as vh  # noqa: E402
+from rlvr_kernels.integrations._verl import losses as vl  # noqa: E402
 from test_integration_verl import actor_config  # noqa: E402  (the same real verl FSDPActorConfig)
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -145,7 +147,7 @@ def test_nonfinite_on_loss_tokens_is_a_value_error(arg, field, names, rlvr, bad,
     def no_math(*a, **k):
         raise AssertionError("token_pass ran on non-finite inputs")
 
-    monkeypatch.setattr(rv._loss, "token_pass", no_math)
+    monkeypatch.setattr(vl._loss, "token_pass", no_math)
     for name in names:
         with pytest.raises(ValueError, match=rf"{name}: {arg} has non-finite values on loss tokens"):
             call(name, t, rlvr=rlvr)
@@ -161,14 +163,14 @@ def test_nonfinite_check_costs_one_host_sync(monkeypatch):
     """One cheap check: a single device-to-host transfer for all the arguments together."""
     t = inputs(seed=2)
     calls = []
-    real = rv._nonfinite_flags
+    real = vl._nonfinite_flags
 
     def counting(*a, **k):
         out = real(*a, **k)
         calls.append(out)
         return out
 
-    monkeypatch.setattr(rv, "_nonfinite_flags", counting)
+    monkeypatch.setattr(vl, "_nonfinite_flags", counting)
     call("rlvr_delta_dppo", t, rlvr={"anchor": "rollout"})
     assert len(calls) == 1 and len(calls[0]) == 5  # old_log_prob, advantages, rollout_is_weights, coef, mu
 
@@ -295,7 +297,7 @@ def test_misspelt_loss_mode_fails_at_the_worker_before_any_work():
     cfg = OmegaConf.create({"policy_loss": {"loss_mode": "rlvr_forkin"}})
     worker = types.SimpleNamespace(loss_fn=functools.partial(ppo_loss, config=cfg), engine=None)
     ran = []
-    wrapped = rv._wrap_train_mini_batch(lambda self, data: ran.append(data))
+    wrapped = vh.wrap_train_mini_batch(lambda self, data: ran.append(data))
     with pytest.raises(ValueError, match="did you mean 'rlvr_forking'"):
         wrapped(worker, tu.get_tensordict({"x": torch.zeros(2, 3)}))
     assert ran == []
@@ -389,7 +391,7 @@ def test_entropy_losses_switch_calculate_entropy_on(name, want):
     data = tu.get_tensordict({"response_mask": MASK[:4].long(), "x": torch.zeros(4, 2)},
                              {"calculate_entropy": False, rv.STEP_KEY: 3, rv.TOTAL_STEPS_KEY: 10})
     w = _RecordingWorker(cfg)
-    rv._wrap_train_mini_batch(_RecordingWorker.train_mini_batch)(w, data)
+    vh.wrap_train_mini_batch(_RecordingWorker.train_mini_batch)(w, data)
     assert w.flags and all(f is want for f in w.flags), w.flags
 
 
@@ -421,7 +423,7 @@ def test_forking_through_the_worker_hook_without_calculate_entropy_in_the_config
             return loss_function(model_output=out, data=td, dp_group=None)
 
     worker = types.SimpleNamespace(loss_fn=functools.partial(ppo_loss, config=cfg), engine=Engine())
-    loss, _ = rv._wrap_train_mini_batch(lambda self, d: self.engine.train_batch(d, self.loss_fn))(worker, data)
+    loss, _ = vh.wrap_train_mini_batch(lambda self, d: self.engine.train_batch(d, self.loss_fn))(worker, data)
     loss.backward()
     keep = forking_token_mask(ent, mask, 0.3)
     cv = actor_config("vanilla")
@@ -505,7 +507,7 @@ def test_two_ranks_match_the_union(tmp_path):
     """A real 2-rank gloo group (two forked processes, tests/_verl_dist.py): verl's FSDP engine code
     (forward_backward_batch all-reduces batch_num_tokens, dp_size 2) with the rlvr losses in every aggregation mode
     gives the single-process loss and DP-averaged gradient over the union of both ranks' data; the DelTA worker hook
-    with delta_all_reduce=true gives rlvr_kernels.delta_coefficients over both ranks' tokens, without it each
+    with delta_coef_all_reduce=true gives rlvr_kernels.delta_coefficients over both ranks' tokens, without it each
     rank's own."""
     pytest.importorskip("transformers")
     import _verl_dist

@@ -1,0 +1,161 @@
+"""The fused forward for verl's ``use_fused_kernels`` (:func:`patch_forward_with_rlvr`) and the hooks that route
+``fused_kernel_options.impl_backend=rlvr`` (``rlvr_triton``, ``rlvr_torch``) to it.
+
+- ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` accepts the ``rlvr*`` backends and then
+  installs :func:`patch_forward_with_rlvr` (:func:`wrap_patch_forward_with_backends`);
+- ``EngineRegistry.new`` refuses ``impl_backend=rlvr*`` with ``use_fused_kernels`` on an engine that never reads it
+  (every strategy but ``fsdp`` / ``fsdp2``, e.g. Megatron, which runs its own fused forward) instead of letting it be
+  silently ignored (:func:`wrap_engine_new`).
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+from rlvr_kernels.integrations._verl.context import logger
+from rlvr_kernels.logprobs import fused_linear_logprobs
+
+# model types for which verl ships its own (multimodal) fused forward; ours only handles text causal LMs
+_UNSUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe",
+                            "kimi_vl")
+
+#: ``fused_kernel_options.impl_backend`` values of this plug-in -> the ``backend`` of the fused forward.
+FORWARD_BACKENDS = {"rlvr": "auto", "rlvr_triton": "triton", "rlvr_torch": "torch"}
+
+# verl strategies whose engine passes fused_kernel_options.impl_backend to patch_forward_with_backends (verl 0.9.1:
+# FSDPEngine._build_module -> apply_monkey_patch); every other engine never reads impl_backend
+_FORWARD_BACKEND_STRATEGIES = ("fsdp", "fsdp2")
+
+
+def _rlvr_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                  return_dict=None, cache_position=None, logits_to_keep=0, temperature=1.0, shift_labels=None,
+                  **kwargs):
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO
+
+    base = getattr(self, self.base_model_prefix, None) if getattr(self, "base_model_prefix", "") else None
+    if base is None:
+        base = self.get_decoder()
+    extra = dict(kwargs)
+    if output_attentions is not None:
+        extra["output_attentions"] = output_attentions
+    if output_hidden_states is not None:
+        extra["output_hidden_states"] = output_hidden_states
+    outputs = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                   cache_position=cache_position, **extra)
+    hidden = outputs[0]
+    # verl's convention: the label of position t is the token at t + 1 (wrapping at the end); the engine passes
+    # globally rolled ``shift_labels`` on its packed path.
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise RuntimeError("the rlvr fused forward needs input_ids, labels or shift_labels")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise ValueError("the rlvr fused forward takes one temperature per call "
+                             "(verl's fused path asserts the same)")
+        temperature = float(temperature.item())
+    head = self.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    dev = hidden.device.type
+    # Under autocast the GEMM runs in the autocast dtype (as a plain lm_head would); our op then keeps its fp32
+    # statistics and dtype checks, so autocast is disabled inside it.
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    with torch.autocast(device_type=dev, enabled=False):
+        logp, ent = fused_linear_logprobs(hidden.to(dt), weight.to(dt), rolled.long(),
+                                          bias=None if bias is None else bias.to(dt), temperature=float(temperature),
+                                          backend=getattr(self, "_rlvr_backend", "auto"))
+    out = CausalLMOutputForPPO(log_probs=logp, entropy=ent, past_key_values=getattr(outputs, "past_key_values", None),
+                               hidden_states=getattr(outputs, "hidden_states", None),
+                               attentions=getattr(outputs, "attentions", None))
+    return out if return_dict is not False else out.to_tuple()
+
+
+def patch_forward_with_rlvr(model, *, backend: str = "auto"):
+    """Make ``model(...)`` (a Hugging Face causal LM) return verl's ``CausalLMOutputForPPO(log_probs, entropy)``.
+
+    Same contract as verl's ``use_fused_kernels`` forwards (``verl.models.transformers.dense_common``): keyword
+    ``temperature`` (a float), labels rolled by -1 (``shift_labels`` when given, else ``labels``, else
+    ``input_ids``), ``log_probs`` and ``entropy`` fp32 with the leading shape of ``input_ids``, both differentiable;
+    computed by :func:`rlvr_kernels.fused_linear_logprobs` from the last hidden states and ``lm_head`` without the
+    ``[tokens, vocab]`` logits (on the Triton backend). Patches this instance only; returns ``model``.
+    ``backend`` as in :func:`rlvr_kernels.fused_linear_logprobs`.
+    """
+    from rlvr_kernels._backend import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype in _UNSUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(f"the rlvr fused forward handles text causal LMs; {mtype!r} has its own multimodal "
+                                  "forward in verl (use fused_kernel_options.impl_backend=triton|torch for it)")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ValueError("patch_forward_with_rlvr needs a causal LM with an lm_head (get_output_embeddings())")
+    model.forward = types.MethodType(_rlvr_forward, model)
+    model._rlvr_backend = backend
+    model._verl_fused_kernels_backend = "rlvr"
+    return model
+
+
+def wrap_patch_forward_with_backends(orig):
+    """``patch_forward_with_backends``: the ``rlvr*`` backends install :func:`patch_forward_with_rlvr`."""
+    if getattr(orig, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(orig)
+    def patch_forward_with_backends(model, use_fused_kernels=False, fused_kernels_backend=None, *args, **kwargs):
+        if use_fused_kernels and fused_kernels_backend in FORWARD_BACKENDS:
+            patch_forward_with_rlvr(model, backend=FORWARD_BACKENDS[fused_kernels_backend])
+            logger.info("rlvr_kernels: fused log-prob/entropy forward installed on %s", type(model).__name__)
+            return None
+        return orig(model, use_fused_kernels, fused_kernels_backend, *args, **kwargs)
+
+    patch_forward_with_backends._rlvr_wrapped = True
+    return patch_forward_with_backends
+
+
+def _check_forward_backend(backend, model_config, engine_name: str) -> None:
+    opts = getattr(model_config, "fused_kernel_options", None)
+    impl = opts.get("impl_backend", None) if hasattr(opts, "get") else None
+    if impl not in FORWARD_BACKENDS or backend in _FORWARD_BACKEND_STRATEGIES:
+        return
+    setting = f"actor_rollout_ref.model.fused_kernel_options.impl_backend={impl}"
+    if bool(getattr(model_config, "use_fused_kernels", False)):
+        raise NotImplementedError(
+            f"{setting} is not supported by verl's {backend!r} engine ({engine_name}), which never reads "
+            f"impl_backend (the Megatron engine runs its own fused forward) and would silently ignore it. The rlvr "
+            f"fused forward needs actor_rollout_ref.actor.strategy=fsdp or fsdp2; on {backend!r} drop the override "
+            f"(or use verl's own impl_backend)")
+    logger.warning("rlvr_kernels: %s has no effect on verl's %r engine (%s), which never reads impl_backend "
+                   "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2",
+                   setting, backend, engine_name)
+
+
+def wrap_engine_new(orig):
+    """``EngineRegistry.new`` (TrainingWorker builds every engine through it): refuse ``impl_backend=rlvr`` for an
+    engine that would ignore it."""
+    func = orig.__func__ if isinstance(orig, classmethod) else orig
+    if getattr(func, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(func)
+    def new(cls, model_type, backend, *args, **kwargs):
+        mc = kwargs.get("model_config", None)
+        if mc is not None and hasattr(getattr(mc, "fused_kernel_options", None), "get"):
+            try:
+                engine_cls = cls.get_engine_cls(model_type, backend)
+            except Exception:  # no such engine: verl's own error comes from func below
+                engine_cls = None
+            if engine_cls is not None:
+                _check_forward_backend(backend, mc, engine_cls.__name__)
+        return func(cls, model_type, backend, *args, **kwargs)
+
+    new._rlvr_wrapped = True
+    return classmethod(new)
