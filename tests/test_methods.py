@@ -133,3 +133,42 @@ def test_planned_counts_are_the_tokens_the_masks_keep(seed, B, T, credit, rho, q
         torch.testing.assert_close(planned, kept.sum(-1))
     total = rule.planned_total(cfg, valid.bool(), q)
     assert float(total) == float(kept.sum())
+
+
+class _FirstHalf(M.CreditRule):
+    """A made-up credit rule, known before the vocabulary pass: keep the first half of each row's loss tokens."""
+
+    name = "first_half"
+
+    def static_mask(self, cfg, mask, q):
+        rank = torch.cumsum((mask != 0).to(torch.int64), -1)
+        n = (mask != 0).sum(-1, keepdim=True)
+        return torch.where(rank <= (n + 1) // 2, mask, torch.zeros((), dtype=mask.dtype))
+
+
+def test_a_new_catalogue_entry_is_all_the_loss_needs(monkeypatch):
+    """Adding a method is one catalogue entry (plus its op): RLVRLoss accepts it, plans its normaliser from it and
+    gives the same loss and gradients on both paths, equal to masking the loss tokens by hand."""
+    from rlvr_kernels import RLVRLoss
+
+    monkeypatch.setitem(M.CREDITS, "first_half", _FirstHalf())
+    g = torch.Generator().manual_seed(3)
+    B, T, H, V = 3, 6, 8, 32
+    x = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T)[None] < torch.tensor([6, 3, 1])[:, None]).float()
+    adv = torch.randn(B, generator=g)
+    old = -torch.rand(B, T, generator=g)
+    kw = dict(beta=0.0, loss_type="dapo", backend="torch")
+    out = {}
+    for fused in (True, False):
+        loss, metrics = RLVRLoss(credit="first_half", fused=fused, **kw)(x, w, ids, mask, adv, old_per_token_logps=old)
+        out[fused] = (loss, *torch.autograd.grad(loss, [x, w]), metrics["active_fraction"])
+    by_hand = _FirstHalf().static_mask(None, mask, None)
+    loss, _ = RLVRLoss(fused=False, **kw)(x, w, ids, by_hand, adv, old_per_token_logps=old)
+    want = (loss, *torch.autograd.grad(loss, [x, w]))
+    for got in out.values():
+        for a, b in zip(got[:3], want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert float(got[3]) == pytest.approx(float(by_hand.sum() / mask.sum()))
