@@ -5,6 +5,7 @@ variable ``RLVR_KERNELS_BACKEND`` (``auto`` | ``triton`` | ``torch``) overrides 
 ``backend="triton"`` on CPU tensors needs the Triton interpreter, which Triton only enables when
 ``TRITON_INTERPRET=1`` is set before ``triton`` is first imported (the test suite's conftest does this).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,8 +92,11 @@ def autocast_inputs(*tensors):
 
 def no_autocast(device: torch.device):
     """A context with autocast disabled on ``device``'s type (kernels and reference math choose their dtypes)."""
-    return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda", "xpu", "mps") \
+    return (
+        torch.autocast(device.type, enabled=False)
+        if device.type in ("cpu", "cuda", "xpu", "mps")
         else contextlib.nullcontext()
+    )
 
 
 def first_order_backward(backward):

@@ -5,6 +5,7 @@ Python ``float`` (or ``int``). Anything else is a ``TypeError``; NaN, inf or a v
 ``ValueError`` naming the argument and the range. Nothing here launches a kernel; a one-element tensor is read
 with ``.item()``.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,16 +31,27 @@ def unwrap(name: str, value: Any, *, integer: bool) -> Any:
         if value.dtype == torch.bool or value.is_complex() or (integer and value.dtype.is_floating_point):
             raise TypeError(f"{name} must be {'an int' if integer else 'a real number'}, got a {value.dtype} tensor")
         return value.item()
-    if not isinstance(value, (numbers.Number, str, bytes)) and hasattr(value, "__array__") \
-            and hasattr(value, "item") and hasattr(value, "size"):  # NumPy arrays (scalars are numbers.Number)
+    if (
+        not isinstance(value, (numbers.Number, str, bytes))
+        and hasattr(value, "__array__")
+        and hasattr(value, "item")
+        and hasattr(value, "size")
+    ):  # NumPy arrays (scalars are numbers.Number)
         if value.size != 1:
             raise ValueError(f"{name} must be a number, got an array of shape {tuple(getattr(value, 'shape', ()))}")
         return value.item()
     return value
 
 
-def real(name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
-          low_open: bool = False, fp32: bool = True) -> float:
+def real(
+    name: str,
+    value: Any,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    low_open: bool = False,
+    fp32: bool = True,
+) -> float:
     """``value`` as a finite Python float in ``[low, high]`` (``(low, high]`` with ``low_open``).
 
     Accepted: Python / NumPy reals (``bool`` is not a number), and one-element real tensors or arrays. ``fp32``
@@ -81,8 +93,9 @@ def integer(name: str, value: Any, *, low: Optional[int] = None, high: Optional[
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     v = int(v)
     if (low is not None and v < low) or (high is not None and v > high):
-        rng = " and ".join(s for s in ((f">= {low}" if low is not None else ""),
-                                       (f"<= {high}" if high is not None else "")) if s)
+        rng = " and ".join(
+            s for s in ((f">= {low}" if low is not None else ""), (f"<= {high}" if high is not None else "")) if s
+        )
         raise ValueError(f"{name} must be an int {rng}, got {v}")
     return v
 

@@ -10,6 +10,7 @@ Layouts as in :mod:`rlvr_kernels.credit`: padded ``[B, T]`` (bool ``mask``, righ
 :mod:`rlvr_kernels._backend`; the Triton kernel is :mod:`rlvr_kernels.kernels.cppo` and the torch reference
 :mod:`rlvr_kernels.reference.cppo`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -19,7 +20,6 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _checks as C
-
 from rlvr_kernels.credit import _backend, _check_block, _Rows
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
@@ -60,8 +60,10 @@ def _check_topk(rows: _Rows, name: str, x) -> torch.Tensor:
     if not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() != len(rows.shape) + 1 or tuple(x.shape[:-1]) != rows.shape or x.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape {rows.shape + ('K',)} (the shape of mask plus K >= 1 columns), "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have shape {rows.shape + ('K',)} (the shape of mask plus K >= 1 columns), "
+            f"got {tuple(x.shape)}"
+        )
     if x.device != rows.device:
         raise ValueError(f"{name} is on {x.device} but mask is on {rows.device}")
     if x.numel() and bool((torch.isnan(x) | (x == float("inf"))).any(-1).logical_and(rows.valid).any()):
@@ -166,13 +168,17 @@ def cppo_mask(
     divergence = C.choice("divergence", divergence, DIVERGENCES)
     if divergence.startswith("topk"):
         if logp_topk is None or logp_mu_topk is None:
-            raise ValueError(f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
-                             "the ids TopK(mu) ∪ {a_t}, shape mask.shape + (K,))")
+            raise ValueError(
+                f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
+                "the ids TopK(mu) ∪ {a_t}, shape mask.shape + (K,))"
+            )
         _check_topk(rows, "logp_topk", logp_topk)
         _check_topk(rows, "logp_mu_topk", logp_mu_topk)
         if logp_topk.shape != logp_mu_topk.shape:
-            raise ValueError(f"logp_topk and logp_mu_topk must have the same shape, got {tuple(logp_topk.shape)} "
-                             f"and {tuple(logp_mu_topk.shape)}")
+            raise ValueError(
+                f"logp_topk and logp_mu_topk must have the same shape, got {tuple(logp_topk.shape)} "
+                f"and {tuple(logp_mu_topk.shape)}"
+            )
     elif logp_topk is not None or logp_mu_topk is not None:
         raise ValueError(f"logp_topk / logp_mu_topk are only used by the topk divergences, not {divergence!r}")
     block = _check_block(block_size)
@@ -190,7 +196,8 @@ def cppo_mask(
     if valid.numel() and bool(n_valid > 0) and bool(((logp == logp_mu) | ~valid).all()):
         warnings.warn(
             "cppo_mask: logp_mu equals logp on every valid token, so every divergence is 0 and CPPO masks nothing "
-            "(docs/methods/cppo.md, choice A9). The anchor mu must be the rollout engine's log-probs, frozen for all updates of the rollout "
+            "(docs/methods/cppo.md, choice A9). The anchor mu must be the rollout engine's log-probs, frozen for all "
+            "updates of the rollout "
             "batch; a recomputed pi_old equals pi on the first update.",
             CPPOAnchorWarning,
             stacklevel=2,
@@ -200,20 +207,33 @@ def cppo_mask(
         D = None
         if divergence != "binary_tv" or use == "torch":
             D = ref.divergence(divergence, logp, logp_mu, logp_topk, logp_mu_topk)
-        kw = dict(delta=delta, w_min=w_min, delta_b=delta_b, budget=budget, quantile=quantile,
-                  quantile_scale=quantile_scale, max_mult=max_mult, horizon=horizon)
+        kw = dict(
+            delta=delta,
+            w_min=w_min,
+            delta_b=delta_b,
+            budget=budget,
+            quantile=quantile,
+            quantile_scale=quantile_scale,
+            max_mult=max_mult,
+            horizon=horizon,
+        )
         if use == "torch":
             keep, D, w, db = ref.cppo_mask(
-                rows.to_padded(logp), rows.to_padded(logp_mu), rows.to_padded(adv, per_token), rows.padded_valid(),
-                rows.to_padded(D), **kw,
+                rows.to_padded(logp),
+                rows.to_padded(logp_mu),
+                rows.to_padded(adv, per_token),
+                rows.padded_valid(),
+                rows.to_padded(D),
+                **kw,
             )
             keep, D, w = rows.from_padded(keep), rows.from_padded(D), rows.from_padded(w)
         else:
             from rlvr_kernels.kernels import cppo as kern
 
             starts, spans = rows.starts_spans()
-            keep, D, w, db = kern.cppo_mask(logp, logp_mu, D, adv, rows.valid8(), starts, spans, per_token=per_token,
-                                            block=block, **kw)
+            keep, D, w, db = kern.cppo_mask(
+                logp, logp_mu, D, adv, rows.valid8(), starts, spans, per_token=per_token, block=block, **kw
+            )
             keep, D, w = rows.unflat(keep), rows.unflat(D), rows.unflat(w)
         n_masked = (valid & ~keep).sum(dtype=torch.int64)
         frac = (n_masked.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)).reshape(())

@@ -25,6 +25,7 @@ two in [16, 16384]) is the number of tokens a program handles per loop step (tes
 The Triton kernels run one program per row, looping over blocks of the row (rows of 64k+ tokens work) and over rows
 (no grid dimension above 65535); see :mod:`rlvr_kernels.kernels.credit` and :mod:`rlvr_kernels.kernels.select`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -32,7 +33,6 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _checks as C
-
 from rlvr_kernels._backend import resolve_backend
 from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
 from rlvr_kernels.reference import credit as ref
@@ -141,8 +141,10 @@ class _Rows:
         if bool((~torch.isfinite(x) & sel).any()):
             raise ValueError(f"{name} has non-finite values at valid positions")
         if fp32 and x.dtype == torch.float64 and bool((~torch.isfinite(x.to(torch.float32)) & sel).any()):
-            raise ValueError(f"{name} has values beyond the float32 range (|x| > {C.F32_MAX:.6g}) at valid positions; "
-                             "this op computes in fp32, where they would be inf")
+            raise ValueError(
+                f"{name} has values beyond the float32 range (|x| > {C.F32_MAX:.6g}) at valid positions; "
+                "this op computes in fp32, where they would be inf"
+            )
 
     # --- per-row quantities ------------------------------------------------------------------------------------
     def _row_ids(self) -> torch.Tensor:
@@ -240,8 +242,11 @@ def trajectory_percentile(
         if values.dtype.is_floating_point and bool((torch.isnan(values) & rows.valid).any()):
             raise ValueError("values has NaN at valid positions")
         _backend(backend, rows)  # validate the name even though both backends sort in torch
-        v = values if values.dtype in (torch.float32, torch.float64) or not values.dtype.is_floating_point \
+        v = (
+            values
+            if values.dtype in (torch.float32, torch.float64) or not values.dtype.is_floating_point
             else values.float()
+        )
         out = ref.rank_percentile(rows.to_padded(v), rows.padded_valid())
         return rows.from_padded(out)
     if _backend(backend, rows) == "torch":
@@ -379,10 +384,21 @@ def entropy_shaped_advantages(
         from rlvr_kernels.kernels import credit as kern
 
         starts, spans = rows.starts_spans()
-        out = rows.unflat(kern.token_advantage_op(
-            adv, entropy, rows.valid8(), starts, spans, per_token=per_token, op=kern.OP_ENTROPY_SHAPED,
-            scale=scale, alpha=alpha, kappa=kappa, block=block,
-        ))
+        out = rows.unflat(
+            kern.token_advantage_op(
+                adv,
+                entropy,
+                rows.valid8(),
+                starts,
+                spans,
+                per_token=per_token,
+                op=kern.OP_ENTROPY_SHAPED,
+                scale=scale,
+                alpha=alpha,
+                kappa=kappa,
+                block=block,
+            )
+        )
     if out.numel() and not bool(torch.isfinite(out).all()):  # invalid positions are 0: only valid ones can fail
         raise ValueError(
             "entropy_shaped_advantages: the shaped advantage A + scale * min(alpha H, |A| / kappa) overflows float32 "
@@ -453,4 +469,3 @@ def d3s_token_mask(
         spans = torch.full((1,), n, dtype=torch.int64, device=rows.device)
         k = ref.topk_budget(rows.valid.sum(dtype=torch.int64).reshape(1), rho)
     return rows.unflat(kern.topk_mask(scores, valid8, starts, spans, k, block=block))
-

@@ -50,14 +50,15 @@ Extreme inputs (the choice per input: compute, or refuse clearly; never NaN from
 - numbers: ``lam_min``, ``lam_max``, ``eps`` in ``[C.F32_TINY, C.F32_MAX]`` (they are used in fp32, where a smaller
   value is 0 and a larger one inf), ``iters`` an int in ``[0, 1000]``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 
 from rlvr_kernels import _checks as C
-
 from rlvr_kernels._backend import BACKENDS, resolve_backend
 from rlvr_kernels.credit import _check_backend, _Rows
 from rlvr_kernels.reference import delta as ref
@@ -99,13 +100,16 @@ class _Flat:
         if not isinstance(hidden_old, torch.Tensor):
             raise TypeError(f"hidden_old must be a torch.Tensor, got {type(hidden_old).__name__}")
         if hidden_old.dtype not in _HIDDEN_DTYPES:
-            raise TypeError(f"hidden_old must be a floating-point tensor (fp32, bf16, fp16 or fp64), "
-                            f"got {hidden_old.dtype}")
+            raise TypeError(
+                f"hidden_old must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {hidden_old.dtype}"
+            )
         lead = rows.shape
         if hidden_old.dim() != len(lead) + 1 or tuple(hidden_old.shape[:-1]) != lead:
             want = "[B, T, H]" if not rows.packed else "[N, H]"
-            raise ValueError(f"hidden_old must be {want} with leading shape {lead} (the shape of old_logp / mask), "
-                             f"got {tuple(hidden_old.shape)}")
+            raise ValueError(
+                f"hidden_old must be {want} with leading shape {lead} (the shape of old_logp / mask), "
+                f"got {tuple(hidden_old.shape)}"
+            )
         if hidden_old.shape[-1] < 1:
             raise ValueError("hidden_old must have a hidden size H >= 1, got H = 0")
         if hidden_old.device != rows.device:
@@ -148,17 +152,23 @@ def _check_centroids(mass: torch.Tensor, mu: torch.Tensor) -> None:
     if bool(torch.isfinite(mass32).all() & torch.isfinite(mu).all()):
         return
     if not bool(torch.isfinite(mass32).all()):
-        raise ValueError("advantages are too large: the sum of |A| over a side overflows float32 (DelTA's centroid "
-                         "masses are fp32; the coefficients do not change when every advantage is scaled by the same "
-                         "positive factor, so scale them down)")
-    raise ValueError("hidden_old has non-finite values at valid positions, or values too large for DelTA's fp32 "
-                     "statistics (with these advantages): the side centroids are not finite")
+        raise ValueError(
+            "advantages are too large: the sum of |A| over a side overflows float32 (DelTA's centroid "
+            "masses are fp32; the coefficients do not change when every advantage is scaled by the same "
+            "positive factor, so scale them down)"
+        )
+    raise ValueError(
+        "hidden_old has non-finite values at valid positions, or values too large for DelTA's fp32 "
+        "statistics (with these advantages): the side centroids are not finite"
+    )
 
 
 def _check_margins(m: torch.Tensor, valid: torch.Tensor) -> None:
     if m.numel() and not bool((torch.isfinite(m) | ~valid).all()):
-        raise ValueError("hidden_old is too large: DelTA's squared distances to the side centroids overflow float32 "
-                         "(|h|^2 H must stay well below 3.4e38; a model's final hidden states are far smaller)")
+        raise ValueError(
+            "hidden_old is too large: DelTA's squared distances to the side centroids overflow float32 "
+            "(|h|^2 H must stay well below 3.4e38; a model's final hidden states are far smaller)"
+        )
 
 
 def _check(kind: str, x, valid: torch.Tensor) -> None:
@@ -226,8 +236,18 @@ def delta_coefficients(
         if same:
             return x.out(x.valid.to(torch.float32))
         c = ref.delta_coefficients_flat(
-            x.h, x.s, x.a, x.valid, iters=iters, lam_min=lam_min, lam_max=lam_max, eps=eps,
-            exclude_zero_adv=exclude_zero_adv, rowdot=rowdot, colsum=colsum, check=_check,
+            x.h,
+            x.s,
+            x.a,
+            x.valid,
+            iters=iters,
+            lam_min=lam_min,
+            lam_max=lam_max,
+            eps=eps,
+            exclude_zero_adv=exclude_zero_adv,
+            rowdot=rowdot,
+            colsum=colsum,
+            check=_check,
         )
     return x.out(c)
 
@@ -287,12 +307,12 @@ class DeltaEstimator:
         hidden_size: Optional[int] = None,
         device: Optional[torch.device] = None,
     ):
-        self.iters, self.lam_min, self.lam_max, self.eps = _check_params(
-            iters, lam_min, lam_max, eps, exclude_zero_adv)
+        self.iters, self.lam_min, self.lam_max, self.eps = _check_params(iters, lam_min, lam_max, eps, exclude_zero_adv)
         self.exclude_zero_adv = exclude_zero_adv
         if all_reduce is not None and not callable(all_reduce):
-            raise TypeError(f"all_reduce must be callable (e.g. torch.distributed.all_reduce), got "
-                            f"{type(all_reduce).__name__}")
+            raise TypeError(
+                f"all_reduce must be callable (e.g. torch.distributed.all_reduce), got {type(all_reduce).__name__}"
+            )
         self.all_reduce = all_reduce
         if _check_backend(backend) not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -394,24 +414,26 @@ class DeltaEstimator:
         stats = self._stats
         if stats is None:
             if self.H is None or self.device is None:
-                raise RuntimeError(f"DeltaEstimator: no micro-batch was accumulated in phase {name!r}; pass "
-                                   "hidden_size= and device= to the constructor so this rank can contribute zeros")
+                raise RuntimeError(
+                    f"DeltaEstimator: no micro-batch was accumulated in phase {name!r}; pass "
+                    "hidden_size= and device= to the constructor so this rank can contribute zeros"
+                )
             stats = torch.zeros(self._stat_size(name), dtype=torch.float64, device=self.device)
         if self.all_reduce is not None:
             self.all_reduce(stats)
         H = self.H
         with torch.no_grad():
             if name == "centroids":
-                self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H:], self.eps)
-                _check_centroids(stats[2 * H:], self.mu)
+                self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H :], self.eps)
+                _check_centroids(stats[2 * H :], self.mu)
             elif name == "gamma":
                 self.gamma = ref.gamma(stats, self.eps)
             elif name == "normaliser":
                 self._norm = stats.clone()
             else:
-                self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H: 2 * H + 2], self.eps)
-                _check_centroids(stats[2 * H: 2 * H + 2], self.mu)
-                self.gamma = ref.gamma(stats[2 * H + 2:], self.eps)  # from the pre-update margins (official order)
+                self.mu = ref.centroids(stats[: 2 * H].reshape(2, H), stats[2 * H : 2 * H + 2], self.eps)
+                _check_centroids(stats[2 * H : 2 * H + 2], self.mu)
+                self.gamma = ref.gamma(stats[2 * H + 2 :], self.eps)  # from the pre-update margins (official order)
         self._stats = None
         self._idx += 1
 
@@ -447,8 +469,9 @@ class DeltaEstimator:
         x = _Flat(None, torch.zeros_like(raw), advantages, mask, cu_seqlens, need_h=False)
         if self.lam_min == self.lam_max:
             return x.out(x.valid.to(torch.float32))
-        out = ref.normalise(raw.reshape(-1), x.valid, x.pos, x.neg, self._norm.to(raw.device), self.eps,
-                            self.exclude_zero_adv)
+        out = ref.normalise(
+            raw.reshape(-1), x.valid, x.pos, x.neg, self._norm.to(raw.device), self.eps, self.exclude_zero_adv
+        )
         return x.out(out)
 
     # --- helpers --------------------------------------------------------------------------------------------------
@@ -465,5 +488,7 @@ class DeltaEstimator:
         return x
 
     def __repr__(self) -> str:
-        return (f"DeltaEstimator(iters={self.iters}, lam_min={self.lam_min}, lam_max={self.lam_max}, "
-                f"exclude_zero_adv={self.exclude_zero_adv}, phase={self.phase!r})")
+        return (
+            f"DeltaEstimator(iters={self.iters}, lam_min={self.lam_min}, lam_max={self.lam_max}, "
+            f"exclude_zero_adv={self.exclude_zero_adv}, phase={self.phase!r})"
+        )

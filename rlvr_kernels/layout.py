@@ -5,6 +5,7 @@ plus ``cu_seqlens`` (int, ``[B + 1]``, non-decreasing, ``cu_seqlens[0] == 0``, `
 layout of verl's remove-padding and TRL's padding-free paths. Positions are 0-based indices within a row; a row's
 length ``L`` is (last valid index + 1), which equals the valid count for right-padded rows.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,10 @@ def row_lengths(mask: torch.Tensor) -> torch.Tensor:
     valid = mask.bool()
     T = valid.shape[1]
     pos = torch.arange(1, T + 1, device=mask.device).expand_as(valid)
-    return torch.where(valid, pos, torch.zeros_like(pos)).amax(dim=1) if T > 0 else valid.new_zeros(
-        valid.shape[0], dtype=torch.long
+    return (
+        torch.where(valid, pos, torch.zeros_like(pos)).amax(dim=1)
+        if T > 0
+        else valid.new_zeros(valid.shape[0], dtype=torch.long)
     )
 
 

@@ -7,6 +7,7 @@ dW and db with GEMMs. dW is written once per vocabulary chunk by one GEMM and dX
 fixed order, so the backward is deterministic (no atomics). The torch backend is the plain-torch reference in
 ``rlvr_kernels.reference.logprobs``, chunked over tokens. Design notes: ``docs/design/vocab-pass.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -144,8 +145,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
         inv_temp = 1.0 / temperature
         # rows whose target is ignore_index are read as zeros (NaN/inf padding stays out of every result)
-        lse, ent, zt = K.merge_split_stats(*K.linear_stats_forward(hidden, weight, bias, targets, inv_temp,
-                                                                   ignore_index=ignore_index))
+        lse, ent, zt = K.merge_split_stats(
+            *K.linear_stats_forward(hidden, weight, bias, targets, inv_temp, ignore_index=ignore_index)
+        )
         ignored = targets == ignore_index
         ref.check_finite_rows(lse, ~ignored, "fused_linear_logprobs")
         logp = torch.where(ignored, 0.0, zt - lse)
@@ -173,8 +175,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         n, h = x.shape
         v = w.shape[0]
         gl, gh, gg, cp = ref.upstream_coefficients(tgt, ctx.ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
-        cols = K.backward_chunk_columns(n, v, 4 if x.dtype == torch.float16 else x.element_size(),
-                                        BACKWARD_CHUNK_BYTES)
+        cols = K.backward_chunk_columns(n, v, 4 if x.dtype == torch.float16 else x.element_size(), BACKWARD_CHUNK_BYTES)
         single = cols >= v
         # fp16 dz would underflow small gradients: keep it in fp32 and upcast the weight chunk for the GEMMs.
         buf_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
@@ -188,8 +189,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             for v0 in range(0, v, cols):
                 v1 = min(v, v0 + cols)
                 dz = buf[:, : v1 - v0]
-                K.linear_dlogits(x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz,
-                                 ignore_index=ctx.ignore_index)
+                K.linear_dlogits(
+                    x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz, ignore_index=ctx.ignore_index
+                )
                 wc = w[v0:v1] if buf_dtype == w.dtype else w[v0:v1].to(buf_dtype)
                 if need_x:
                     if dx.dtype == buf_dtype:
@@ -211,7 +213,10 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             None if dx is None else dx.to(x.dtype),
             dw,
             None if db is None else db.to(b.dtype),
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -252,12 +257,22 @@ def fused_linear_logprobs(
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as the lm_head would compute under autocast
     _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, gather_ids)
     with no_autocast(hidden.device):
-        return _fused_linear_logprobs(hidden, weight, targets, bias, _check_temperature(temperature), ignore_index,
-                                      return_entropy, gather_ids, backend)
+        return _fused_linear_logprobs(
+            hidden,
+            weight,
+            targets,
+            bias,
+            _check_temperature(temperature),
+            ignore_index,
+            return_entropy,
+            gather_ids,
+            backend,
+        )
 
 
-def _fused_linear_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids,
-                           backend):
+def _fused_linear_logprobs(
+    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids, backend
+):
     lead = tuple(targets.shape)
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
@@ -265,15 +280,23 @@ def _fused_linear_logprobs(hidden, weight, targets, bias, temperature, ignore_in
     ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
     which = resolve_backend(backend, hidden.device)
     if which == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64")
+        raise TypeError(
+            "backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64"
+        )
     if which == "triton" and x.shape[0] > 0:
         logp, ent, gathered = _FusedLinearLogprobs.apply(x, weight, bias, t, ids, float(temperature), ignore_index)
         if gather_ids is None:
             gathered = None
     else:
         logp, ent, gathered = ref.linear_logprobs(
-            x, weight, t, bias=bias, temperature=float(temperature), ignore_index=ignore_index,
-            return_entropy=return_entropy, gather_ids=ids,
+            x,
+            weight,
+            t,
+            bias=bias,
+            temperature=float(temperature),
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            gather_ids=ids,
         )
     logp = logp.reshape(lead)
     ent = ent.reshape(lead) if return_entropy else None
@@ -352,7 +375,9 @@ def logprobs_from_logits(
     t = targets.reshape(-1).long()
     which = resolve_backend(backend, logits.device)
     if which == "triton" and logits.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64")
+        raise TypeError(
+            "backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64"
+        )
     with no_autocast(logits.device):
         if which == "triton" and z.shape[0] > 0:
             if z.stride(-1) != 1:

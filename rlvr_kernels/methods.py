@@ -20,11 +20,13 @@ Order of composition inside the loss (``docs/methods/objectives.md``): (1) the c
 (:meth:`TrustRegion.mask`); (4) the **aggregation** over the tokens that remain: every normaliser that counts tokens
 counts the active ones, known in advance from :meth:`CreditRule.planned_counts`.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 
@@ -34,9 +36,24 @@ from rlvr_kernels.reference.credit import topk_budget
 from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
 
 __all__ = [
-    "Option", "OPTIONS", "RENAMED_OPTIONS", "CreditRule", "TrustRegion", "CREDITS", "TRUST_REGIONS",
-    "SCHEDULE_OPTIONS", "credit", "trust_region", "trust_region_of_loss_type", "check_options", "check_option",
-    "option_defaults", "option_help", "rho", "token_local", "make_schedule",
+    "Option",
+    "OPTIONS",
+    "RENAMED_OPTIONS",
+    "CreditRule",
+    "TrustRegion",
+    "CREDITS",
+    "TRUST_REGIONS",
+    "SCHEDULE_OPTIONS",
+    "credit",
+    "trust_region",
+    "trust_region_of_loss_type",
+    "check_options",
+    "check_option",
+    "option_defaults",
+    "option_help",
+    "rho",
+    "token_local",
+    "make_schedule",
 ]
 
 
@@ -46,7 +63,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One method option: the same name, default and check in ``RLVRLoss``, TRL's config and verl's
+    """One method option: the same name, default and check in ``RLVRLoss`` (when ``loss``), TRL's config and verl's
     ``policy_loss.rlvr``. ``check(name, value)`` returns the value normalised (a plain Python value) or raises
     ``TypeError`` / ``ValueError`` naming the option."""
 
@@ -54,6 +71,9 @@ class Option:
     default: Any
     check: Callable[[str, Any], Any]
     help: str
+    #: Whether ``RLVRLoss`` takes it as a keyword (``LossConfig`` field). The others are trainer-level: the schedule
+    #: settings reach the loss as a ``TemporalSchedule``, DelTA's estimator settings as coefficients.
+    loss: bool = True
 
 
 def _unit(name, v):
@@ -94,46 +114,110 @@ def _cache_bytes(name, v):
 
 _OPTION_LIST = (
     # the temporal schedule q(k) (docs/methods/tp-schedule.md, section "The schedule")
-    Option("schedule", None, _optional_flag,
-           "Whether the credit rule follows the temporal schedule q(k): None = only tp_schedule (which needs it); "
-           "True = the scheduled variants (forking / d3s keep rho = 1 - q(k), entropy_adv scales by q(k))."),
-    Option("schedule_mode", "linear", _choice(SCHEDULE_MODES), f"Schedule profile, one of {SCHEDULE_MODES}."),
-    Option("schedule_start_value", 0.99, _unit, "q(k) before schedule_begin_frac (TP-Schedule's m0), in [0, 1]."),
-    Option("schedule_end_value", 0.0, _unit, "q(k) after schedule_end_frac, in [0, 1]."),
-    Option("schedule_begin_frac", 0.0, _unit, "Fraction of the training steps at which q(k) starts to move."),
-    Option("schedule_end_frac", 0.8, _unit, "Fraction of the training steps at which q(k) reaches its end value."),
-    Option("schedule_gamma", 2.0, _pos, "Exponent of schedule_mode='gamma'."),
+    Option(
+        "schedule",
+        None,
+        _optional_flag,
+        "Whether the credit rule follows the temporal schedule q(k): None = only tp_schedule (which needs it); "
+        "True = the scheduled variants (forking / d3s keep rho = 1 - q(k), entropy_adv scales by q(k)).",
+        loss=False,
+    ),
+    Option(
+        "schedule_mode", "linear", _choice(SCHEDULE_MODES), f"Schedule profile, one of {SCHEDULE_MODES}.", loss=False
+    ),
+    Option(
+        "schedule_start_value",
+        0.99,
+        _unit,
+        "q(k) before schedule_begin_frac (TP-Schedule's m0), in [0, 1].",
+        loss=False,
+    ),
+    Option("schedule_end_value", 0.0, _unit, "q(k) after schedule_end_frac, in [0, 1].", loss=False),
+    Option(
+        "schedule_begin_frac", 0.0, _unit, "Fraction of the training steps at which q(k) starts to move.", loss=False
+    ),
+    Option(
+        "schedule_end_frac",
+        0.8,
+        _unit,
+        "Fraction of the training steps at which q(k) reaches its end value.",
+        loss=False,
+    ),
+    Option("schedule_gamma", 2.0, _pos, "Exponent of schedule_mode='gamma'.", loss=False),
     # credit rules
-    Option("credit_rho", 0.2, _unit,
-           "Keep-fraction rho of forking / d3s (ceil(n rho) tokens); with schedule=True rho = 1 - q(k) instead."),
+    Option(
+        "credit_rho",
+        0.2,
+        _unit,
+        "Keep-fraction rho of forking / d3s (ceil(n rho) tokens); with schedule=True rho = 1 - q(k) instead.",
+    ),
     Option("entropy_adv_alpha", 0.4, _pos, "alpha of entropy_adv: A' = A + s min(alpha H, |A| / kappa)."),
     Option("entropy_adv_kappa", 2.0, _pos, "kappa of entropy_adv."),
-    Option("d3s_scope", "batch", _choice(("batch", "sequence")),
-           "D^3S selects the top rho tokens by |A| H over the batch the loss sees ('batch', the paper's) or per "
-           "sequence ('sequence')."),
-    Option("delta_coef_iters", 1, _iters, "DelTA: K >= 0 soft-assignment refinements of the side centroids (official 1)."),
-    Option("delta_coef_lam_min", 0.8, _pos,
-           "DelTA: coefficient of the tokens most like the other side (and of A = 0 tokens), > 0 (official 0.8)."),
-    Option("delta_coef_lam_max", 1.2, _pos,
-           "DelTA: coefficient of the tokens most like their own side, >= delta_coef_lam_min (official 1.2); equal "
-           "values give every token 1 (the plain objective)."),
-    Option("delta_coef_exclude_zero_adv", False, C.flag,
-           "DelTA: leave A = 0 tokens out of the mean-1 normaliser (their coefficient is then 1); False = official."),
+    Option(
+        "d3s_scope",
+        "batch",
+        _choice(("batch", "sequence")),
+        "D^3S selects the top rho tokens by |A| H over the batch the loss sees ('batch', the paper's) or per "
+        "sequence ('sequence').",
+    ),
+    Option(
+        "delta_coef_iters",
+        1,
+        _iters,
+        "DelTA: K >= 0 soft-assignment refinements of the side centroids (official 1).",
+        loss=False,
+    ),
+    Option(
+        "delta_coef_lam_min",
+        0.8,
+        _pos,
+        "DelTA: coefficient of the tokens most like the other side (and of A = 0 tokens), > 0 (official 0.8).",
+        loss=False,
+    ),
+    Option(
+        "delta_coef_lam_max",
+        1.2,
+        _pos,
+        "DelTA: coefficient of the tokens most like their own side, >= delta_coef_lam_min (official 1.2); equal "
+        "values give every token 1 (the plain objective).",
+        loss=False,
+    ),
+    Option(
+        "delta_coef_exclude_zero_adv",
+        False,
+        C.flag,
+        "DelTA: leave A = 0 tokens out of the mean-1 normaliser (their coefficient is then 1); False = official.",
+        loss=False,
+    ),
     # trust regions (the thresholds are the trainer's own clip settings, see TrustRegion.thresholds)
-    Option("ratio_cap", None, lambda n, v: C.optional_real(n, v, low=0.0, low_open=True),
-           "DPPO/CPPO truncated-IS form -M A sg(min(rho, cap)) log p (verl's, cap 20); None keeps -M A rho."),
+    Option(
+        "ratio_cap",
+        None,
+        lambda n, v: C.optional_real(n, v, low=0.0, low_open=True),
+        "DPPO/CPPO truncated-IS form -M A sg(min(rho, cap)) log p (verl's, cap 20); None keeps -M A rho.",
+    ),
     Option("cppo_w_min", 0.8, _unit, "CPPO: position weight at the last token, in [0, 1]."),
     Option("cppo_delta_b", 0.02, _nonneg, "CPPO: prefix divergence budget (the minimum when dynamic)."),
     Option("cppo_budget", "dynamic", _choice(_ref_cppo.BUDGETS), f"CPPO budget, one of {_ref_cppo.BUDGETS}."),
     Option("cppo_quantile", 0.9, _unit, "CPPO: quantile of the dynamic budget."),
     Option("cppo_max_mult", 2.0, _at_least_one, "CPPO: upper clamp of the dynamic budget, x cppo_delta_b (>= 1)."),
     Option("cppo_horizon", None, _optional_pos_int, "CPPO: horizon of the position weight (None: each row's length)."),
-    Option("cppo_divergence", "binary_tv", _choice(_ref_cppo.DIVERGENCES),
-           f"CPPO divergence, one of {_ref_cppo.DIVERGENCES}."),
+    Option(
+        "cppo_divergence",
+        "binary_tv",
+        _choice(_ref_cppo.DIVERGENCES),
+        f"CPPO divergence, one of {_ref_cppo.DIVERGENCES}.",
+    ),
 )
 OPTIONS: dict[str, Option] = {o.name: o for o in _OPTION_LIST}
-SCHEDULE_OPTIONS = ("schedule_mode", "schedule_start_value", "schedule_end_value", "schedule_begin_frac",
-                    "schedule_end_frac", "schedule_gamma")
+SCHEDULE_OPTIONS = (
+    "schedule_mode",
+    "schedule_start_value",
+    "schedule_end_value",
+    "schedule_begin_frac",
+    "schedule_end_frac",
+    "schedule_gamma",
+)
 
 #: Options renamed after 0.1.0 (old -> new): the trainers' option checks name the new one.
 RENAMED_OPTIONS = {
@@ -181,10 +265,15 @@ def check_options(values: dict, *, prefix: str = "") -> dict:
     for name, v in values.items():
         if name in OPTIONS:
             out[name] = check_option(name, v, prefix=prefix)
-    if "delta_coef_lam_min" in out and "delta_coef_lam_max" in out \
-            and out["delta_coef_lam_max"] < out["delta_coef_lam_min"]:
-        raise ValueError(f"{prefix}delta_coef_lam_max must be a finite number >= {prefix}delta_coef_lam_min = "
-                         f"{out['delta_coef_lam_min']!r}, got {out['delta_coef_lam_max']!r}")
+    if (
+        "delta_coef_lam_min" in out
+        and "delta_coef_lam_max" in out
+        and out["delta_coef_lam_max"] < out["delta_coef_lam_min"]
+    ):
+        raise ValueError(
+            f"{prefix}delta_coef_lam_max must be a finite number >= {prefix}delta_coef_lam_min = "
+            f"{out['delta_coef_lam_min']!r}, got {out['delta_coef_lam_max']!r}"
+        )
     if all(n in out for n in SCHEDULE_OPTIONS):
         try:  # the schedule's own checks (begin < end, gamma needs end_value 0, ...); total_steps comes at train time
             make_schedule(out, total_steps=1 << 30)
@@ -196,9 +285,15 @@ def check_options(values: dict, *, prefix: str = "") -> dict:
 def make_schedule(opts, total_steps: int) -> TemporalSchedule:
     """The :class:`TemporalSchedule` of the ``schedule_*`` options (a mapping or an object with those attributes)."""
     get = opts.get if isinstance(opts, dict) else lambda n: getattr(opts, n)
-    return TemporalSchedule(get("schedule_mode"), start_value=get("schedule_start_value"),
-                            end_value=get("schedule_end_value"), begin=get("schedule_begin_frac"),
-                            end=get("schedule_end_frac"), gamma=get("schedule_gamma"), total_steps=total_steps)
+    return TemporalSchedule(
+        get("schedule_mode"),
+        start_value=get("schedule_start_value"),
+        end_value=get("schedule_end_value"),
+        begin=get("schedule_begin_frac"),
+        end=get("schedule_end_frac"),
+        gamma=get("schedule_gamma"),
+        total_steps=total_steps,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,13 +327,21 @@ class CreditRule:
         """The mask after the part of the rule known before the vocabulary pass."""
         return mask
 
-    def policy_mask(self, cfg, adv: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
-                    q: Optional[float]) -> Optional[torch.Tensor]:
+    def policy_mask(
+        self, cfg, adv: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, q: Optional[float]
+    ) -> Optional[torch.Tensor]:
         """Bool ``[b, T]`` of the tokens kept once the current policy's entropy is known (None: no such mask)."""
         return None
 
-    def shape(self, cfg, adv: torch.Tensor, entropy: Optional[torch.Tensor], mask: torch.Tensor,
-              q: Optional[float], coef: Optional[torch.Tensor]) -> torch.Tensor:
+    def shape(
+        self,
+        cfg,
+        adv: torch.Tensor,
+        entropy: Optional[torch.Tensor],
+        mask: torch.Tensor,
+        q: Optional[float],
+        coef: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         """The advantages ``[b, T]`` after the rule's per-token rescaling."""
         return adv
 
@@ -265,8 +368,10 @@ class CreditRule:
                 raise ValueError(f"credit={self.name!r} is defined by its schedule: schedule cannot be False")
             return True
         if flag and self.schedule == "none":
-            raise ValueError(f"schedule=True applies to the credit rules with a scheduled variant "
-                             f"{tuple(n for n, c in CREDITS.items() if c.schedule != 'none')}, not {self.name!r}")
+            raise ValueError(
+                f"schedule=True applies to the credit rules with a scheduled variant "
+                f"{tuple(n for n, c in CREDITS.items() if c.schedule != 'none')}, not {self.name!r}"
+            )
         return bool(flag)
 
     def __repr__(self) -> str:
@@ -340,9 +445,15 @@ class _EntropyAdv(CreditRule):
     def shape(self, cfg, adv, entropy, mask, q, coef):
         from rlvr_kernels.credit import entropy_shaped_advantages
 
-        return entropy_shaped_advantages(adv, entropy.float(), mask != 0, q if q is not None else 1.0,
-                                         alpha=cfg.entropy_adv_alpha, kappa=cfg.entropy_adv_kappa,
-                                         backend=cfg.backend)
+        return entropy_shaped_advantages(
+            adv,
+            entropy.float(),
+            mask != 0,
+            q if q is not None else 1.0,
+            alpha=cfg.entropy_adv_alpha,
+            kappa=cfg.entropy_adv_kappa,
+            backend=cfg.backend,
+        )
 
 
 class _DelTA(CreditRule):
@@ -355,8 +466,9 @@ class _DelTA(CreditRule):
         return adv * coef.float()
 
 
-CREDITS: dict[str, CreditRule] = {c.name: c for c in (CreditRule(), _TPSchedule(), _Forking(), _EntropyAdv(),
-                                                      _D3S(), _DelTA())}
+CREDITS: dict[str, CreditRule] = {
+    c.name: c for c in (CreditRule(), _TPSchedule(), _Forking(), _EntropyAdv(), _D3S(), _DelTA())
+}
 
 
 def credit(name: Optional[str]) -> CreditRule:
@@ -399,8 +511,10 @@ class _DPPO(TrustRegion):
     loss_type = "dppo"
     options = ("ratio_cap",)
     needs_anchor = True
-    thresholds = ("RLVRLoss epsilon_low/epsilon_high; TRL trust_region_delta (both sides); verl "
-                  "clip_ratio_low/clip_ratio_high (as verl's dppo_tv)")
+    thresholds = (
+        "RLVRLoss epsilon_low/epsilon_high; TRL trust_region_delta (both sides); verl "
+        "clip_ratio_low/clip_ratio_high (as verl's dppo_tv)"
+    )
     doc = "docs/methods/cppo.md"
 
     def mask(self, cfg, logp, rows):
@@ -419,8 +533,16 @@ class _CISPO(TrustRegion):
 class _CPPO(TrustRegion):
     name = "cppo"
     loss_type = "cppo"
-    options = ("ratio_cap", "cppo_w_min", "cppo_delta_b", "cppo_budget", "cppo_quantile", "cppo_max_mult",
-               "cppo_horizon", "cppo_divergence")
+    options = (
+        "ratio_cap",
+        "cppo_w_min",
+        "cppo_delta_b",
+        "cppo_budget",
+        "cppo_quantile",
+        "cppo_max_mult",
+        "cppo_horizon",
+        "cppo_divergence",
+    )
     needs_anchor = True
     token_local = False  # a prefix scan along the row
     thresholds = "RLVRLoss epsilon_high (CPPO's delta); TRL trust_region_delta; verl clip_ratio_high"
@@ -430,10 +552,21 @@ class _CPPO(TrustRegion):
         from rlvr_kernels.cppo import cppo_mask
 
         m = rows.mask
-        res = cppo_mask(logp.detach(), rows.mu, rows.adv, m != 0, delta=cfg.epsilon_high, w_min=cfg.cppo_w_min,
-                        delta_b=cfg.cppo_delta_b, budget=cfg.cppo_budget, quantile=cfg.cppo_quantile,
-                        max_mult=cfg.cppo_max_mult, horizon=cfg.cppo_horizon, divergence=cfg.cppo_divergence,
-                        backend=cfg.backend)
+        res = cppo_mask(
+            logp.detach(),
+            rows.mu,
+            rows.adv,
+            m != 0,
+            delta=cfg.epsilon_high,
+            w_min=cfg.cppo_w_min,
+            delta_b=cfg.cppo_delta_b,
+            budget=cfg.cppo_budget,
+            quantile=cfg.cppo_quantile,
+            max_mult=cfg.cppo_max_mult,
+            horizon=cfg.cppo_horizon,
+            divergence=cfg.cppo_divergence,
+            backend=cfg.backend,
+        )
         db = getattr(res, "delta_b", None)
         if db is not None:
             db = (db.reshape(-1).float() * (m.sum(-1) > 0).float()).sum()
@@ -464,8 +597,12 @@ def token_local(cfg) -> bool:
     """Whether each token's loss term and gradient coefficient depend only on that token and on batch constants known
     before the vocabulary pass (normalisers, row counts), so that the fused path may split a row: token-level ratios,
     a token-local objective, credit rule and trust region."""
-    return (cfg.importance_sampling_level == "token" and cfg.loss_type not in _SEQUENCE_OBJECTIVES
-            and trust_region_of_loss_type(cfg.loss_type).token_local and credit(cfg.credit).token_local)
+    return (
+        cfg.importance_sampling_level == "token"
+        and cfg.loss_type not in _SEQUENCE_OBJECTIVES
+        and trust_region_of_loss_type(cfg.loss_type).token_local
+        and credit(cfg.credit).token_local
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,15 +619,19 @@ def markdown_table() -> str:
             continue
         needs = sorted(c.needs) + (["schedule"] if c.schedule == "required" else [])
         sched = " (scheduled variant: `schedule=True`)" if c.schedule == "optional" else ""
-        rows.append(f"| `credit={c.name}` | credit rule{sched} | {', '.join(f'`{o}`' for o in c.options) or '-'} "
-                    f"| {', '.join(needs) or '-'} | {'yes' if c.token_local else 'no'} | [{c.doc}]({c.doc}) |")
+        rows.append(
+            f"| `credit={c.name}` | credit rule{sched} | {', '.join(f'`{o}`' for o in c.options) or '-'} "
+            f"| {', '.join(needs) or '-'} | {'yes' if c.token_local else 'no'} | [{c.doc}]({c.doc}) |"
+        )
     for t in TRUST_REGIONS.values():
         if t.name == "clip":
             continue
         needs = ["rollout (anchor) log-probs"] if t.needs_anchor else []
-        rows.append(f"| `trust_region={t.name}` | trust region (thresholds: {t.thresholds}) "
-                    f"| {', '.join(f'`{o}`' for o in t.options) or '-'} | {', '.join(needs) or '-'} "
-                    f"| {'yes' if t.token_local else 'no'} | [{t.doc}]({t.doc}) |")
+        rows.append(
+            f"| `trust_region={t.name}` | trust region (thresholds: {t.thresholds}) "
+            f"| {', '.join(f'`{o}`' for o in t.options) or '-'} | {', '.join(needs) or '-'} "
+            f"| {'yes' if t.token_local else 'no'} | [{t.doc}]({t.doc}) |"
+        )
     rows += ["", "| option | default | meaning |", "|---|---|---|"]
     for o in OPTIONS.values():
         rows.append(f"| `{o.name}` | `{o.default!r}` | {o.help.replace('|', chr(92) + '|')} |")

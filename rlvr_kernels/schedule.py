@@ -9,6 +9,7 @@ in ``docs/methods/tp-schedule.md``, section "The schedule". The value feeds, for
 - the entropy-advantage bonus scale ``q`` (:func:`rlvr_kernels.entropy_shaped_advantages`),
 - the D^3S keep-fraction ``rho = 1 - q`` (:func:`rlvr_kernels.d3s_token_mask`).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ MAX_TOTAL_STEPS = 1 << 53  # total_steps * begin is a float product: exact below
 
 def _sigma(x: float) -> float:
     return 1.0 / (1.0 + math.exp(_SIGMOID_STEEPNESS * (x - 0.5)))
-
 
 
 class TemporalSchedule:
@@ -98,8 +98,15 @@ class TemporalSchedule:
                 f"end must come after begin: k_max = int(total_steps * end) = {k_max} <= "
                 f"k_min = int(total_steps * begin) = {k_min} (begin={begin!r}, end={end!r}, total_steps={total_steps})"
             )
-        for name, value in (("mode", mode), ("start_value", start_value), ("end_value", end_value), ("begin", begin),
-                            ("end", end), ("total_steps", total_steps), ("gamma", gamma)):
+        for name, value in (
+            ("mode", mode),
+            ("start_value", start_value),
+            ("end_value", end_value),
+            ("begin", begin),
+            ("end", end),
+            ("total_steps", total_steps),
+            ("gamma", gamma),
+        ):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):  # keep it a value object
@@ -166,7 +173,7 @@ class TemporalSchedule:
         return {name: getattr(self, name) for name in self.__slots__}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TemporalSchedule":
+    def from_dict(cls, d: dict) -> TemporalSchedule:
         """Inverse of :meth:`to_dict`; unknown keys are a ValueError, missing ones take the defaults."""
         if not isinstance(d, dict):
             raise TypeError(f"d must be a dict, got {type(d).__name__}")

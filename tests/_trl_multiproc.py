@@ -17,6 +17,7 @@ single process). Every configuration runs in sequence in the same two processes 
   reach the loss and ``delta_coefficients`` over this process's generation batch (E local), and over both
   processes' (E global).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ warnings.simplefilter("ignore")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from _trl_common import BASE, dataset, delta_oracle_inputs, even_words, tiny_model, tokenizer  # noqa: E402
 import rlvr_kernels.integrations.trl as integ  # noqa: E402
+from _trl_common import BASE, dataset, delta_oracle_inputs, even_words, tiny_model, tokenizer  # noqa: E402
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer  # noqa: E402
 
 MODEL_DIR, OUT_DIR = sys.argv[1], pathlib.Path(sys.argv[2])
@@ -55,8 +56,16 @@ METHODS = {
 
 
 def rows(trainer):
-    keep = ("loss", "grad_norm", "entropy", "rlvr/active_fraction", "rlvr/schedule_value",
-            "rlvr/trust_region_masked_fraction", "rlvr/cppo_delta_b_mean", "rlvr/delta_coef_std")
+    keep = (
+        "loss",
+        "grad_norm",
+        "entropy",
+        "rlvr/active_fraction",
+        "rlvr/schedule_value",
+        "rlvr/trust_region_masked_fraction",
+        "rlvr/cppo_delta_b_mean",
+        "rlvr/delta_coef_std",
+    )
     return [{k: r[k] for k in keep if k in r} for r in trainer.state.log_history if "loss" in r]
 
 
@@ -64,17 +73,26 @@ def train(trainer_cls, config_cls, name, **kw):
     args = config_cls(output_dir=str(OUT_DIR / f"run-{name}"), **{**BASE, **kw})
     model = tiny_model(MODEL_DIR)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = trainer_cls(model=model, reward_funcs=even_words, args=args, train_dataset=dataset(),
-                          processing_class=tokenizer())
+    trainer = trainer_cls(
+        model=model, reward_funcs=even_words, args=args, train_dataset=dataset(), processing_class=tokenizer()
+    )
     trainer.train()
     final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     moved = max(float((final[n] - init[n]).abs().max()) for n in init)
     checksum = float(sum(p.double().sum() for p in final.values()))
-    return trainer, final, dict(rows=rows(trainer), moved=moved, checksum=checksum,
-                                world=trainer.accelerator.num_processes, rank=trainer.accelerator.process_index,
-                                distributed_type=str(trainer.accelerator.distributed_type),
-                                backend=str(torch.distributed.get_backend()) if torch.distributed.is_initialized()
-                                else None)
+    return (
+        trainer,
+        final,
+        dict(
+            rows=rows(trainer),
+            moved=moved,
+            checksum=checksum,
+            world=trainer.accelerator.num_processes,
+            rank=trainer.accelerator.process_index,
+            distributed_type=str(trainer.accelerator.distributed_type),
+            backend=str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None,
+        ),
+    )
 
 
 def explicit_entropy(hidden, weight, bias, temperature):
@@ -104,9 +122,13 @@ def spy(records, temperature):
             H = explicit_entropy(hidden.detach(), weight.detach(), kw.get("bias"), temperature).float()
             keep = d3s_token_mask(A, H, valid, cfg.credit_rho, scope="batch", backend="torch")
         n = kw.get("num_items_in_batch")
-        rec = dict(step=step, valid=int(valid.sum()), loss=float(loss.detach()),
-                   kept=float(metrics.named["active_fraction"]) * int(valid.sum()),
-                   num_items=None if n is None else float(n))
+        rec = dict(
+            step=step,
+            valid=int(valid.sum()),
+            loss=float(loss.detach()),
+            kept=float(metrics.named["active_fraction"]) * int(valid.sum()),
+            num_items=None if n is None else float(n),
+        )
         if keep is not None:
             keep = keep.bool() & valid
             rec.update(kept_ref=int(keep.sum()), sum_adv_kept=float((A * keep).sum()))
@@ -127,8 +149,13 @@ class DeltaOracle(RLVRGRPOTrainer):
         a = self.args
         h, lp, mask = delta_oracle_inputs(self, out)
         adv = out["advantages"].float()
-        kw = dict(iters=a.delta_coef_iters, lam_min=a.delta_coef_lam_min, lam_max=a.delta_coef_lam_max,
-                  exclude_zero_adv=a.delta_coef_exclude_zero_adv, backend="torch")
+        kw = dict(
+            iters=a.delta_coef_iters,
+            lam_min=a.delta_coef_lam_min,
+            lam_max=a.delta_coef_lam_max,
+            exclude_zero_adv=a.delta_coef_exclude_zero_adv,
+            backend="torch",
+        )
         local = delta_coefficients(h, lp, adv, mask, **kw)
         acc = self.accelerator
         B, T = mask.shape
@@ -137,11 +164,16 @@ class DeltaOracle(RLVRGRPOTrainer):
         m_all = acc.gather(acc.pad_across_processes(mask.contiguous(), dim=1))
         a_all = acc.gather(adv.contiguous())
         r = acc.process_index
-        glob = delta_coefficients(h_all, lp_all, a_all, m_all, **kw)[r * B:(r + 1) * B, :T]
+        glob = delta_coefficients(h_all, lp_all, a_all, m_all, **kw)[r * B : (r + 1) * B, :T]
         got = out[integ.DELTA_KEY]
-        self.oracle.append(dict(diff_local=float((got - local).abs().max()),
-                                diff_global=float((got - glob)[mask].abs().max()),
-                                mean_local=float(got[mask].mean()), tokens=int(mask.sum())))
+        self.oracle.append(
+            dict(
+                diff_local=float((got - local).abs().max()),
+                diff_global=float((got - glob)[mask].abs().max()),
+                mean_local=float(got[mask].mean()),
+                tokens=int(mask.sum()),
+            )
+        )
         return out
 
 

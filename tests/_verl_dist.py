@@ -17,6 +17,7 @@ rank, with a single-process computation over the union of both ranks' rows (no c
   ``delta_coef_all_reduce=true`` equals ``rlvr_kernels.delta_coefficients`` over both ranks' tokens, without it
   ``delta_coefficients`` over the rank's own tokens; the all-reduced coefficients then feed ``rlvr_delta``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,8 +60,9 @@ def rank_main(rank: int, world: int, init: str, out_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # forked from a process that may have used the intra-op thread pool
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=180))
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180)
+    )
     try:
         result = run(rank, world)
     finally:
@@ -100,15 +102,23 @@ def run(rank: int, world: int) -> dict:
     mine = list(range(rank * B // world, (rank + 1) * B // world))
 
     torch.manual_seed(0)
-    model0 = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=H, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=32)).float()
+    model0 = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=H,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=V,
+            max_position_embeddings=32,
+        )
+    ).float()
     with torch.no_grad():
         model0.lm_head.weight.mul_(30.0)
 
     def per_sequence(model, grad: bool):
         """Each sequence alone through ``model``: response log-probs [B, R] and final hidden states [B, R, H]."""
-        lps, hs = torch.zeros(B, R), torch.zeros(B, R, H)
+        hs = torch.zeros(B, R, H)
         rows_lp = []
         with torch.set_grad_enabled(grad):
             for i in range(B):
@@ -116,9 +126,10 @@ def run(rank: int, world: int) -> dict:
                 hid = model.model(input_ids=seq).last_hidden_state[0]
                 lp = torch.log_softmax(model.lm_head(hid).float(), -1)
                 s, n = int(plen[i]) - 1, int(rlen[i])
-                hs[i, :n] = hid[s:s + n].detach()
-                rows_lp.append(torch.nn.functional.pad(lp[s:s + n].gather(-1, seq[0, s + 1:s + 1 + n, None])[:, 0],
-                                                       (0, R - n)))
+                hs[i, :n] = hid[s : s + n].detach()
+                rows_lp.append(
+                    torch.nn.functional.pad(lp[s : s + n].gather(-1, seq[0, s + 1 : s + 1 + n, None])[:, 0], (0, R - n))
+                )
         return torch.stack(rows_lp), hs
 
     with torch.no_grad():
@@ -143,21 +154,46 @@ def run(rank: int, world: int) -> dict:
         def is_mp_src_rank_with_outputs(self):
             return False
 
-    ec = types.SimpleNamespace(forward_only=False, use_dynamic_bsz=False, max_token_len_per_gpu=None,
-                               infer_max_token_len_per_gpu=None, micro_batch_size_per_gpu=2,
-                               infer_micro_batch_size_per_gpu=2, use_fused_kernels=False, fsdp_size=1,
-                               entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    ec = types.SimpleNamespace(
+        forward_only=False,
+        use_dynamic_bsz=False,
+        max_token_len_per_gpu=None,
+        infer_max_token_len_per_gpu=None,
+        micro_batch_size_per_gpu=2,
+        infer_micro_batch_size_per_gpu=2,
+        use_fused_kernels=False,
+        fsdp_size=1,
+        entropy_checkpointing=False,
+        entropy_from_logits_with_chunking=False,
+    )
 
     def rank_batch():
         """This rank's shard as verl's legacy trainer sends it (DataProto -> TensorDict -> no padding)."""
-        fields = {"input_ids": input_ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-                  "prompts": prompts, "responses": responses, "response_mask": rmask.long(), "old_log_probs": old,
-                  "advantages": adv}
-        td = left_right_2_no_padding(DataProto.from_single_dict({k: v[mine] for k, v in fields.items()})
-                                     .to_tensordict())
-        tu.assign_non_tensor(td, use_remove_padding=True, use_dynamic_bsz=False, micro_batch_size_per_gpu=2,
-                             max_token_len_per_gpu=None, use_fused_kernels=False, calculate_entropy=False,
-                             compute_loss=True, temperature=1.0, global_batch_size=B)
+        fields = {
+            "input_ids": input_ids,
+            "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
+            "prompts": prompts,
+            "responses": responses,
+            "response_mask": rmask.long(),
+            "old_log_probs": old,
+            "advantages": adv,
+        }
+        td = left_right_2_no_padding(
+            DataProto.from_single_dict({k: v[mine] for k, v in fields.items()}).to_tensordict()
+        )
+        tu.assign_non_tensor(
+            td,
+            use_remove_padding=True,
+            use_dynamic_bsz=False,
+            micro_batch_size_per_gpu=2,
+            max_token_len_per_gpu=None,
+            use_fused_kernels=False,
+            calculate_entropy=False,
+            compute_loss=True,
+            temperature=1.0,
+            global_batch_size=B,
+        )
         return td
 
     checks, seen = [], {"dp_size": set(), "batch_num_tokens": set()}
@@ -167,16 +203,25 @@ def run(rank: int, world: int) -> dict:
         checks.append((label, diff, atol + rtol * float(want.abs().max())))
 
     # ---- DelTA coefficients through the worker hook ------------------------------------------------------------
-    worker = types.SimpleNamespace(engine=CPUEngine(copy.deepcopy(model0), ec), engine_config=ec,
-                                   model_config={"use_remove_padding": True})
+    worker = types.SimpleNamespace(
+        engine=CPUEngine(copy.deepcopy(model0), ec), engine_config=ec, model_config={"use_remove_padding": True}
+    )
     union_coef = delta_coefficients(h_old, old, adv, rmask)
     own_coef = delta_coefficients(h_old[mine], old[mine], adv[mine], rmask[mine])
     coef_of = {}
     for all_reduce in (True, False):
         for cache in ("none", "cpu"):
-            cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, policy_loss=(
-                rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr={"delta_coef_all_reduce": all_reduce,
-                                                                      "delta_coef_hidden_cache": cache})))
+            cfg = FSDPActorConfig(
+                strategy="fsdp",
+                rollout_n=1,
+                ppo_micro_batch_size_per_gpu=2,
+                policy_loss=(
+                    rv.RLVRPolicyLossConfig(
+                        loss_mode="rlvr_delta",
+                        rlvr={"delta_coef_all_reduce": all_reduce, "delta_coef_hidden_cache": cache},
+                    )
+                ),
+            )
             td = rank_batch()
             assert delta_for_update(worker, td, cfg, {}) == "computed"
             c = td[rv.DELTA_COEF_KEY]
@@ -197,9 +242,15 @@ def run(rank: int, world: int) -> dict:
     runs = [(name, mode) for name in ("rlvr_clip", "rlvr_delta") for mode in modes]
     runs += [(name, mode) for name in ("rlvr_dppo", "rlvr_cispo") for mode in ("token-mean", "seq-mean-token-mean")]
     for name, mode in runs:
-        cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=mode,
-                              clip_ratio_low=0.2, clip_ratio_high=0.28,
-                              policy_loss=rv.RLVRPolicyLossConfig(loss_mode=name))
+        cfg = FSDPActorConfig(
+            strategy="fsdp",
+            rollout_n=1,
+            ppo_micro_batch_size_per_gpu=2,
+            loss_agg_mode=mode,
+            clip_ratio_low=0.2,
+            clip_ratio_high=0.28,
+            policy_loss=rv.RLVRPolicyLossConfig(loss_mode=name),
+        )
         model = copy.deepcopy(model0)
         engine = CPUEngine(model, ec)
         td = rank_batch()
@@ -225,23 +276,36 @@ def run(rank: int, world: int) -> dict:
             torch.distributed.all_reduce(gr)  # FSDP / DDP: the ranks' gradients averaged
             grads.append(gr / world)
         # the union, one process, dp_size 1
-        ucfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=mode,
-                               clip_ratio_low=0.2, clip_ratio_high=0.28,
-                               policy_loss=rv.RLVRPolicyLossConfig(loss_mode=name))
+        ucfg = FSDPActorConfig(
+            strategy="fsdp",
+            rollout_n=1,
+            ppo_micro_batch_size_per_gpu=2,
+            loss_agg_mode=mode,
+            clip_ratio_low=0.2,
+            clip_ratio_high=0.28,
+            policy_loss=rv.RLVRPolicyLossConfig(loss_mode=name),
+        )
         ucfg.global_batch_info.update(dp_size=1, batch_num_tokens=int(rmask.sum()), global_batch_size=B)
         with rv.loss_context(delta_coefficients=union_coef):
-            lu, _ = get_policy_loss_fn(name)(old_log_prob=old, log_prob=lp_u, advantages=adv,
-                                             response_mask=rmask, loss_agg_mode=mode, config=ucfg)
+            lu, _ = get_policy_loss_fn(name)(
+                old_log_prob=old, log_prob=lp_u, advantages=adv, response_mask=rmask, loss_agg_mode=mode, config=ucfg
+            )
         want = torch.autograd.grad(lu, ref_params, retain_graph=True, allow_unused=True)
         check(f"{name} {mode} loss", loss, lu.detach(), 1e-5, 1e-6)
         for pn, gr, gw in zip(ref_names, grads, want):
             check(f"{name} {mode} grad {pn}", gr, torch.zeros_like(gr) if gw is None else gw, 1e-4, 1e-6)
         assert float(sum(gr.abs().sum() for gr in grads)) > 0
 
-    return {"rank": rank, "world": torch.distributed.get_world_size(), "checks": checks,
-            "dp_size_seen": sorted(seen["dp_size"]), "batch_num_tokens_seen": sorted(seen["batch_num_tokens"]),
-            "union_tokens": int(rmask.sum()), "local_tokens": int(rmask[mine].sum()),
-            "delta_union_vs_own": delta_union_vs_own}
+    return {
+        "rank": rank,
+        "world": torch.distributed.get_world_size(),
+        "checks": checks,
+        "dp_size_seen": sorted(seen["dp_size"]),
+        "batch_num_tokens_seen": sorted(seen["batch_num_tokens"]),
+        "union_tokens": int(rmask.sum()),
+        "local_tokens": int(rmask[mine].sum()),
+        "delta_union_vs_own": delta_union_vs_own,
+    }
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here, at collection time.
 """
+
 import os
 
 import torch

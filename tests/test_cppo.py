@@ -4,6 +4,7 @@ The oracle here is an independent float64 plain-Python loop over each row's toke
 updated at every token, threshold, mask), with the dynamic budget from ``torch.quantile`` in float64. It does not call
 rlvr_kernels.reference.
 """
+
 import math
 import warnings
 
@@ -47,8 +48,24 @@ def py_divergence(kind, lp, lm, tk=None, tkm=None):
     return max(0.0, kl)
 
 
-def py_cppo(lp, lm, adv, valid, *, kind="binary_tv", tk=None, tkm=None, delta=0.15, w_min=0.8, delta_b=0.02,
-            budget="dynamic", quantile=0.9, max_mult=2.0, quantile_scale=1.0, horizon=None):
+def py_cppo(
+    lp,
+    lm,
+    adv,
+    valid,
+    *,
+    kind="binary_tv",
+    tk=None,
+    tkm=None,
+    delta=0.15,
+    w_min=0.8,
+    delta_b=0.02,
+    budget="dynamic",
+    quantile=0.9,
+    max_mult=2.0,
+    quantile_scale=1.0,
+    horizon=None,
+):
     """Alg. 1 literally, one row at a time. Lists in, dict of lists out (plus |Z - c| and W for tie tolerance)."""
     out = dict(mask=[], D=[], w=[], db=[], margin=[], W=[])
     for b, row in enumerate(valid):
@@ -56,8 +73,12 @@ def py_cppo(lp, lm, adv, valid, *, kind="binary_tv", tk=None, tkm=None, delta=0.
         idx = [t for t in range(T) if row[t]]
         L = idx[-1] + 1 if idx else 0
         H = horizon if horizon is not None else L
-        D = [py_divergence(kind, lp[b][t], lm[b][t], tk[b][t] if tk else None, tkm[b][t] if tkm else None)
-             if row[t] else 0.0 for t in range(T)]
+        D = [
+            py_divergence(kind, lp[b][t], lm[b][t], tk[b][t] if tk else None, tkm[b][t] if tkm else None)
+            if row[t]
+            else 0.0
+            for t in range(T)
+        ]
         if budget == "fixed":
             db = delta_b
         elif budget == "none":
@@ -128,8 +149,17 @@ def make_batch(lengths, pad, seed, *, holes=False, noise=0.5, ties=False, zero_a
     adv_tok = torch.where(mask, adv_tok, nan)
     tk = torch.where(mask[..., None], tk, nan)
     tkm = torch.where(mask[..., None], tkm, nan)
-    return dict(mask=mask, lp=lp, lm=lm, adv_row=adv_row, adv_tok=adv_tok, tk=tk, tkm=tkm,
-                cu=cu_seqlens_from_lengths(lens), lens=lens)
+    return dict(
+        mask=mask,
+        lp=lp,
+        lm=lm,
+        adv_row=adv_row,
+        adv_tok=adv_tok,
+        tk=tk,
+        tkm=tkm,
+        cu=cu_seqlens_from_lengths(lens),
+        lens=lens,
+    )
 
 
 def run(batch, backend, *, per_token=False, packed=False, divergence="binary_tv", **kw):
@@ -156,8 +186,16 @@ def oracle(batch, *, per_token=False, divergence="binary_tv", **kw):
     adv = batch["adv_tok"] if per_token else batch["adv_row"]
     tk = batch["tk"].double().tolist() if divergence.startswith("topk") else None
     tkm = batch["tkm"].double().tolist() if divergence.startswith("topk") else None
-    return py_cppo(batch["lp"].double().tolist(), batch["lm"].double().tolist(), adv.double().tolist(),
-                   mask.tolist(), kind=divergence, tk=tk, tkm=tkm, **kw)
+    return py_cppo(
+        batch["lp"].double().tolist(),
+        batch["lm"].double().tolist(),
+        adv.double().tolist(),
+        mask.tolist(),
+        kind=divergence,
+        tk=tk,
+        tkm=tkm,
+        **kw,
+    )
 
 
 def check_against(res, want, mask, *, tol=1e-5):
@@ -170,10 +208,12 @@ def check_against(res, want, mask, *, tol=1e-5):
     assert res.delta_b.dtype == torch.float32 and res.delta_b.shape == (B,)
     D = torch.tensor(want["D"], dtype=torch.float64).reshape(mask.shape)
     torch.testing.assert_close(res.divergence.double(), D, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(res.weight.double(), torch.tensor(want["w"], dtype=torch.float64).reshape(mask.shape),
-                               atol=1e-6, rtol=0)
-    torch.testing.assert_close(res.delta_b.double(), torch.tensor(want["db"], dtype=torch.float64),
-                               atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(
+        res.weight.double(), torch.tensor(want["w"], dtype=torch.float64).reshape(mask.shape), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        res.delta_b.double(), torch.tensor(want["db"], dtype=torch.float64), atol=1e-7, rtol=1e-5
+    )
     wm = torch.tensor(want["mask"], dtype=torch.bool).reshape(mask.shape)
     margin = torch.tensor(want["margin"], dtype=torch.float64).reshape(mask.shape)
     W = torch.tensor(want["W"], dtype=torch.float64).reshape(mask.shape)
@@ -211,8 +251,7 @@ def test_matches_loop_oracle(backend, budget, divergence):
 def test_torch_backend_horizons_and_advantages(horizon, per_token):
     batch = make_batch([0, 1, 2, 40, 23], 3, seed=7, holes=True)
     for budget in BUDGETS:
-        kw = dict(budget=budget, horizon=horizon, per_token=per_token, quantile=0.75, quantile_scale=1.3,
-                  max_mult=3.0)
+        kw = dict(budget=budget, horizon=horizon, per_token=per_token, quantile=0.75, quantile_scale=1.3, max_mult=3.0)
         check_against(run(batch, "torch", **kw), oracle(batch, **kw), batch["mask"])
 
 
@@ -272,8 +311,9 @@ def assert_same(a, b):
     horizon=st.sampled_from([None, None, 1, 16, 45]),
     backend=st.sampled_from(BACKENDS),
 )
-def test_padded_and_packed_agree_with_each_other_and_the_oracle(lengths, pad, seed, holes, noise, per_token, budget,
-                                                                 divergence, horizon, backend):
+def test_padded_and_packed_agree_with_each_other_and_the_oracle(
+    lengths, pad, seed, holes, noise, per_token, budget, divergence, horizon, backend
+):
     batch = make_batch(lengths, pad, seed, holes=holes, noise=noise)
     kw = dict(per_token=per_token, budget=budget, divergence=divergence, horizon=horizon)
     res = run(batch, backend, **kw)
@@ -332,10 +372,10 @@ def test_extreme_probabilities_stay_finite(backend):
         res = rk.cppo_mask(lp, lm, torch.tensor([1.0]), m, divergence=div, backend=backend, **extra)
         assert torch.isfinite(res.divergence).all() and (res.divergence >= 0).all(), div
         assert torch.isfinite(res.delta_b).all()
-        want = [py_divergence(div, lp[0, t].item(), lm[0, t].item(), tk[t].tolist(), tkm[t].tolist())
-                for t in range(5)]
-        torch.testing.assert_close(res.divergence[0].double(), torch.tensor(want, dtype=torch.float64),
-                                   atol=1e-5, rtol=1e-5)
+        want = [py_divergence(div, lp[0, t].item(), lm[0, t].item(), tk[t].tolist(), tkm[t].tolist()) for t in range(5)]
+        torch.testing.assert_close(
+            res.divergence[0].double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_topk_conventions():
@@ -400,8 +440,7 @@ def test_triton_long_row_small_block():
     kw = dict(budget="dynamic", per_token=True, horizon=None)
     want = oracle(batch, **kw)
     adv = batch["adv_tok"]
-    res = rk.cppo_mask(batch["lp"], batch["lm"], adv, batch["mask"], budget="dynamic", backend="triton",
-                       block_size=32)
+    res = rk.cppo_mask(batch["lp"], batch["lm"], adv, batch["mask"], budget="dynamic", backend="triton", block_size=32)
     check_against(res, want, batch["mask"])
     assert 0 < res.masked_fraction.item() < 1
 
@@ -457,15 +496,36 @@ def _bad_cases():
         (dict(logp=x.long()), TypeError, "logp must be a floating-point"),
         (dict(logp_mu=y[:, :3]), ValueError, "logp_mu must have the shape"),
         (dict(advantages=torch.ones(3)), ValueError, "advantages"),
-        (dict(logp=x.clone().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan")))),
-         ValueError, "logp has non-finite"),
+        (
+            dict(logp=x.clone().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan")))),
+            ValueError,
+            "logp has non-finite",
+        ),
         (dict(mask=m[0]), ValueError, "mask"),
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(cu_seqlens=torch.tensor([0, 8])), ValueError, "mask must be 1-D"),
-        (dict(logp=x.reshape(-1), logp_mu=y.reshape(-1), mask=m.reshape(-1), advantages=a,
-              cu_seqlens=torch.tensor([0, 3, 7])), ValueError, "cu_seqlens must end"),
-        (dict(logp=x.reshape(-1), logp_mu=y.reshape(-1), mask=m.reshape(-1), advantages=a,
-              cu_seqlens=torch.tensor([0.0, 8.0])), TypeError, "cu_seqlens must be an integer"),
+        (
+            dict(
+                logp=x.reshape(-1),
+                logp_mu=y.reshape(-1),
+                mask=m.reshape(-1),
+                advantages=a,
+                cu_seqlens=torch.tensor([0, 3, 7]),
+            ),
+            ValueError,
+            "cu_seqlens must end",
+        ),
+        (
+            dict(
+                logp=x.reshape(-1),
+                logp_mu=y.reshape(-1),
+                mask=m.reshape(-1),
+                advantages=a,
+                cu_seqlens=torch.tensor([0.0, 8.0]),
+            ),
+            TypeError,
+            "cu_seqlens must be an integer",
+        ),
         (dict(logp="x"), TypeError, "logp must be a torch.Tensor"),
         (dict(block_size=24), ValueError, "block_size"),
     ]

@@ -4,6 +4,7 @@ segmented radix select, on both CPU backends and both layouts.
 The oracles here are independent float64 / plain-Python loops written from tp-schedule.md and schedules.md; they do
 not call rlvr_kernels.reference.
 """
+
 import math
 
 import pytest
@@ -198,8 +199,9 @@ def test_trajectory_percentile_values(batch, backend):
     vals = torch.nan_to_num(batch["ent"], nan=7.0)  # ties across valid tokens; padding ignored
     # the values form sorts in torch for both backends; padded and packed must agree
     out = rk.trajectory_percentile(mask, values=vals, backend=backend)
-    out_p = rk.trajectory_percentile(packed(batch, mask), values=packed(batch, vals), cu_seqlens=batch["cu"],
-                                     backend=backend)
+    out_p = rk.trajectory_percentile(
+        packed(batch, mask), values=packed(batch, vals), cu_seqlens=batch["cu"], backend=backend
+    )
     assert torch.equal(packed(batch, out), out_p)
     want = torch.tensor(py_rank_percentile(vals.tolist(), mask.tolist()), dtype=torch.float64)
     assert torch.equal(out, want.reshape(mask.shape).float())
@@ -240,8 +242,14 @@ def test_tp_spec_vectors(backend):
 def test_tp_schedule_mask(batch, q, reverse, backend):
     mask = batch["mask"]
     out = both_layouts(
-        rk.tp_schedule_mask, batch, mask, q, args_packed=(packed(batch, mask), q), reverse=reverse,
-        backend=backend, block_size=BLOCK,
+        rk.tp_schedule_mask,
+        batch,
+        mask,
+        q,
+        args_packed=(packed(batch, mask), q),
+        reverse=reverse,
+        backend=backend,
+        block_size=BLOCK,
     )
     assert out.dtype == torch.bool
     assert out.tolist() == py_tp_mask(mask.tolist(), q, reverse)
@@ -266,8 +274,14 @@ def test_tp_q_as_tensor_and_holes():
 def test_forking_token_mask(batch, rho, backend):
     mask, ent = batch["mask"], batch["ent"]
     out = both_layouts(
-        rk.forking_token_mask, batch, ent, mask, rho, args_packed=(packed(batch, ent), packed(batch, mask), rho),
-        backend=backend, block_size=BLOCK,
+        rk.forking_token_mask,
+        batch,
+        ent,
+        mask,
+        rho,
+        args_packed=(packed(batch, ent), packed(batch, mask), rho),
+        backend=backend,
+        block_size=BLOCK,
     )
     assert out.tolist() == py_forking(ent.tolist(), mask.tolist(), rho)
     assert torch.equal(out.sum(1), torch.tensor([math.ceil(int(n) * rho) for n in mask.sum(1)]))
@@ -291,8 +305,12 @@ def test_forking_ties_edges_dtypes(backend):
 # ----------------------------------------------------------------------------------------------------------------------
 @HYP
 @given(
-    batch=batches, scale=fractions, per_token=st.booleans(), backend=st.sampled_from(BACKENDS),
-    alpha=st.sampled_from([0.4, 0.0, 1.0, 2.5]), kappa=st.sampled_from([2.0, 1.0, 0.5]),
+    batch=batches,
+    scale=fractions,
+    per_token=st.booleans(),
+    backend=st.sampled_from(BACKENDS),
+    alpha=st.sampled_from([0.4, 0.0, 1.0, 2.5]),
+    kappa=st.sampled_from([2.0, 1.0, 0.5]),
 )
 def test_entropy_shaped_advantages(batch, scale, per_token, backend, alpha, kappa):
     mask, ent = batch["mask"], batch["ent"]
@@ -300,8 +318,14 @@ def test_entropy_shaped_advantages(batch, scale, per_token, backend, alpha, kapp
     adv_p = packed(batch, adv) if per_token else per_row_packed(batch, adv)
     kw = dict(alpha=alpha, kappa=kappa, backend=backend, block_size=BLOCK)
     out = both_layouts(
-        rk.entropy_shaped_advantages, batch, adv, ent, mask, scale,
-        args_packed=(adv_p, packed(batch, ent), packed(batch, mask), scale), **kw,
+        rk.entropy_shaped_advantages,
+        batch,
+        adv,
+        ent,
+        mask,
+        scale,
+        args_packed=(adv_p, packed(batch, ent), packed(batch, mask), scale),
+        **kw,
     )
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all())
     want = torch.tensor(py_esa(adv.tolist(), ent.tolist(), mask.tolist(), scale, alpha, kappa), dtype=torch.float64)
@@ -333,7 +357,10 @@ def test_entropy_shaped_advantages_values():
 # ----------------------------------------------------------------------------------------------------------------------
 @HYP
 @given(
-    batch=batches, rho=fractions, per_token=st.booleans(), scope=st.sampled_from(["batch", "sequence"]),
+    batch=batches,
+    rho=fractions,
+    per_token=st.booleans(),
+    scope=st.sampled_from(["batch", "sequence"]),
     backend=st.sampled_from(BACKENDS),
 )
 def test_d3s_token_mask(batch, rho, per_token, scope, backend):
@@ -341,8 +368,15 @@ def test_d3s_token_mask(batch, rho, per_token, scope, backend):
     adv = batch["adv_tok"] if per_token else batch["adv_row"]
     adv_p = packed(batch, adv) if per_token else per_row_packed(batch, adv)
     out = both_layouts(
-        rk.d3s_token_mask, batch, adv, ent, mask, rho,
-        args_packed=(adv_p, packed(batch, ent), packed(batch, mask), rho), scope=scope, backend=backend,
+        rk.d3s_token_mask,
+        batch,
+        adv,
+        ent,
+        mask,
+        rho,
+        args_packed=(adv_p, packed(batch, ent), packed(batch, mask), rho),
+        scope=scope,
+        backend=backend,
         block_size=BLOCK,
     )
     # fp32 scores: compare against the oracle on the same fp32 inputs (dyadic batches are exact in both)

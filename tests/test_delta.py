@@ -4,6 +4,7 @@ simulated all-reduce), the Triton sweeps, the spec's invariances, edge cases, ba
 The oracle is an independent float64 transcription of delta.md section 6 with the proxy v = (1 - p) h materialised
 and explicit squared distances; it does not call rlvr_kernels.reference.
 """
+
 from __future__ import annotations
 
 import threading
@@ -51,7 +52,7 @@ def spec_delta(h, oldlogp, adv, mask, K=1, lam_min=0.8, lam_max=1.2, eps=1e-8, e
     def gam(x, sel):
         n = sel.sum().clamp_min(1)
         mu = x[sel].sum() / n
-        return ((x[sel] ** 2).sum() / n - mu ** 2).clamp_min(eps).sqrt()
+        return ((x[sel] ** 2).sum() / n - mu**2).clamp_min(eps).sqrt()
 
     mp, mn = cent(ap), cent(an)
     mg = margin(mp, mn)
@@ -96,27 +97,33 @@ def make_batch(lengths, seed=0, T=None, h_dim=H, adv=None, dtype=torch.float32):
 
 def packed(batch):
     cu = cu_seqlens_from_lengths(batch["lengths"])
-    return dict(hidden=padded_to_packed(batch["hidden"], cu), old_logp=padded_to_packed(batch["old_logp"], cu),
-                adv=batch["adv"], mask=padded_to_packed(batch["mask"], cu), cu=cu)
+    return dict(
+        hidden=padded_to_packed(batch["hidden"], cu),
+        old_logp=padded_to_packed(batch["old_logp"], cu),
+        adv=batch["adv"],
+        mask=padded_to_packed(batch["mask"], cu),
+        cu=cu,
+    )
 
 
 def oracle(batch, **kw):
     B, T = batch["mask"].shape
     flat_adv = batch["adv"][:, None].expand(B, T).reshape(-1) if batch["adv"].dim() == 1 else batch["adv"].reshape(-1)
-    out = spec_delta(batch["hidden"].reshape(B * T, -1), batch["old_logp"].reshape(-1), flat_adv,
-                     batch["mask"].reshape(-1), **kw)
+    out = spec_delta(
+        batch["hidden"].reshape(B * T, -1), batch["old_logp"].reshape(-1), flat_adv, batch["mask"].reshape(-1), **kw
+    )
     return out.reshape(B, T)
 
 
 def run_op(batch, backend, **kw):
-    return rk.delta_coefficients(batch["hidden"], batch["old_logp"], batch["adv"], batch["mask"],
-                                 backend=backend, **kw)
+    return rk.delta_coefficients(batch["hidden"], batch["old_logp"], batch["adv"], batch["mask"], backend=backend, **kw)
 
 
 def run_packed(batch, backend, **kw):
     p = packed(batch)
-    return rk.delta_coefficients(p["hidden"], p["old_logp"], p["adv"], p["mask"], cu_seqlens=p["cu"],
-                                 backend=backend, **kw)
+    return rk.delta_coefficients(
+        p["hidden"], p["old_logp"], p["adv"], p["mask"], cu_seqlens=p["cu"], backend=backend, **kw
+    )
 
 
 LENGTHS = [7, 12, 0, 1, 9, 5, 12, 3]
@@ -136,8 +143,9 @@ def test_matches_spec_oracle_padded_and_packed(backend, K):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
     assert (got[~batch["mask"]] == 0).all()
     got_p = run_packed(batch, backend, iters=K)
-    torch.testing.assert_close(got_p, padded_to_packed(got, cu_seqlens_from_lengths(batch["lengths"])),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        got_p, padded_to_packed(got, cu_seqlens_from_lengths(batch["lengths"])), atol=1e-6, rtol=1e-6
+    )
     # the coefficients are not trivial: they spread around 1 within [lam_min, lam_max] / mean(c)
     v = got[batch["mask"]]
     assert v.std() > 1e-3 and v.min() > 0.5 and v.max() < 1.6
@@ -176,9 +184,11 @@ def test_invariances(backend):
     base = run_op(batch, backend)
     valid = batch["mask"]
     assert abs(float(base[valid].mean()) - 1.0) < 1e-6
-    for transformed in (dict(batch, adv=batch["adv"] * 3.7),
-                        dict(batch, adv=-batch["adv"]),
-                        dict(batch, hidden=batch["hidden"] * 2.5)):
+    for transformed in (
+        dict(batch, adv=batch["adv"] * 3.7),
+        dict(batch, adv=-batch["adv"]),
+        dict(batch, hidden=batch["hidden"] * 2.5),
+    ):
         torch.testing.assert_close(run_op(transformed, backend), base, atol=1e-5, rtol=1e-5)
     ones = run_op(batch, backend, lam_min=1.1, lam_max=1.1)
     assert torch.equal(ones, valid.float())
@@ -189,8 +199,9 @@ advs_st = st.lists(st.sampled_from([-2.0, -1.0, -0.3, 0.0, 0.5, 1.0, 1.7]), min_
 
 
 @HYP
-@given(lengths=lengths_st, advs=advs_st, seed=st.integers(0, 2**16), K=st.integers(0, 2),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    lengths=lengths_st, advs=advs_st, seed=st.integers(0, 2**16), K=st.integers(0, 2), backend=st.sampled_from(BACKENDS)
+)
 def test_property_mean_one_and_sign_flip(lengths, advs, seed, K, backend):
     adv = torch.tensor(advs[: len(lengths)])
     batch = make_batch(lengths, seed=seed, adv=adv)
@@ -266,8 +277,9 @@ def test_sweeps_match_reference(dtype):
         got = kdelta.rowdot3(h, mu, valid, with_norm=True, **kw)
         torch.testing.assert_close(got.double(), want_rows, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(kdelta.rowdot3(h, mu, valid, **kw), got[:, :2])
-        torch.testing.assert_close(rdelta.rowdot3(h, mu, valid, with_norm=True).double(), want_rows,
-                                   atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            rdelta.rowdot3(h, mu, valid, with_norm=True).double(), want_rows, atol=1e-4, rtol=1e-5
+        )
         for splits in (1, 3, None):
             got = kdelta.colsum2(h, w, valid, splits=splits, **kw)
             torch.testing.assert_close(got.double(), want_cols, atol=1e-4, rtol=1e-5)
@@ -338,8 +350,13 @@ def _union(pieces):
     """Concatenate packed pieces into one packed batch."""
     cat = lambda k: torch.cat([p[k] for p in pieces])  # noqa: E731
     lens = torch.cat([p["cu"].diff() for p in pieces])
-    return dict(hidden=cat("hidden"), old_logp=cat("old_logp"), adv=cat("adv"), mask=cat("mask"),
-                cu=cu_seqlens_from_lengths(lens))
+    return dict(
+        hidden=cat("hidden"),
+        old_logp=cat("old_logp"),
+        adv=cat("adv"),
+        mask=cat("mask"),
+        cu=cu_seqlens_from_lengths(lens),
+    )
 
 
 def _one_shot(u, **kw):
@@ -428,8 +445,7 @@ def test_streaming_all_reduce_two_ranks_equals_union(rank1_empty):
 
     def rank_main(r):
         try:
-            est = rk.DeltaEstimator(iters=1, all_reduce=group.hook(r), backend="torch", hidden_size=H,
-                                    device="cpu")
+            est = rk.DeltaEstimator(iters=1, all_reduce=group.hook(r), backend="torch", hidden_size=H, device="cpu")
             results[r] = _stream(est, shards[r], explicit_finish=False)
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -551,8 +567,9 @@ def test_loss_end_to_end(fused):
     h_old = x + 0.05 * torch.randn(B, T, Hh, generator=gen)  # theta_old's hidden states
     coef = rk.delta_coefficients(h_old, old, adv, mask)
     assert abs(float(coef[mask].mean()) - 1) < 1e-6
-    kw = dict(loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=0.28, dual_clip=10.0, log_ratio_clip=20.0,
-              fused=fused)
+    kw = dict(
+        loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=0.28, dual_clip=10.0, log_ratio_clip=20.0, fused=fused
+    )
 
     def run(module, advantages, **extra):
         xx, ww = x.clone().requires_grad_(), W.clone().requires_grad_()

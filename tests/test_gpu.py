@@ -1,4 +1,5 @@
 """GPU checks (marker ``gpu``; skipped without CUDA): the compiled Triton kernels at a realistic bf16 shape."""
+
 from __future__ import annotations
 
 import pytest
@@ -140,8 +141,9 @@ def test_minus_inf_logits_at_block_starts(dtype):
     for splits in (None, 8, 64):
         lse, e, zt = K.merge_split_stats(*K.linear_stats_forward(x, w, b, t, 1.0, n_splits=splits))
         z_lin = x.float() @ w.float().T + b
-        torch.testing.assert_close(zt - lse, torch.log_softmax(z_lin, -1).gather(1, t[:, None])[:, 0],
-                                   atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(
+            zt - lse, torch.log_softmax(z_lin, -1).gather(1, t[:, None])[:, 0], atol=2e-3, rtol=1e-3
+        )
         assert torch.isfinite(e).all()
     lp, ent = fused_linear_logprobs(x, w, t, bias=b)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
@@ -205,8 +207,14 @@ def _token_batch(B, T, seed, device=DEV):
 def test_token_ops_many_rows_and_long_rows(B, T):
     """More rows than 65535 (the grid is capped, programs loop over rows) and rows longer than 65535 tokens
     (programs loop over blocks): the Triton token ops equal the torch reference on the same GPU."""
-    from rlvr_kernels import (cppo_mask, d3s_token_mask, entropy_shaped_advantages, forking_token_mask,
-                              tp_schedule_mask, trajectory_percentile)
+    from rlvr_kernels import (
+        cppo_mask,
+        d3s_token_mask,
+        entropy_shaped_advantages,
+        forking_token_mask,
+        tp_schedule_mask,
+        trajectory_percentile,
+    )
 
     mask, ent, adv, logp, logp_mu = _token_batch(B, T, seed=8)
     both = lambda fn, *a, **k: (fn(*a, backend="triton", **k), fn(*a, backend="torch", **k))  # noqa: E731
@@ -240,8 +248,9 @@ def test_delta_sweeps_many_row_blocks():
     mu = torch.randn(2, h, device=DEV, generator=gen)
     wts = torch.randn(n, 2, device=DEV, generator=gen)
     valid = torch.rand(n, device=DEV, generator=gen) < 0.9
-    torch.testing.assert_close(kd.rowdot3(hs, mu, valid, with_norm=True), rd.rowdot3(hs, mu, valid, with_norm=True),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        kd.rowdot3(hs, mu, valid, with_norm=True), rd.rowdot3(hs, mu, valid, with_norm=True), atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(kd.colsum2(hs, wts, valid), rd.colsum2(hs, wts, valid), atol=1e-2, rtol=1e-4)
 
 
@@ -282,8 +291,7 @@ def test_rlvr_loss_bf16_autocast_nan_padding_on_gpu(fused):
         ww = w.clone().requires_grad_()
         ii = torch.where(pad, -1, ids) if poison != 0.0 else ids
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = RLVRLoss(beta=0.0, loss_type="dapo", fused=fused)(xx, ww, ii, mask, adv,
-                                                                         old_per_token_logps=old)
+            loss, _ = RLVRLoss(beta=0.0, loss_type="dapo", fused=fused)(xx, ww, ii, mask, adv, old_per_token_logps=old)
         loss.backward()
         out.append((loss.detach(), xx.grad, ww.grad))
     (l0, gx0, gw0), (l1, gx1, gw1) = out

@@ -13,6 +13,7 @@ A tiny randomly initialised Qwen2 causal LM, a word-level tokenizer, a toy promp
 - the ZeRO-3 form of the head (regathered in the backward) gives the same gradients as the direct one;
 - bad configurations fail with clear errors.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,6 @@ from _trl_common import BASE, WORDS, dataset, delta_oracle_inputs, even_words, s
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer, linear_logprobs  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Qwen2 saved locally: TRL builds the reference model from the policy's name_or_path."""
@@ -37,8 +37,13 @@ def model_dir(tmp_path_factory):
 
 def train(trainer_cls, config_cls, tmp_path, model_dir, **kw):
     args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **{**BASE, **kw})
-    trainer = trainer_cls(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
-                          processing_class=tokenizer())
+    trainer = trainer_cls(
+        model=tiny_model(model_dir),
+        reward_funcs=even_words,
+        args=args,
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logs) == args.max_steps
@@ -72,11 +77,24 @@ NEUTRAL = {
     # forking that keeps every token: the RLVRLoss path with TRL's dapo normaliser over an accumulation window
     # (and TRL's static entropy bonus, a token mean over the kept tokens / GA)
     # and a generation batch spanning two optimizer steps (TRL rescales num_items_in_batch by GA / spg)
-    "forking_all_dapo_ga2_spg4": dict(loss_type="dapo", gradient_accumulation_steps=2, steps_per_generation=4,
-                                      credit="forking", credit_rho=1.0, entropy_coef=0.05),
+    "forking_all_dapo_ga2_spg4": dict(
+        loss_type="dapo",
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        credit="forking",
+        credit_rho=1.0,
+        entropy_coef=0.05,
+    ),
     # entropy-shaped advantages with a zero bonus scale: grpo's per-sequence mean, /GA, with a reference model
-    "entropy_adv_zero_grpo": dict(loss_type="grpo", beta=0.04, gradient_accumulation_steps=2, credit="entropy_adv",
-                                  schedule=True, schedule_mode="constant", schedule_start_value=0.0),
+    "entropy_adv_zero_grpo": dict(
+        loss_type="grpo",
+        beta=0.04,
+        gradient_accumulation_steps=2,
+        credit="entropy_adv",
+        schedule=True,
+        schedule_mode="constant",
+        schedule_start_value=0.0,
+    ),
     # DPPO on-policy: every token kept, -A rho has the PPO-clip gradient at rho = 1
     # (the trainer computes the behaviour log-probs TRL skips); loss_type picks the normaliser
     "dppo_onpolicy_bnpo": dict(loss_type="bnpo", trust_region="dppo"),
@@ -179,8 +197,15 @@ def test_token_count_normaliser_counts_kept_tokens(tmp_path, model_dir, monkeypa
         return loss, metrics
 
     monkeypatch.setattr(integ, "rlvr_loss", spy)
-    train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="tp_schedule", schedule_end_frac=1.0,
-          gradient_accumulation_steps=2)
+    train(
+        RLVRGRPOTrainer,
+        RLVRGRPOConfig,
+        tmp_path,
+        model_dir,
+        credit="tp_schedule",
+        schedule_end_frac=1.0,
+        gradient_accumulation_steps=2,
+    )
     assert [c[3] for c in calls] == [1, 1, 2, 2]
     first, second = calls[:2], calls[2:]
     assert first[0][0] == first[1][0] == pytest.approx(first[0][1] + first[1][1])
@@ -197,8 +222,9 @@ def test_regathered_head_matches_direct():
     gl, ge = torch.randn(7, generator=g), torch.randn(7, generator=g)
     grads = []
     for regather in (False, True):
-        lp, ent = linear_logprobs(h, w, b, t, dtype=torch.float32, temperature=0.7, want_entropy=True,
-                                  backend="torch", regather=regather)
+        lp, ent = linear_logprobs(
+            h, w, b, t, dtype=torch.float32, temperature=0.7, want_entropy=True, backend="torch", regather=regather
+        )
         grads.append((lp.detach(), ent.detach()) + torch.autograd.grad((lp * gl).sum() + (ent * ge).sum(), (h, w, b)))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y)
@@ -231,9 +257,17 @@ class OracleTrainer(RLVRGRPOTrainer):
         out = super()._generate_and_score_completions(inputs)
         a = self.args
         h, lp, mask = delta_oracle_inputs(self, out)
-        want = delta_coefficients(h, lp, out["advantages"], mask, iters=a.delta_coef_iters, lam_min=a.delta_coef_lam_min,
-                                  lam_max=a.delta_coef_lam_max, exclude_zero_adv=a.delta_coef_exclude_zero_adv,
-                                  backend="torch")
+        want = delta_coefficients(
+            h,
+            lp,
+            out["advantages"],
+            mask,
+            iters=a.delta_coef_iters,
+            lam_min=a.delta_coef_lam_min,
+            lam_max=a.delta_coef_lam_max,
+            exclude_zero_adv=a.delta_coef_exclude_zero_adv,
+            backend="torch",
+        )
         self.oracle.append((out, want, lp, mask))
         return out
 
@@ -249,8 +283,18 @@ ORACLE = {
     # no cache: each of the K + 3 phases re-runs the backbone (K + 3 = 5 passes, as the official code); TRL computes
     # the old log-probs itself (GA 1 < steps_per_generation 2, one more pass), E spans two optimizer steps
     "streamed_k2_spg2": (dict(delta_coef_cache_bytes=0, delta_coef_iters=2, steps_per_generation=2), 1, 2, 1 + 5),
-    "exclude_zero_adv_grpo": (dict(delta_coef_exclude_zero_adv=True, delta_coef_lam_min=0.5, delta_coef_lam_max=2.0,
-                                   loss_type="grpo", gradient_accumulation_steps=2), 2, 4, 1),
+    "exclude_zero_adv_grpo": (
+        dict(
+            delta_coef_exclude_zero_adv=True,
+            delta_coef_lam_min=0.5,
+            delta_coef_lam_max=2.0,
+            loss_type="grpo",
+            gradient_accumulation_steps=2,
+        ),
+        2,
+        4,
+        1,
+    ),
 }
 
 
@@ -260,8 +304,13 @@ def test_delta_coefficients_match_oracle(tmp_path, model_dir, monkeypatch, name)
     kw, n_generations, n_calls, n_passes = ORACLE[name]
     calls = _capture_loss_inputs(monkeypatch)
     args = cfg(tmp_path, credit="delta", **kw)
-    trainer = OracleTrainer(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
-                            processing_class=tokenizer())
+    trainer = OracleTrainer(
+        model=tiny_model(model_dir),
+        reward_funcs=even_words,
+        args=args,
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
     trainer.oracle, trainer.passes = [], 0
     trainer.train()
     assert len(trainer.oracle) == n_generations
@@ -280,7 +329,7 @@ def test_delta_coefficients_match_oracle(tmp_path, model_dir, monkeypatch, name)
             rows.setdefault(tuple(out["completion_ids"][i].tolist()), []).append(want[i])
     # what reaches the loss: every micro-batch row carries its own row's coefficients through TRL's shuffle/split
     assert len(calls) == n_calls
-    for ids, mask, coef in calls:
+    for ids, _mask, coef in calls:
         assert coef is not None and coef.shape == ids.shape
         for i in range(ids.size(0)):
             cands = rows[tuple(ids[i].tolist())]
@@ -288,12 +337,21 @@ def test_delta_coefficients_match_oracle(tmp_path, model_dir, monkeypatch, name)
 
 
 def test_delta_equal_lams_trains_like_trl(tmp_path, model_dir, monkeypatch):
-    """delta_coef_lam_min == delta_coef_lam_max: every coefficient is 1 and the RLVRLoss path trains exactly like TRL."""
+    """delta_coef_lam_min == delta_coef_lam_max: every coefficient is 1 and the RLVRLoss path trains exactly like
+    TRL."""
     kw = dict(loss_type="dapo", gradient_accumulation_steps=2)
     ref = train(GRPOTrainer, GRPOConfig, tmp_path, model_dir, **kw)
     calls = _capture_loss_inputs(monkeypatch)
-    got = train(RLVRGRPOTrainer, RLVRGRPOConfig, tmp_path, model_dir, credit="delta", delta_coef_lam_min=0.9,
-                delta_coef_lam_max=0.9, **kw)
+    got = train(
+        RLVRGRPOTrainer,
+        RLVRGRPOConfig,
+        tmp_path,
+        model_dir,
+        credit="delta",
+        delta_coef_lam_min=0.9,
+        delta_coef_lam_max=0.9,
+        **kw,
+    )
     assert_same_training(ref, got)
     assert len(calls) == 4
     for _, mask, coef in calls:
@@ -305,29 +363,35 @@ def cfg(tmp_path, **kw):
     return RLVRGRPOConfig(output_dir=str(tmp_path), **{**BASE, **kw})
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(credit="delta", delta_coef_iters=-1), "delta_coef_iters"),
-    (dict(credit="delta", delta_coef_iters=1.5), "delta_coef_iters"),
-    (dict(credit="delta", delta_coef_lam_min=0.0), "delta_coef_lam_min must be a finite number > 0"),
-    (dict(credit="delta", delta_coef_lam_min=1.2, delta_coef_lam_max=0.8), "delta_coef_lam_max must be a finite number >= "),
-    (dict(credit="delta", delta_coef_lam_max=float("inf")), "delta_coef_lam_max"),
-    (dict(credit="delta", delta_coef_exclude_zero_adv="yes"), "delta_coef_exclude_zero_adv must be a bool"),
-    (dict(credit="delta", delta_coef_cache_bytes=-1), "delta_coef_cache_bytes"),
-    (dict(credit="delta", top_entropy_quantile=0.2), "top_entropy_quantile"),
-    (dict(credit="nope"), "credit must be one of"),
-    (dict(trust_region="ppo"), "trust_region must be one of"),
-    (dict(trust_region="dppo", loss_type="sapo"), "loss_type then only picks the normaliser"),
-    (dict(trust_region="dppo", importance_sampling_level="sequence"), "importance_sampling_level"),
-    (dict(trust_region="dppo", delta=2.0), "delta"),
-    (dict(credit="tp_schedule", schedule=False), "schedule cannot be False"),
-    (dict(credit="forking", credit_rho=1.5), "credit_rho"),
-    (dict(credit="delta", schedule=True), "schedule=True applies"),
-    (dict(credit="forking", top_entropy_quantile=0.2), "top_entropy_quantile"),
-    (dict(credit="forking", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(credit="tp_schedule", schedule_begin_frac=0.9, schedule_end_frac=0.5), "schedule"),
-    (dict(credit="tp_schedule", schedule_mode="zigzag"), "schedule"),
-    (dict(ratio_cap=10.0), "ratio_cap"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(credit="delta", delta_coef_iters=-1), "delta_coef_iters"),
+        (dict(credit="delta", delta_coef_iters=1.5), "delta_coef_iters"),
+        (dict(credit="delta", delta_coef_lam_min=0.0), "delta_coef_lam_min must be a finite number > 0"),
+        (
+            dict(credit="delta", delta_coef_lam_min=1.2, delta_coef_lam_max=0.8),
+            "delta_coef_lam_max must be a finite number >= ",
+        ),
+        (dict(credit="delta", delta_coef_lam_max=float("inf")), "delta_coef_lam_max"),
+        (dict(credit="delta", delta_coef_exclude_zero_adv="yes"), "delta_coef_exclude_zero_adv must be a bool"),
+        (dict(credit="delta", delta_coef_cache_bytes=-1), "delta_coef_cache_bytes"),
+        (dict(credit="delta", top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(credit="nope"), "credit must be one of"),
+        (dict(trust_region="ppo"), "trust_region must be one of"),
+        (dict(trust_region="dppo", loss_type="sapo"), "loss_type then only picks the normaliser"),
+        (dict(trust_region="dppo", importance_sampling_level="sequence"), "importance_sampling_level"),
+        (dict(trust_region="dppo", delta=2.0), "delta"),
+        (dict(credit="tp_schedule", schedule=False), "schedule cannot be False"),
+        (dict(credit="forking", credit_rho=1.5), "credit_rho"),
+        (dict(credit="delta", schedule=True), "schedule=True applies"),
+        (dict(credit="forking", top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(credit="forking", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+        (dict(credit="tp_schedule", schedule_begin_frac=0.9, schedule_end_frac=0.5), "schedule"),
+        (dict(credit="tp_schedule", schedule_mode="zigzag"), "schedule"),
+        (dict(ratio_cap=10.0), "ratio_cap"),
+    ],
+)
 def test_bad_configs(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         cfg(tmp_path, **kw)
@@ -345,7 +409,12 @@ def test_defaults_leave_trl_unchanged(tmp_path):
 def test_schedule_must_fit_the_run(tmp_path, model_dir):
     # end * max_steps = int(0.8 * 1) = 0 = k_min: the schedule has no room, a clear error at the first step
     args = cfg(tmp_path, credit="tp_schedule", max_steps=1)
-    trainer = RLVRGRPOTrainer(model=tiny_model(model_dir), reward_funcs=even_words, args=args, train_dataset=dataset(),
-                              processing_class=tokenizer())
+    trainer = RLVRGRPOTrainer(
+        model=tiny_model(model_dir),
+        reward_funcs=even_words,
+        args=args,
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+    )
     with pytest.raises(ValueError, match="planned 1 optimizer steps"):
         trainer.train()

@@ -10,6 +10,7 @@
   ``vanilla`` on the masks / advantages that the package's public ops produce;
 - the fused forward patch returns ``log_probs`` / ``entropy`` equal to a plain log_softmax of the model's logits.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,10 +51,14 @@ def actor_config(loss_mode="rlvr_clip", loss_agg_mode="token-mean", rlvr=None, *
     """A real verl FSDPActorConfig (what the workers build), with our policy-loss config subclass."""
     kw.setdefault("clip_ratio_low", 0.2)
     kw.setdefault("clip_ratio_high", 0.28)
-    pl = rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {})) if loss_mode.startswith("rlvr_") \
-        else PolicyLossConfig(loss_mode=loss_mode)  # verl's own losses, for parity
-    return FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=loss_agg_mode,
-                           policy_loss=pl, **kw)
+    pl = (
+        rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {}))
+        if loss_mode.startswith("rlvr_")
+        else PolicyLossConfig(loss_mode=loss_mode)
+    )  # verl's own losses, for parity
+    return FSDPActorConfig(
+        strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=loss_agg_mode, policy_loss=pl, **kw
+    )
 
 
 def batch(seed=0, B=5, T=11, lens=(11, 6, 1, 9, 4), noise=0.6):
@@ -75,8 +80,15 @@ def metric(metrics, key):
 
 def run(name, old, lp, adv, mask, mode, cfg, isw=None):
     x = lp.detach().clone().requires_grad_()
-    loss, metrics = get_policy_loss_fn(name)(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
-                                             loss_agg_mode=mode, config=cfg, rollout_is_weights=isw)
+    loss, metrics = get_policy_loss_fn(name)(
+        old_log_prob=old,
+        log_prob=x,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=mode,
+        config=cfg,
+        rollout_is_weights=isw,
+    )
     loss.backward()
     return loss.detach(), x.grad, metrics
 
@@ -86,8 +98,19 @@ def run(name, old, lp, adv, mask, mode, cfg, isw=None):
 
 
 def test_registry_names_resolve_to_our_functions():
-    expected = {"rlvr_clip", "rlvr_dppo", "rlvr_cispo", "rlvr_cppo", "rlvr_tp_schedule", "rlvr_forking",
-                "rlvr_entropy_adv", "rlvr_d3s", "rlvr_delta", "rlvr_tp_schedule_cppo", "rlvr_forking_dppo"}
+    expected = {
+        "rlvr_clip",
+        "rlvr_dppo",
+        "rlvr_cispo",
+        "rlvr_cppo",
+        "rlvr_tp_schedule",
+        "rlvr_forking",
+        "rlvr_entropy_adv",
+        "rlvr_d3s",
+        "rlvr_delta",
+        "rlvr_tp_schedule_cppo",
+        "rlvr_forking_dppo",
+    }
     assert expected <= set(rv.LOSS_NAMES)
     for name in rv.LOSS_NAMES:
         fn = get_policy_loss_fn(name)
@@ -135,15 +158,23 @@ def test_delta_overrides_compose_with_hydra():
     from hydra import compose, initialize_config_dir
     from verl.utils.config import omega_conf_to_dataclass
 
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer/config"),
-                               version_base=None):
-        cfg = compose("ppo_trainer", overrides=DELTA_OVERRIDES + [
-            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer/config"), version_base=None
+    ):
+        cfg = compose(
+            "ppo_trainer", overrides=DELTA_OVERRIDES + ["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"]
+        )
     ac = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     assert isinstance(ac.policy_loss, rv.RLVRPolicyLossConfig) and ac.policy_loss.loss_mode == "rlvr_delta"
     o = vo.options_of(ac)
-    assert (o.delta_coef_iters, o.delta_coef_lam_min, o.delta_coef_lam_max, o.delta_coef_exclude_zero_adv,
-            o.delta_coef_all_reduce, o.delta_coef_hidden_cache) == (2, 0.7, 1.3, True, False, "cpu")
+    assert (
+        o.delta_coef_iters,
+        o.delta_coef_lam_min,
+        o.delta_coef_lam_max,
+        o.delta_coef_exclude_zero_adv,
+        o.delta_coef_all_reduce,
+        o.delta_coef_hidden_cache,
+    ) == (2, 0.7, 1.3, True, False, "cpu")
 
 
 def test_bad_options_and_inputs():
@@ -152,8 +183,9 @@ def test_bad_options_and_inputs():
     with pytest.raises(ValueError, match="anchor"):
         rv.RLVRPolicyLossConfig(loss_mode="rlvr_dppo", rlvr={"anchor": "ref"})
     with pytest.raises(ValueError, match="schedule options"):  # TemporalSchedule's own checks, at config time
-        rv.RLVRPolicyLossConfig(loss_mode="rlvr_tp_schedule",
-                                rlvr={"schedule_begin_frac": 0.9, "schedule_end_frac": 0.5})
+        rv.RLVRPolicyLossConfig(
+            loss_mode="rlvr_tp_schedule", rlvr={"schedule_begin_frac": 0.9, "schedule_end_frac": 0.5}
+        )
     rv.set_training_step(3, total_steps=10)
     with pytest.raises(ValueError, match="schedule=true applies"):
         o, l_, a_, m_, _ = batch()
@@ -172,11 +204,16 @@ def test_bad_options_and_inputs():
 
 def test_renamed_options_name_the_new_key():
     """The options renamed in the catalogue (methods.RENAMED_OPTIONS): the old key is a ValueError naming the new."""
-    for old, new in (("schedule_begin", "schedule_begin_frac"), ("schedule_end", "schedule_end_frac"),
-                     ("delta_iters", "delta_coef_iters"), ("delta_lam_min", "delta_coef_lam_min"),
-                     ("delta_lam_max", "delta_coef_lam_max"),
-                     ("delta_exclude_zero_adv", "delta_coef_exclude_zero_adv"),
-                     ("delta_all_reduce", "delta_coef_all_reduce"), ("delta_hidden_cache", "delta_coef_hidden_cache")):
+    for old, new in (
+        ("schedule_begin", "schedule_begin_frac"),
+        ("schedule_end", "schedule_end_frac"),
+        ("delta_iters", "delta_coef_iters"),
+        ("delta_lam_min", "delta_coef_lam_min"),
+        ("delta_lam_max", "delta_coef_lam_max"),
+        ("delta_exclude_zero_adv", "delta_coef_exclude_zero_adv"),
+        ("delta_all_reduce", "delta_coef_all_reduce"),
+        ("delta_hidden_cache", "delta_coef_hidden_cache"),
+    ):
         with pytest.raises(ValueError, match=rf"policy_loss\.rlvr\.{old} was renamed to policy_loss\.rlvr\.{new}\b"):
             rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr={old: 1})
 
@@ -251,9 +288,16 @@ def _micro_batch(old, lp, adv, mask, P=3, seed=0):
     prompt_mask = torch.arange(P)[None, :] >= (P - plen)[:, None]
     attn = torch.cat([prompt_mask, mask], 1).long()
     data = tu.get_tensordict(
-        {"prompts": torch.randint(0, 50, (B, P), generator=g), "responses": torch.randint(0, 50, (B, R), generator=g),
-         "attention_mask": attn, "response_mask": mask.long(), "old_log_probs": old, "advantages": adv},
-        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": B})
+        {
+            "prompts": torch.randint(0, 50, (B, P), generator=g),
+            "responses": torch.randint(0, 50, (B, R), generator=g),
+            "attention_mask": attn,
+            "response_mask": mask.long(),
+            "old_log_probs": old,
+            "advantages": adv,
+        },
+        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": B},
+    )
     return data, plen
 
 
@@ -330,7 +374,8 @@ def test_schedule_options_and_total_steps_sources():
     cfg3 = actor_config("rlvr_tp_schedule", loss_agg_mode="seq-mean-token-sum", rlvr={**opts, "total_steps": 20})
     _, _, met3 = run("rlvr_tp_schedule", old, lp, adv, mask, "seq-mean-token-sum", cfg3)
     assert met3["rlvr/schedule_value"] == pytest.approx(
-        TemporalSchedule("gamma", start_value=0.9, end=0.5, total_steps=20)(7))
+        TemporalSchedule("gamma", start_value=0.9, end=0.5, total_steps=20)(7)
+    )
 
 
 def test_schedule_without_a_step_is_a_clear_error():
@@ -390,7 +435,7 @@ def test_worker_hook_cuts_the_batch_before_verl_counts_tokens():
 
     def make_output(sl, mb):
         idx = range(*sl.indices(len(plen)))
-        return {"log_probs": torch.cat([packed[offsets[i]:offsets[i + 1]] for i in idx])}
+        return {"log_probs": torch.cat([packed[offsets[i] : offsets[i + 1]] for i in idx])}
 
     worker = _FakeTrainingWorker(cfg, make_output)
     orig_loss_fn = worker.loss_fn
@@ -400,8 +445,9 @@ def test_worker_hook_cuts_the_batch_before_verl_counts_tokens():
     torch.testing.assert_close(data["response_mask"].bool(), keep)
     torch.testing.assert_close(data["loss_mask"].bool(), keep)
     assert len(worker.seen) == 2
-    assert all(metric(m, "rlvr/schedule_value") == pytest.approx(q) and metric(m, "rlvr/step") == k
-               for m in worker.seen)
+    assert all(
+        metric(m, "rlvr/schedule_value") == pytest.approx(q) and metric(m, "rlvr/step") == k for m in worker.seen
+    )
     # oracle: verl's vanilla on the cut mask, normalised by the cut mask's token count
     cv = actor_config("vanilla", loss_agg_mode="token-mean")
     cv.global_batch_info.update(batch_num_tokens=int(keep.sum()))
@@ -422,7 +468,7 @@ def test_worker_hook_lr_scheduler_fallback_and_passthrough():
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), (plen + mask.sum(-1)).cumsum(0)])
 
     def make_output(sl, mb):
-        return {"log_probs": torch.cat([packed[offsets[i]:offsets[i + 1]] for i in range(*sl.indices(5))])}
+        return {"log_probs": torch.cat([packed[offsets[i] : offsets[i + 1]] for i in range(*sl.indices(5))])}
 
     worker = _FakeTrainingWorker(cfg, make_output, updates=9)  # nine updates done: this is step 10
     vh.wrap_train_mini_batch(_FakeTrainingWorker.train_mini_batch)(worker, data)
@@ -455,7 +501,7 @@ def test_tp_cut_on_v1_nested_layout():
         torch.testing.assert_close(got.to_padded_tensor(0)[:, :8].bool(), want)
 
 
-_E2E_PRELUDE = r'''
+_E2E_PRELUDE = r"""
 import contextlib, copy, functools, json, os, sys, tempfile, types
 import torch
 
@@ -482,9 +528,11 @@ for _target in ("verl.workers.engine_workers", "verl.trainer.ppo.ray_trainer"):
             sys.modules[e.name] = _Stub(e.name)
             for m in [m for m in sys.modules if m.startswith("verl.") and sys.modules[m] is None]:
                 del sys.modules[m]
-'''
+"""
 
-_E2E = _E2E_PRELUDE + r'''
+_E2E = (
+    _E2E_PRELUDE
+    + r"""
 from omegaconf import OmegaConf
 from verl import DataProto
 from verl.single_controller.base.decorator import MAGIC_ATTR
@@ -603,7 +651,8 @@ for k, T in ((5, 50), (30, 50)):
     results[k] = {"q": q, "active": int(keep.sum()), "loss": float(total)}
 assert results[5]["active"] < results[30]["active"] < int(rmask.sum())
 print("RESULT", json.dumps({"results": results, "stubbed": STUBBED}))
-'''
+"""
+)
 
 
 def _run_e2e_script(path, source: str) -> dict:
@@ -616,7 +665,7 @@ def _run_e2e_script(path, source: str) -> dict:
     proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_end_to_end_through_real_verl_trainer_and_worker(tmp_path):
@@ -629,7 +678,9 @@ def test_end_to_end_through_real_verl_trainer_and_worker(tmp_path):
     assert res["5"]["q"] > res["30"]["q"] and res["5"]["active"] < res["30"]["active"]
 
 
-_E2E_DELTA = _E2E_PRELUDE + r'''
+_E2E_DELTA = (
+    _E2E_PRELUDE
+    + r'''
 import transformers
 from omegaconf import OmegaConf
 from verl import DataProto
@@ -800,6 +851,7 @@ given = run("rlvr_delta", extra={rv.DELTA_COEF_KEY: user})
 assert given["forwards"] == 0 and torch.equal(given["coef"][rmask], user[rmask])
 print("RESULT", json.dumps(out))
 '''
+)
 
 
 def test_delta_coefficients_computed_inside_real_verl_update(tmp_path):
@@ -838,7 +890,10 @@ def test_trainer_hook_ships_the_step_to_the_worker():
     Trainer()._update_actor(dp)
     td = dp.to_tensordict()  # what verl sends to update_actor (legacy trainer)
     assert vh.step_from_worker(types.SimpleNamespace(engine=None), td) == {
-        "step": 12, "total_steps": 345, "source": "trainer"}
+        "step": 12,
+        "total_steps": 345,
+        "source": "trainer",
+    }
     kv = types.SimpleNamespace(extra_info={"temperature": 1.0})  # v1 trainer's KVBatchMeta
     Trainer()._update_actor(kv, metrics={})
     assert kv.extra_info[rv.STEP_KEY] == 12 and kv.extra_info[rv.TOTAL_STEPS_KEY] == 345
@@ -881,7 +936,8 @@ def test_forking_reads_entropy_from_verl_model_output():
     out = {"log_probs": _pack(x, mask, plen), "entropy": _pack(ent, mask, plen, fill_seed=3)}
     worker = _FakeTrainingWorker(cfg, lambda sl, mb: None)
     worker.train_mini_batch = types.MethodType(
-        lambda self, d: self.loss_fn(model_output=out, data=d, dp_group=None), worker)
+        lambda self, d: self.loss_fn(model_output=out, data=d, dp_group=None), worker
+    )
     loss, met = vh.wrap_train_mini_batch(lambda self, d: self.train_mini_batch(d))(worker, data)
     loss.backward()
     keep = forking_token_mask(ent, mask, 0.3)
@@ -933,13 +989,16 @@ def test_delta_coefficients_scale_the_advantage():
 def test_delta_worker_options_precedence_and_layouts():
     """The worker-side DelTA pass: option checks at config time, the explicit routes win (nothing is computed),
     clear errors for missing fields / unsupported engines, and the v1 trainer's jagged field layout."""
-    for bad, match in [({"delta_coef_iters": -1}, "delta_coef_iters"), ({"delta_coef_iters": True}, "delta_coef_iters"),
-                       ({"delta_coef_lam_min": 0.0}, "delta_coef_lam_min"),
-                       ({"delta_coef_lam_max": 0.5}, "delta_coef_lam_max"),
-                       ({"delta_coef_lam_min": float("nan")}, "delta_coef_lam_min"),
-                       ({"delta_coef_exclude_zero_adv": "yes"}, "delta_coef_exclude_zero_adv"),
-                       ({"delta_coef_all_reduce": 1}, "delta_coef_all_reduce"),
-                       ({"delta_coef_hidden_cache": "gpu"}, "cache")]:
+    for bad, match in [
+        ({"delta_coef_iters": -1}, "delta_coef_iters"),
+        ({"delta_coef_iters": True}, "delta_coef_iters"),
+        ({"delta_coef_lam_min": 0.0}, "delta_coef_lam_min"),
+        ({"delta_coef_lam_max": 0.5}, "delta_coef_lam_max"),
+        ({"delta_coef_lam_min": float("nan")}, "delta_coef_lam_min"),
+        ({"delta_coef_exclude_zero_adv": "yes"}, "delta_coef_exclude_zero_adv"),
+        ({"delta_coef_all_reduce": 1}, "delta_coef_all_reduce"),
+        ({"delta_coef_hidden_cache": "gpu"}, "cache"),
+    ]:
         with pytest.raises(ValueError, match=match):
             rv.RLVRPolicyLossConfig(loss_mode="rlvr_delta", rlvr=bad)
     old, lp, adv, mask, _ = batch(seed=11)
@@ -959,9 +1018,13 @@ def test_delta_worker_options_precedence_and_layouts():
     # lam_min == lam_max needs no forward; the v1 trainer's fields are jagged over the responses: same layout out
     lens = [5, 1, 3]
     nested = lambda rows: torch.nested.as_nested_tensor(rows, layout=torch.jagged)  # noqa: E731
-    td = tu.get_tensordict({"response_mask": nested([torch.ones(n, dtype=torch.int64) for n in lens]),
-                            "advantages": nested([torch.full((n,), 0.5) for n in lens]),
-                            "old_log_probs": nested([-torch.ones(n) for n in lens])})
+    td = tu.get_tensordict(
+        {
+            "response_mask": nested([torch.ones(n, dtype=torch.int64) for n in lens]),
+            "advantages": nested([torch.full((n,), 0.5) for n in lens]),
+            "old_log_probs": nested([-torch.ones(n) for n in lens]),
+        }
+    )
     ones = actor_config("rlvr_delta", rlvr={"delta_coef_lam_min": 1.1, "delta_coef_lam_max": 1.1})
     assert vdw.delta_for_update(no_engine, td, ones, {}) == "computed"
     c = td[rv.DELTA_COEF_KEY]
@@ -974,8 +1037,9 @@ def test_cppo_wiring():
     old, lp, adv, mask, _ = batch(seed=12, noise=1.0)
     # a delta no divergence can reach keeps every token: then CPPO is verl's dppo_tv with no mask
     lo, go, _ = run("rlvr_cppo", old, lp, adv, mask, "token-mean", actor_config("rlvr_cppo", clip_ratio_high=50.0))
-    lv, gv, _ = run("dppo_tv", old, lp, adv, mask, "token-mean",
-                    actor_config("dppo_tv", clip_ratio_low=2.0, clip_ratio_high=2.0))
+    lv, gv, _ = run(
+        "dppo_tv", old, lp, adv, mask, "token-mean", actor_config("dppo_tv", clip_ratio_low=2.0, clip_ratio_high=2.0)
+    )
     torch.testing.assert_close(lo, lv)
     torch.testing.assert_close(go, gv)
     _, _, met = run("rlvr_cppo", old, lp, adv, mask, "token-mean", actor_config("rlvr_cppo", clip_ratio_high=0.05))
@@ -990,8 +1054,15 @@ def test_cppo_wiring():
 def tiny_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():  # a non-trivial head: random init gives nearly uniform logits
         model.lm_head.weight.mul_(40.0)

@@ -3,6 +3,7 @@
 The oracle below materialises the full float64 logits: it is written here, independently of the package.
 Triton cases run under TRITON_INTERPRET=1 on CPU (see conftest.py), so their shapes stay small.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -237,8 +238,11 @@ def test_empty_batch(backend):
     logp, ent = fused_linear_logprobs(x, w, torch.zeros(0, dtype=torch.long), backend=backend)
     assert logp.shape == (0,) and ent.shape == (0,)
     logp, ent, g = fused_linear_logprobs(
-        x.reshape(2, 0, 8), w, torch.zeros(2, 0, dtype=torch.long),
-        gather_ids=torch.zeros(2, 0, 3, dtype=torch.long), backend=backend,
+        x.reshape(2, 0, 8),
+        w,
+        torch.zeros(2, 0, dtype=torch.long),
+        gather_ids=torch.zeros(2, 0, 3, dtype=torch.long),
+        backend=backend,
     )
     assert logp.shape == (2, 0) and g.shape == (2, 0, 3)
     lp, en = logprobs_from_logits(torch.randn(0, 7), torch.zeros(0, dtype=torch.long), backend=backend)
@@ -509,8 +513,9 @@ def test_linear_minus_inf_bias_over_whole_tiles_and_splits(backend):
         from rlvr_kernels.kernels import logprobs as K
 
         for splits in (1, 3, 11):
-            lse, e, zt = K.merge_split_stats(*K.linear_stats_forward(x.float(), w.float(), b.float(), t, 1.0,
-                                                                     n_splits=splits))
+            lse, e, zt = K.merge_split_stats(
+                *K.linear_stats_forward(x.float(), w.float(), b.float(), t, 1.0, n_splits=splits)
+            )
             assert torch.isfinite(e).all()
             torch.testing.assert_close((zt - lse).double(), lp_o.detach(), atol=2e-5, rtol=1e-4)
 
@@ -527,8 +532,9 @@ def test_strided_targets_and_bias(backend):
     torch.testing.assert_close(ent.double(), want[1], atol=2e-5, rtol=1e-4)
     z = (x @ w.T).float()
     lp2, _ = logprobs_from_logits(z, ids[:, 2], backend=backend)
-    torch.testing.assert_close(lp2.double(), torch.log_softmax(z.double(), -1).gather(1, ids[:, 2:3])[:, 0],
-                               atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        lp2.double(), torch.log_softmax(z.double(), -1).gather(1, ids[:, 2:3])[:, 0], atol=2e-5, rtol=1e-4
+    )
 
 
 _COMPILE_SCRIPT = r"""

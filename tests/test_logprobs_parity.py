@@ -4,6 +4,7 @@ TRL: ``selective_log_softmax`` + ``entropy_from_logits`` (GRPOTrainer's unfused 
 verl: torch ``FusedLinearForPPO`` (its hidden-state path without Triton); Triton ``linear_cross_entropy`` on GPU.
 Liger: ``LigerFusedLinearScaledCrossEntropyFunction`` (per-token NLL + entropy; the CPU fallback here).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -87,9 +88,7 @@ def test_liger_fused_linear_scaled_cross_entropy(backend):
     t[3] = -100
     ids = torch.tensor([0, 5, 599])
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-    nll, ent, sel = LigerFusedLinearScaledCrossEntropyFunction.apply(
-        xx, ww, t, 0.8, -100, 1, True, ids
-    )
+    nll, ent, sel = LigerFusedLinearScaledCrossEntropyFunction.apply(xx, ww, t, 0.8, -100, 1, True, ids)
     (nll.sum() + 0.5 * ent.float().sum()).backward()
     x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
     logp, ent2, gathered = fused_linear_logprobs(

@@ -1,5 +1,6 @@
 """RLVRLoss: parity with Liger's LigerFusedLinearGRPOLoss (installed from PyPI), fused == composable, credit rules
 composed as specified, bad input. verl parity is in test_loss_peers.py, TRL parity in test_integration_trl.py."""
+
 from __future__ import annotations
 
 import itertools
@@ -19,7 +20,7 @@ def make(seed=0, b=B, t=T, h=H, v=V):
     w = torch.randn(v, h, generator=gen) * 0.5
     ids = torch.randint(0, v, (b, t), generator=gen)
     mask = torch.ones(b, t)
-    mask[0, t - 2:] = 0
+    mask[0, t - 2 :] = 0
     if b > 2:
         mask[2, 3:] = 0
     adv = torch.randn(b, generator=gen)
@@ -56,15 +57,26 @@ def test_parity_with_liger(case, fused):
     lt, lvl, beta = case
     x, w, ids, mask, adv, old, ref = make()
     bias = torch.randn(V) * 0.1
-    kw = dict(beta=beta, loss_type=lt, importance_sampling_level=lvl, temperature=0.8, max_completion_length=10,
-              epsilon_high=2.0 if lt == "cispo" else 0.28, delta=1.5 if lt == "dapo" else None)
+    kw = dict(
+        beta=beta,
+        loss_type=lt,
+        importance_sampling_level=lvl,
+        temperature=0.8,
+        max_completion_length=10,
+        epsilon_high=2.0 if lt == "cispo" else 0.28,
+        delta=1.5 if lt == "dapo" else None,
+    )
     liger = LigerFusedLinearGRPOLoss(compiled=False, **kw)
     ours = RLVRLoss(compiled=False, fused=fused, backend="torch", **kw)
     isr = torch.rand(B, T) * 0.5 + 0.75
     if lt == "luspo":  # Liger's token-level luspo also sums padded positions (TRL masks them): use [B, 1] ratios
         isr = isr[:, :1]
-    inputs = dict(ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=isr,
-                  num_items_in_batch=torch.tensor(40.0) if lt in ("dapo", "cispo") else None)
+    inputs = dict(
+        ref_per_token_logps=ref,
+        old_per_token_logps=old,
+        vllm_is_ratio=isr,
+        num_items_in_batch=torch.tensor(40.0) if lt in ("dapo", "cispo") else None,
+    )
     l1, m1, gx1, gw1, gb1, _ = run(liger, x, w, ids, mask, adv, bias=bias, **inputs)
     l2, m2, gx2, gw2, gb2, named = run(ours, x, w, ids, mask, adv, bias=bias, **inputs)
     torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
@@ -87,11 +99,29 @@ def test_parity_with_liger_triton_backend_and_ref_input():
     ref_x = x + 0.05 * torch.randn_like(x)
     ref_w = w + 0.05 * torch.randn_like(w)
     kw = dict(beta=0.1, loss_type="grpo", temperature=1.3)
-    l1, m1, gx1, gw1, _, _ = run(LigerFusedLinearGRPOLoss(compiled=False, **kw), x, w, ids, mask, adv,
-                                 old_per_token_logps=old, ref_input=ref_x, ref_weight=ref_w)
+    l1, m1, gx1, gw1, _, _ = run(
+        LigerFusedLinearGRPOLoss(compiled=False, **kw),
+        x,
+        w,
+        ids,
+        mask,
+        adv,
+        old_per_token_logps=old,
+        ref_input=ref_x,
+        ref_weight=ref_w,
+    )
     for fused in (True, False):
-        l2, m2, gx2, gw2, _, _ = run(RLVRLoss(fused=fused, backend="triton", **kw), x, w, ids, mask, adv,
-                                     old_per_token_logps=old, ref_input=ref_x, ref_weight=ref_w)
+        l2, m2, gx2, gw2, _, _ = run(
+            RLVRLoss(fused=fused, backend="triton", **kw),
+            x,
+            w,
+            ids,
+            mask,
+            adv,
+            old_per_token_logps=old,
+            ref_input=ref_x,
+            ref_weight=ref_w,
+        )
         torch.testing.assert_close(l2, l1, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gx2, gx1, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gw2, gw1, atol=1e-5, rtol=1e-5)
@@ -120,8 +150,7 @@ CONFIGS = [
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_equals_composable(cfg, backend):
     x, w, ids, mask, adv, old, ref = make(2)
-    kw = dict(ref_per_token_logps=ref, old_per_token_logps=old, step=4,
-              delta_coefficients=torch.rand(B, T) + 0.5)
+    kw = dict(ref_per_token_logps=ref, old_per_token_logps=old, step=4, delta_coefficients=torch.rand(B, T) + 0.5)
     outs = []
     for fused in (True, False):
         outs.append(run(RLVRLoss(fused=fused, backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw))
@@ -152,8 +181,9 @@ SEGMENT_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", SEGMENT_CONFIGS,
-                         ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "schedule"))
+@pytest.mark.parametrize(
+    "cfg", SEGMENT_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items() if k != "schedule")
+)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend):
     """When one row's logits exceed the chunk budget, token-local losses keep the fused path and split each row
@@ -161,8 +191,13 @@ def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend
     import rlvr_kernels.loss as L
 
     x, w, ids, mask, adv, old, ref = make(11)
-    kw = dict(ref_per_token_logps=ref, old_per_token_logps=old, step=4, delta_coefficients=torch.rand(B, T) + 0.5,
-              vllm_is_ratio=torch.rand(B, T) * 0.5 + 0.75)
+    kw = dict(
+        ref_per_token_logps=ref,
+        old_per_token_logps=old,
+        step=4,
+        delta_coefficients=torch.rand(B, T) + 0.5,
+        vllm_is_ratio=torch.rand(B, T) * 0.5 + 0.75,
+    )
     want = run(RLVRLoss(fused=False, backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
     budget = 3 * V * 4
     monkeypatch.setattr(L.fused, "FUSED_CHUNK_BYTES_CPU", budget)
@@ -178,7 +213,7 @@ def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend
     got = run(RLVRLoss(fused="auto", backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
     assert L.token_local(L.LossConfig(**cfg))
     assert len(seen) == B * math.ceil(T / 3) and all(c.stop - c.start <= 3 for _, c in seen)
-    (l1, m1, gx1, gw1, _, n1), (l2, m2, gx2, gw2, _, n2) = want, got
+    (l1, _, gx1, gw1, _, n1), (l2, _, gx2, gw2, _, n2) = want, got
     torch.testing.assert_close(l2, l1, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gx2, gx1, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw2, gw1, atol=1e-6, rtol=1e-5)
@@ -190,8 +225,13 @@ def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend
 def test_whole_row_losses_are_not_token_local():
     import rlvr_kernels.loss as L
 
-    for cfg in (dict(importance_sampling_level="sequence"), dict(loss_type="vespo"), dict(loss_type="cppo"),
-                dict(credit="forking"), dict(credit="d3s", d3s_scope="sequence")):
+    for cfg in (
+        dict(importance_sampling_level="sequence"),
+        dict(loss_type="vespo"),
+        dict(loss_type="cppo"),
+        dict(credit="forking"),
+        dict(credit="d3s", d3s_scope="sequence"),
+    ):
         assert not L.token_local(L.LossConfig(**cfg))
 
 
@@ -207,8 +247,9 @@ def test_tp_schedule_is_masked_dapo_over_active_tokens():
     x, w, ids, mask, adv, old, _ = make(3)
     sched = TemporalSchedule(total_steps=10)  # q(3) = 0.99 * (1 - 3/8)
     q = sched(3)
-    loss_fn = RLVRLoss(beta=0.0, loss_type="dapo", epsilon_high=0.28, credit="tp_schedule", schedule=sched,
-                       temperature=0.9)
+    loss_fn = RLVRLoss(
+        beta=0.0, loss_type="dapo", epsilon_high=0.28, credit="tp_schedule", schedule=sched, temperature=0.9
+    )
     l1, _, gx1, gw1, _, named = run(loss_fn, x, w, ids, mask, adv, old_per_token_logps=old, step=3)
     xx, ww = x.double().requires_grad_(), w.double().requires_grad_()
     lp, _ = _manual(xx, ww, ids)
@@ -263,8 +304,18 @@ def test_d3s_batch_scope_uses_composable_path():
 def test_cppo_loss_runs_both_paths():
     pytest.importorskip("rlvr_kernels.cppo")
     x, w, ids, mask, adv, old, _ = make(6)
-    outs = [run(RLVRLoss(beta=0.0, loss_type="cppo", epsilon_high=0.15, fused=f, temperature=0.9),
-                x, w, ids, mask, adv, rollout_per_token_logps=old) for f in (True, False)]
+    outs = [
+        run(
+            RLVRLoss(beta=0.0, loss_type="cppo", epsilon_high=0.15, fused=f, temperature=0.9),
+            x,
+            w,
+            ids,
+            mask,
+            adv,
+            rollout_per_token_logps=old,
+        )
+        for f in (True, False)
+    ]
     torch.testing.assert_close(outs[0][2], outs[1][2], atol=1e-6, rtol=1e-5)
     assert "trust_region/masked_fraction" in outs[0][5].keys()
 
@@ -273,8 +324,16 @@ def test_cppo_loss_runs_both_paths():
 def test_all_zero_mask_gives_zero_loss_and_grads(fused):
     x, w, ids, mask, adv, old, ref = make(7)
     for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
-        l1, m1, gx, gw, _, _ = run(RLVRLoss(loss_type=lt, max_completion_length=8, fused=fused), x, w, ids,
-                                   torch.zeros(B, T), adv, ref_per_token_logps=ref, old_per_token_logps=old)
+        l1, m1, gx, gw, _, _ = run(
+            RLVRLoss(loss_type=lt, max_completion_length=8, fused=fused),
+            x,
+            w,
+            ids,
+            torch.zeros(B, T),
+            adv,
+            ref_per_token_logps=ref,
+            old_per_token_logps=old,
+        )
         assert l1.item() == 0.0 and torch.count_nonzero(gx) == 0 and torch.count_nonzero(gw) == 0
         assert all(torch.isfinite(m) for m in m1)
 

@@ -5,6 +5,7 @@ plain Python loop over the spec's definition (tp-schedule.md section 3, schedule
 and aggregates as the loss type says (dapo: token sum over the active-token count). Loss and gradients w.r.t. the
 hidden states and the lm_head must match on both paths (fused and composable) and both backends.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,13 +64,21 @@ def dapo_tokens(lp, old, A, eps_low=0.2, eps_high=0.28):
 def run_ours(cfg, x, w, ids, mask, adv, *, fused, backend, **kw):
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss, metrics = RLVRLoss(beta=0.0, temperature=TEMP, fused=fused, backend=backend, **cfg)(
-        xx, ww, ids, mask, adv, **kw)
+        xx, ww, ids, mask, adv, **kw
+    )
     loss.backward()
     return loss.detach().double(), xx.grad.double(), ww.grad.double(), metrics
 
 
-def check(want_fn, cfg, seed, *, paths=((True, "torch"), (False, "torch"), (True, "triton"), (False, "triton")),
-          peaked=False, **kw):
+def check(
+    want_fn,
+    cfg,
+    seed,
+    *,
+    paths=((True, "torch"), (False, "torch"), (True, "triton"), (False, "triton")),
+    peaked=False,
+    **kw,
+):
     x, w, ids, mask, adv, old = make(seed, peaked)
     xx, ww = x.double().requires_grad_(), w.double().requires_grad_()
     want, active = want_fn(xx, ww, ids, mask, adv, old.double())
@@ -77,8 +86,9 @@ def check(want_fn, cfg, seed, *, paths=((True, "torch"), (False, "torch"), (True
     for fused, backend in paths:
         if fused and cfg.get("credit") == "d3s" and cfg.get("d3s_scope", "batch") == "batch":
             continue  # batch-scope D^3S always takes the composable path
-        loss, gx, gw, metrics = run_ours(cfg, x, w, ids, mask, adv, fused=fused, backend=backend,
-                                         old_per_token_logps=old, **kw)
+        loss, gx, gw, metrics = run_ours(
+            cfg, x, w, ids, mask, adv, fused=fused, backend=backend, old_per_token_logps=old, **kw
+        )
         torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(gx, xx.grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(gw, ww.grad, atol=1e-6, rtol=1e-5)
@@ -88,6 +98,7 @@ def check(want_fn, cfg, seed, *, paths=((True, "torch"), (False, "torch"), (True
 @pytest.mark.parametrize("rho", [0.3, 0.5])
 def test_forking_tokens_are_the_rows_top_entropies(rho):
     """tp-schedule.md 6.8: per row the top ceil(n rho) tokens by the current entropy; token mean over the kept."""
+
     def want(x, w, ids, mask, adv, old):
         lp, ent = oracle_logp_entropy(x, w, ids)
         m = torch.zeros(B, T, dtype=torch.float64)
@@ -119,8 +130,13 @@ def test_scheduled_entropy_shaped_advantages():
         tok = dapo_tokens(lp, old, A)
         return (tok * m).sum() / m.sum(), m.sum().item()
 
-    check(want, dict(loss_type="dapo", epsilon_high=0.28, credit="entropy_adv", schedule=sched), seed=2,
-          step=step, old_entropy=old_ent)
+    check(
+        want,
+        dict(loss_type="dapo", epsilon_high=0.28, credit="entropy_adv", schedule=sched),
+        seed=2,
+        step=step,
+        old_entropy=old_ent,
+    )
 
 
 @pytest.mark.parametrize("scope", ["batch", "sequence"])
@@ -147,8 +163,12 @@ def test_d3s_keeps_the_top_abs_adv_times_entropy(scope):
         tok = dapo_tokens(lp, old, adv.double()[:, None])
         return (tok * m).sum() / m.sum(), m.sum().item()
 
-    check(want, dict(loss_type="dapo", epsilon_high=0.28, credit="d3s", d3s_scope=scope, schedule=sched), seed=3,
-          step=step)
+    check(
+        want,
+        dict(loss_type="dapo", epsilon_high=0.28, credit="d3s", d3s_scope=scope, schedule=sched),
+        seed=3,
+        step=step,
+    )
 
 
 def cppo_mask_loop(lp, mu, adv, lengths, *, delta, w_min=0.8, delta_b=0.02, max_mult=2.0, q=0.9):
@@ -192,6 +212,7 @@ def test_cppo_loss_is_masked_ratio_times_advantage(seed):
 def test_dppo_binary_tv_mask():
     """DPPO (cppo.md App. A, verl dppo_tv): keep a token that moves toward mu, else |pi(a) - mu(a)| within the
     side's threshold (epsilon_high for A > 0, epsilon_low for A < 0)."""
+
     def want(x, w, ids, mask, adv, old):
         lp, _ = oracle_logp_entropy(x, w, ids)
         M = torch.zeros(B, T, dtype=torch.float64)

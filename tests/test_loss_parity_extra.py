@@ -10,6 +10,7 @@ for configurations test_loss.py / test_loss_peers.py do not cover, plus bad-inpu
 - verl: ``get_policy_loss_fn`` (sapo, vanilla / cispo with rollout IS weights) and ``agg_loss`` for the entropy bonus.
 Known differences are ``xfail(strict=True)`` with the reason.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,8 +61,9 @@ def run(module, x, w, ids, mask, adv, **kw):
 
 
 def close(a, b, rtol=1e-5, atol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(a).double().reshape(-1), torch.as_tensor(b).double().reshape(-1),
-                               rtol=rtol, atol=atol)
+    torch.testing.assert_close(
+        torch.as_tensor(a).double().reshape(-1), torch.as_tensor(b).double().reshape(-1), rtol=rtol, atol=atol
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,10 +112,17 @@ def assert_like_liger(kw, x, w, ids, mask, adv, inputs):
 def test_liger_parity_extra(case):
     lt, lvl, beta, bc, delta, isr, nib, empty = case
     x, w, ids, mask, adv, old, ref = make(empty_row=empty)
-    kw = dict(beta=beta, loss_type=lt, importance_sampling_level=lvl, temperature=TEMP, max_completion_length=9,
-              epsilon_high=1.5 if lt == "cispo" else 0.28, delta=delta, use_bias_correction_kl=bc)
-    inputs = dict(ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=is_ratio(isr),
-                  num_items_in_batch=nib)
+    kw = dict(
+        beta=beta,
+        loss_type=lt,
+        importance_sampling_level=lvl,
+        temperature=TEMP,
+        max_completion_length=9,
+        epsilon_high=1.5 if lt == "cispo" else 0.28,
+        delta=delta,
+        use_bias_correction_kl=bc,
+    )
+    inputs = dict(ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=is_ratio(isr), num_items_in_batch=nib)
     assert_like_liger(kw, x, w, ids, mask, adv, inputs)
 
 
@@ -129,9 +138,12 @@ def test_use_ref_model_false_ignores_ref_logps_like_liger():
         assert float(m2[0]) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="Liger 0.8.5's luspo is TRL's old unmasked (per_token_loss * L).mean(): it "
-                   "sums padded positions and divides by B*T; RLVRLoss follows TRL 1.16's masked "
-                   "(per_token_loss * mask).sum(-1).mean() (see test_trl_luspo_token_level_is_masked)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Liger 0.8.5's luspo is TRL's old unmasked (per_token_loss * L).mean(): it "
+    "sums padded positions and divides by B*T; RLVRLoss follows TRL 1.16's masked "
+    "(per_token_loss * mask).sum(-1).mean() (see test_trl_luspo_token_level_is_masked)",
+)
 @pytest.mark.parametrize("lvl, beta", [("token", 0.0), ("sequence", 0.1)])
 def test_liger_luspo_per_token_loss(lvl, beta):
     x, w, ids, mask, adv, old, ref = make()
@@ -161,13 +173,41 @@ class _Accelerator:
         return x
 
 
-def trl_loss(x, w, ids, mask, adv, old, ref, *, loss_type, level="token", beta=0.0, bias_corr=False, delta=None,
-             eps_low=0.2, eps_high=0.28, isr=None, entropy_coef=0.0, num_items=None, mcl=9):
+def trl_loss(
+    x,
+    w,
+    ids,
+    mask,
+    adv,
+    old,
+    ref,
+    *,
+    loss_type,
+    level="token",
+    beta=0.0,
+    bias_corr=False,
+    delta=None,
+    eps_low=0.2,
+    eps_high=0.28,
+    isr=None,
+    entropy_coef=0.0,
+    num_items=None,
+    mcl=9,
+):
     from trl import GRPOTrainer
 
-    args = types.SimpleNamespace(use_bias_correction_kl=bias_corr, delta=delta, sapo_temperature_pos=1.0,
-                                 sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                                 vespo_lambda_neg=2.0, steps_per_generation=1, entropy_target=0.0)
+    args = types.SimpleNamespace(
+        use_bias_correction_kl=bias_corr,
+        delta=delta,
+        sapo_temperature_pos=1.0,
+        sapo_temperature_neg=1.05,
+        vespo_k_pos=2.0,
+        vespo_lambda_pos=3.0,
+        vespo_k_neg=3.0,
+        vespo_lambda_neg=2.0,
+        steps_per_generation=1,
+        entropy_target=0.0,
+    )
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
 
     def logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, compute_aux_loss=False, **kw):
@@ -175,17 +215,38 @@ def trl_loss(x, w, ids, mask, adv, old, ref, *, loss_type, level="token", beta=0
         return lp, ent, None
 
     trainer = types.SimpleNamespace(
-        args=args, loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_low=eps_low,
-        epsilon_high=eps_high, top_entropy_quantile=1.0, off_policy_mask_threshold=None, aux_loss_enabled=False,
-        use_vllm=isr is not None, vllm_importance_sampling_correction=isr is not None,
-        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        accelerator=_Accelerator(), max_completion_length=mcl, _entropy_bonus_enabled=entropy_coef != 0.0,
-        use_adaptive_entropy=False, entropy_coef=entropy_coef, _metrics={"train": collections.defaultdict(list)},
-        get_gamma_weights=GRPOTrainer.get_gamma_weights, _get_per_token_logps_and_entropies=logps)
-    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
-                  completion_ids=ids, completion_mask=mask, advantages=adv, old_per_token_logps=old,
-                  ref_per_token_logps=ref,
-                  num_items_in_batch=torch.tensor(float(num_items if num_items is not None else mask.sum())))
+        args=args,
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        beta=beta,
+        epsilon_low=eps_low,
+        epsilon_high=eps_high,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        aux_loss_enabled=False,
+        use_vllm=isr is not None,
+        vllm_importance_sampling_correction=isr is not None,
+        model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        accelerator=_Accelerator(),
+        max_completion_length=mcl,
+        _entropy_bonus_enabled=entropy_coef != 0.0,
+        use_adaptive_entropy=False,
+        entropy_coef=entropy_coef,
+        _metrics={"train": collections.defaultdict(list)},
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
+        _get_per_token_logps_and_entropies=logps,
+    )
+    inputs = dict(
+        prompt_ids=torch.zeros(B, 1, dtype=torch.long),
+        prompt_mask=torch.ones(B, 1, dtype=torch.long),
+        completion_ids=ids,
+        completion_mask=mask,
+        advantages=adv,
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        num_items_in_batch=torch.tensor(float(num_items if num_items is not None else mask.sum())),
+    )
     if isr is not None:
         inputs["importance_sampling_ratio"] = isr
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
@@ -214,9 +275,13 @@ TRL_CASES = [
 def _trl_metric_pairs(lt, beta, level):
     pairs = [("entropy", "entropy")] + ([("kl", "kl")] if beta else [])
     if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-        pairs += [("clip_ratio/low_mean", "clip_ratio/low_mean"), ("clip_ratio/high_mean", "clip_ratio/high_mean"),
-                  ("clip_ratio/region_mean", "clip_ratio/region_mean"), ("clip_ratio/low_min", "clip_ratio/low_min"),
-                  ("clip_ratio/high_max", "clip_ratio/high_max")]
+        pairs += [
+            ("clip_ratio/low_mean", "clip_ratio/low_mean"),
+            ("clip_ratio/high_mean", "clip_ratio/high_mean"),
+            ("clip_ratio/region_mean", "clip_ratio/region_mean"),
+            ("clip_ratio/low_min", "clip_ratio/low_min"),
+            ("clip_ratio/high_max", "clip_ratio/high_max"),
+        ]
     if lt == "cispo":
         pairs.append(("cispo_clip_ratio", "clip_ratio"))
     return pairs
@@ -232,14 +297,48 @@ def test_trl_compute_loss_parity(case):
     isr = is_ratio(isr_shape)
     eh = 1.5 if lt == "cispo" else 0.28
     nib = int(mask.sum()) + 3  # a generation batch with more tokens than this micro-batch
-    l1, m1, gx1, gw1 = trl_loss(x, w, ids, mask, adv, old, ref, loss_type=lt, level=lvl, beta=beta, bias_corr=bc,
-                                delta=delta, eps_high=eh, isr=isr, entropy_coef=ent, num_items=nib)
-    kw = dict(beta=beta, loss_type=lt, importance_sampling_level=lvl, temperature=TEMP, max_completion_length=9,
-              epsilon_high=eh, delta=delta, use_bias_correction_kl=bc, entropy_coef=ent)
+    l1, m1, gx1, gw1 = trl_loss(
+        x,
+        w,
+        ids,
+        mask,
+        adv,
+        old,
+        ref,
+        loss_type=lt,
+        level=lvl,
+        beta=beta,
+        bias_corr=bc,
+        delta=delta,
+        eps_high=eh,
+        isr=isr,
+        entropy_coef=ent,
+        num_items=nib,
+    )
+    kw = dict(
+        beta=beta,
+        loss_type=lt,
+        importance_sampling_level=lvl,
+        temperature=TEMP,
+        max_completion_length=9,
+        epsilon_high=eh,
+        delta=delta,
+        use_bias_correction_kl=bc,
+        entropy_coef=ent,
+    )
     for fused in (True, False):
-        l2, m2, gx2, gw2 = run(RLVRLoss(fused=fused, backend="torch", **kw), x, w, ids, mask, adv,
-                               ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=isr,
-                               num_items_in_batch=nib if lt in ("dapo", "cispo", "vespo") else None)
+        l2, m2, gx2, gw2 = run(
+            RLVRLoss(fused=fused, backend="torch", **kw),
+            x,
+            w,
+            ids,
+            mask,
+            adv,
+            ref_per_token_logps=ref,
+            old_per_token_logps=old,
+            vllm_is_ratio=isr,
+            num_items_in_batch=nib if lt in ("dapo", "cispo", "vespo") else None,
+        )
         close(l2, l1)
         close(gx2, gx1)
         close(gw2, gw1)
@@ -265,8 +364,22 @@ def test_trl_sequence_level_clip_metrics(empty):
     pytest.importorskip("trl")
     x, w, ids, mask, adv, old, ref = make(empty_row=empty)
     _, m1, _, _ = trl_loss(x, w, ids, mask, adv, old, ref, loss_type="grpo", level="sequence")
-    _, m2, _, _ = run(RLVRLoss(beta=0.0, loss_type="grpo", importance_sampling_level="sequence", epsilon_high=0.28,
-                               temperature=TEMP, backend="torch"), x, w, ids, mask, adv, old_per_token_logps=old)
+    _, m2, _, _ = run(
+        RLVRLoss(
+            beta=0.0,
+            loss_type="grpo",
+            importance_sampling_level="sequence",
+            epsilon_high=0.28,
+            temperature=TEMP,
+            backend="torch",
+        ),
+        x,
+        w,
+        ids,
+        mask,
+        adv,
+        old_per_token_logps=old,
+    )
     for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         close(m2[name], m1[name])
 
@@ -278,8 +391,15 @@ def test_trl_sequence_level_clip_metrics(empty):
 def _verl_cfg(mode, gbi):
     from verl.workers.config import FSDPActorConfig
 
-    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=mode,
-                          clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    cfg = FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=2,
+        loss_agg_mode=mode,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+    )
     cfg.global_batch_info.update(gbi)
     return cfg
 
@@ -319,11 +439,17 @@ def verl_and_ours(name, mode, gbi, *, rollout_weights, entropy_coef=0.0, horizon
     cfg = _verl_cfg(mode, gbi)
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     lp, ent = fused_linear_logprobs(xx, ww, ids, backend="torch")
-    loss, _ = get_policy_loss_fn(name)(old_log_prob=old, log_prob=lp, advantages=adv[:, None].expand(VB, VT),
-                                       response_mask=mask, loss_agg_mode=mode, config=cfg, rollout_is_weights=isw)
+    loss, _ = get_policy_loss_fn(name)(
+        old_log_prob=old,
+        log_prob=lp,
+        advantages=adv[:, None].expand(VB, VT),
+        response_mask=mask,
+        loss_agg_mode=mode,
+        config=cfg,
+        rollout_is_weights=isw,
+    )
     if entropy_coef:  # verl.workers.utils.losses.ppo_loss: policy_loss -= entropy_coeff * agg_loss(entropy, ...)
-        loss = loss - entropy_coef * agg_loss(loss_mat=ent, loss_mask=mask, loss_agg_mode=mode,
-                                              **cfg.global_batch_info)
+        loss = loss - entropy_coef * agg_loss(loss_mat=ent, loss_mask=mask, loss_agg_mode=mode, **cfg.global_batch_info)
     loss.backward()
     agg = "seq-mean-token-mean" if name == "sapo" else mode
     outs = []
@@ -331,9 +457,21 @@ def verl_and_ours(name, mode, gbi, *, rollout_weights, entropy_coef=0.0, horizon
         kw = dict(VERL_OURS[name], beta=0.0, aggregation=agg, entropy_coef=entropy_coef, fused=fused, backend="torch")
         if agg == "seq-mean-token-sum-norm" and horizon == "gbi" and "loss_scale_factor" in gbi:
             kw["loss_horizon"] = gbi["loss_scale_factor"]
-        outs.append(run(RLVRLoss(**kw), x, w, ids, mask.double(), adv, old_per_token_logps=old, vllm_is_ratio=isw,
-                        global_batch_size=gbi.get("global_batch_size"), batch_num_tokens=gbi.get("batch_num_tokens"),
-                        dp_size=gbi.get("dp_size", 1)))
+        outs.append(
+            run(
+                RLVRLoss(**kw),
+                x,
+                w,
+                ids,
+                mask.double(),
+                adv,
+                old_per_token_logps=old,
+                vllm_is_ratio=isw,
+                global_batch_size=gbi.get("global_batch_size"),
+                batch_num_tokens=gbi.get("batch_num_tokens"),
+                dp_size=gbi.get("dp_size", 1),
+            )
+        )
     return (loss.detach(), xx.grad, ww.grad), outs
 
 
@@ -352,8 +490,9 @@ def test_verl_sapo_parity(gbi, rw):
     _assert_verl_close(*verl_and_ours("sapo", "seq-mean-token-mean", gbi, rollout_weights=rw))
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-                                  "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
 @pytest.mark.parametrize("name", ["vanilla", "cispo"])
 def test_verl_rollout_is_weights_and_entropy_bonus(name, mode):
     """rollout_is_weights (our vllm_is_ratio) and verl's entropy bonus, which is agg_loss(entropy) in the loss's own
@@ -365,12 +504,17 @@ def test_verl_rollout_is_weights_and_entropy_bonus(name, mode):
 def test_verl_seq_mean_token_sum_norm_default_horizon():
     """Without loss_scale_factor verl divides by the padded width T; so does loss_horizon=None."""
     pytest.importorskip("verl")
-    _assert_verl_close(*verl_and_ours("vanilla", "seq-mean-token-sum-norm", {}, rollout_weights=False,
-                                      horizon=None))
+    _assert_verl_close(*verl_and_ours("vanilla", "seq-mean-token-sum-norm", {}, rollout_weights=False, horizon=None))
 
 
-@pytest.mark.parametrize("mode, need", [("token-mean", "batch_num_tokens"), ("seq-mean-token-mean", "global_batch_size"),
-                                        ("seq-mean-token-sum", "global_batch_size")])
+@pytest.mark.parametrize(
+    "mode, need",
+    [
+        ("token-mean", "batch_num_tokens"),
+        ("seq-mean-token-mean", "global_batch_size"),
+        ("seq-mean-token-sum", "global_batch_size"),
+    ],
+)
 def test_verl_dp_size_needs_global_batch_info(mode, need):
     """verl's agg_loss refuses dp_size > 1 without the global count (a local count times dp_size is wrong);
     ours silently used the local count (fixed: ValueError naming the argument)."""
@@ -381,14 +525,18 @@ def test_verl_dp_size_needs_global_batch_info(mode, need):
     with pytest.raises(ValueError, match=need):
         agg_loss(loss_mat=old, loss_mask=mask, loss_agg_mode=mode, dp_size=2)
     with pytest.raises(ValueError, match=need):
-        RLVRLoss(beta=0.0, aggregation=mode, backend="torch")(x, w, ids, mask.double(), adv,
-                                                              old_per_token_logps=old, dp_size=2)
+        RLVRLoss(beta=0.0, aggregation=mode, backend="torch")(
+            x, w, ids, mask.double(), adv, old_per_token_logps=old, dp_size=2
+        )
 
 
-@pytest.mark.xfail(strict=True, reason="verl's gspo uses the GSPO-token ratio sg(s_i) * pi_t / sg(pi_t), so a "
-                   "token-level rollout_is_weights w_t scales token t's gradient by its own w_t; Liger/TRL GSPO "
-                   "(and RLVRLoss, importance_sampling_level='sequence') differentiate through the sequence mean, "
-                   "which spreads the row's mean w over its tokens. Same loss value, different gradient.")
+@pytest.mark.xfail(
+    strict=True,
+    reason="verl's gspo uses the GSPO-token ratio sg(s_i) * pi_t / sg(pi_t), so a "
+    "token-level rollout_is_weights w_t scales token t's gradient by its own w_t; Liger/TRL GSPO "
+    "(and RLVRLoss, importance_sampling_level='sequence') differentiate through the sequence mean, "
+    "which spreads the row's mean w over its tokens. Same loss value, different gradient.",
+)
 def test_verl_gspo_with_token_rollout_is_weights():
     pytest.importorskip("verl")
     _assert_verl_close(*verl_and_ours("gspo", "token-mean", {}, rollout_weights=True))
@@ -430,5 +578,3 @@ def test_non_finite_padding_is_inert(where, lt, lvl):
         close(gw2, gw1)
         for k in m1.keys():
             close(m2[k], m1[k])
-
-

@@ -3,6 +3,7 @@
 ``agg_loss`` and ``global_batch_info``) on the other; losses and gradients w.r.t. the hidden states and the weight
 must agree, for every aggregation mode, with and without DP batch info. (TRL's loss is checked end to end in
 test_integration_trl.py: stock GRPOTrainer vs ours, same loss and grad norm at every step.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -35,7 +36,7 @@ def make(seed):
     w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.7
     ids = torch.randint(0, V, (B, T), generator=g)
     lens = torch.tensor([T, 5, 1, 7])
-    mask = (torch.arange(T)[None, :] < lens[:, None])
+    mask = torch.arange(T)[None, :] < lens[:, None]
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     with torch.no_grad():
         lp, _ = fused_linear_logprobs(x, w, ids, backend="torch")
@@ -44,13 +45,26 @@ def make(seed):
 
 
 def verl_side(name, mode, x, w, ids, mask, adv, old, gbi):
-    cfg = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=mode,
-                          clip_ratio_low=LOW, clip_ratio_high=HIGH, clip_ratio_c=CLIP_C)
+    cfg = FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=2,
+        loss_agg_mode=mode,
+        clip_ratio_low=LOW,
+        clip_ratio_high=HIGH,
+        clip_ratio_c=CLIP_C,
+    )
     cfg.global_batch_info.update(gbi)
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     lp, _ = fused_linear_logprobs(xx, ww, ids, backend="torch", return_entropy=False)
-    loss, _ = get_policy_loss_fn(name)(old_log_prob=old, log_prob=lp, advantages=adv[:, None].expand(B, T),
-                                       response_mask=mask, loss_agg_mode=mode, config=cfg)
+    loss, _ = get_policy_loss_fn(name)(
+        old_log_prob=old,
+        log_prob=lp,
+        advantages=adv[:, None].expand(B, T),
+        response_mask=mask,
+        loss_agg_mode=mode,
+        config=cfg,
+    )
     loss.backward()
     return loss.detach(), xx.grad, ww.grad
 
@@ -60,9 +74,17 @@ def our_side(name, mode, x, w, ids, mask, adv, old, gbi, fused):
     if mode == "seq-mean-token-sum-norm":
         kw["loss_horizon"] = gbi.get("loss_scale_factor", T)
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, metrics = RLVRLoss(**kw)(xx, ww, ids, mask.float(), adv, old_per_token_logps=old,
-                                   global_batch_size=gbi.get("global_batch_size"),
-                                   batch_num_tokens=gbi.get("batch_num_tokens"), dp_size=gbi.get("dp_size", 1))
+    loss, metrics = RLVRLoss(**kw)(
+        xx,
+        ww,
+        ids,
+        mask.float(),
+        adv,
+        old_per_token_logps=old,
+        global_batch_size=gbi.get("global_batch_size"),
+        batch_num_tokens=gbi.get("batch_num_tokens"),
+        dp_size=gbi.get("dp_size", 1),
+    )
     loss.backward()
     return loss.detach(), xx.grad, ww.grad
 
@@ -74,8 +96,9 @@ def test_parity_with_verl_policy_loss(name, mode, dp):
     x, w, ids, mask, adv, old = make(seed=11)
     gbi = {}
     if dp:  # a 2-rank run: verl divides by the global counts and multiplies by dp_size
-        gbi = dict(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 3, global_batch_size=2 * B + 1,
-                   loss_scale_factor=16)
+        gbi = dict(
+            dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 3, global_batch_size=2 * B + 1, loss_scale_factor=16
+        )
     lv, gxv, gwv = verl_side(name, mode, x, w, ids, mask, adv, old, gbi)
     assert float(gxv.abs().sum()) > 0
     for fused in (True, False):
@@ -100,8 +123,9 @@ def test_log_ratio_clip_caps_the_ratio():
     with pytest.raises(ValueError, match="log_ratio_clip"):
         RLVRLoss(log_ratio_clip=-1.0)
     with pytest.raises(ValueError, match="dp_size"):
-        RLVRLoss(beta=0.0, aggregation="token-mean", backend="torch")(x, w, ids, mask.float(), adv,
-                                                                     old_per_token_logps=old, dp_size=0)
+        RLVRLoss(beta=0.0, aggregation="token-mean", backend="torch")(
+            x, w, ids, mask.float(), adv, old_per_token_logps=old, dp_size=0
+        )
 
 
 def test_auto_takes_the_composable_path_for_rows_over_the_chunk_budget(monkeypatch):

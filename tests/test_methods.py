@@ -4,6 +4,7 @@ Checks: every consumer (RLVRLoss, the TRL and verl plug-ins, the benchmark) offe
 the catalogue's option defaults; no other module keeps a list of method names; each credit rule's planned
 active-token count (the normaliser, known before the vocabulary pass) is the count its masks then keep.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,14 @@ def test_loss_config_accepts_every_credit_rule_and_trust_region():
 
 
 def test_loss_config_checks_method_options_with_the_catalogue():
-    for name, bad in (("credit_rho", 1.5), ("d3s_scope", "row"), ("cppo_max_mult", 0.5), ("cppo_horizon", 0),
-                      ("entropy_adv_alpha", 0.0), ("cppo_budget", "static")):
+    for name, bad in (
+        ("credit_rho", 1.5),
+        ("d3s_scope", "row"),
+        ("cppo_max_mult", 0.5),
+        ("cppo_horizon", 0),
+        ("entropy_adv_alpha", 0.0),
+        ("cppo_budget", "static"),
+    ):
         with pytest.raises((ValueError, TypeError), match=name):
             LossConfig(**{name: bad})
 
@@ -70,8 +77,7 @@ def test_verl_options_and_losses_come_from_the_catalogue():
         assert name in rv.RLVR_OPTION_DEFAULTS, name
         assert rv.RLVR_OPTION_DEFAULTS[name] == opt.default, name
     want = {f"rlvr_{t}" for t in M.TRUST_REGIONS}
-    want |= {f"rlvr_{c}" if t == "clip" else f"rlvr_{c}_{t}" for c in M.CREDITS if c != "none"
-             for t in M.TRUST_REGIONS}
+    want |= {f"rlvr_{c}" if t == "clip" else f"rlvr_{c}_{t}" for c in M.CREDITS if c != "none" for t in M.TRUST_REGIONS}
     assert set(rv.LOSS_NAMES) == want
     for old, new in M.RENAMED_OPTIONS.items():
         if new in rv.RLVR_OPTION_DEFAULTS:
@@ -86,7 +92,7 @@ def test_renamed_options_name_their_new_name():
 
 _METHOD_NAMES = sorted(set(M.CREDITS) | set(M.TRUST_REGIONS))
 # two or more method names in one literal sequence: a list of methods kept outside the catalogue
-_LIST_OF_METHODS = re.compile(r"[(\[{]\s*(?:\"(?:%s)\",\s*){2,}" % "|".join(_METHOD_NAMES))
+_LIST_OF_METHODS = re.compile(r"[(\[{]\s*(?:\"(?:" + "|".join(_METHOD_NAMES) + r")\",\s*){2,}")
 
 
 def test_no_module_outside_the_catalogue_lists_methods():
@@ -111,17 +117,28 @@ def _batch(seed, B, T):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), T=st.integers(1, 12),
-       credit=st.sampled_from(sorted(M.CREDITS)), rho=st.floats(0.0, 1.0), q=st.none() | st.floats(0.0, 1.0),
-       scope=st.sampled_from(["batch", "sequence"]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    B=st.integers(1, 5),
+    T=st.integers(1, 12),
+    credit=st.sampled_from(sorted(M.CREDITS)),
+    rho=st.floats(0.0, 1.0),
+    q=st.none() | st.floats(0.0, 1.0),
+    scope=st.sampled_from(["batch", "sequence"]),
+)
 def test_planned_counts_are_the_tokens_the_masks_keep(seed, B, T, credit, rho, q, scope):
     """The normaliser is computed before the vocabulary pass from planned_counts / planned_total; the masks applied
     after it must keep exactly that many tokens (per row, or over the batch for a batch-wide selection)."""
     rule = M.credit(credit)
     if rule.schedule == "required" and q is None:
         q = 0.5
-    cfg = LossConfig(credit=credit, credit_rho=rho, d3s_scope=scope, backend="torch",
-                     schedule=TemporalSchedule(total_steps=10) if rule.schedule == "required" else None)
+    cfg = LossConfig(
+        credit=credit,
+        credit_rho=rho,
+        d3s_scope=scope,
+        backend="torch",
+        schedule=TemporalSchedule(total_steps=10) if rule.schedule == "required" else None,
+    )
     valid, adv, ent = _batch(seed, B, T)
     mask = rule.static_mask(cfg, valid, q)
     keep = rule.policy_mask(cfg, adv, ent, mask, q)

@@ -1,5 +1,6 @@
 """Packaging rules users rely on: installing an extra never pins what a user's stack may need newer, and the
 package never asks pip to replace an installed torch."""
+
 import pathlib
 import re
 import tomllib

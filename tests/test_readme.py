@@ -6,6 +6,7 @@
 - The ```bash verl-recipe block: its Hydra overrides compose on verl's own ppo_trainer config, resolve to our
   policy-loss config and loss, and the module it exports to verl registers that loss.
 """
+
 import importlib
 import os
 import pathlib
@@ -35,15 +36,25 @@ def test_readme_has_snippets():
 
 def test_readme_trl_recipe_trains(tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    import test_integration_trl as t
-
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import test_integration_trl as t
 
     (src,) = blocks("python trl-recipe")
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(t.WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=len(t.WORDS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
     model_dir = tmp_path / "tiny"
     Qwen2ForCausalLM(cfg).save_pretrained(model_dir)
     test_args = dict(t.BASE, max_steps=3)  # q(1) = 0.495, q(2) = q(3) = 0 with schedule_end_frac=0.8
@@ -52,8 +63,13 @@ def test_readme_trl_recipe_trains(tmp_path, monkeypatch):
     assert src.count("GRPOTrainer(model=") == 1  # the tiny model has no tokenizer files: hand it ours
     src = src.replace("GRPOTrainer(model=", "GRPOTrainer(processing_class=_tokenizer, model=")
     monkeypatch.chdir(tmp_path)
-    ns = dict(model=Qwen2ForCausalLM.from_pretrained(model_dir), reward_fn=t.even_words, dataset=t.dataset(),
-              _test_args=test_args, _tokenizer=t.tokenizer())
+    ns = dict(
+        model=Qwen2ForCausalLM.from_pretrained(model_dir),
+        reward_fn=t.even_words,
+        dataset=t.dataset(),
+        _test_args=test_args,
+        _tokenizer=t.tokenizer(),
+    )
     exec(compile(src, "README.md[trl-recipe]", "exec"), ns)
     trainer = ns["trainer"]
     logs = [row for row in trainer.state.log_history if "loss" in row]
@@ -75,7 +91,7 @@ def test_readme_verl_recipe_resolves_to_our_loss():
     text = " ".join(ln.rstrip().rstrip("\\") for ln in lines)
     env = re.search(r"export VERL_USE_EXTERNAL_MODULES=(\S+)", text)
     assert env, "the recipe exports VERL_USE_EXTERNAL_MODULES"
-    words = shlex.split(text[text.index("verl.trainer.main_ppo") + len("verl.trainer.main_ppo"):])
+    words = shlex.split(text[text.index("verl.trainer.main_ppo") + len("verl.trainer.main_ppo") :])
     overrides = [w for w in words if "=" in w]
     assert overrides and len(overrides) == len(words)
     rv = importlib.import_module(env.group(1))  # what verl imports in every process
@@ -102,4 +118,5 @@ def test_readme_methods_table_is_the_catalogue():
     block = text.split(start, 1)[1].split(end, 1)[0]
     assert block == methods.markdown_table(), (
         "README method table is stale: replace the block between the methods-table markers with "
-        "rlvr_kernels.methods.markdown_table()")
+        "rlvr_kernels.methods.markdown_table()"
+    )

@@ -2,6 +2,7 @@
 
 The float references below are re-typed from the specs (not imported from the package).
 """
+
 import json
 import math
 import pickle
@@ -86,14 +87,15 @@ def test_matches_spec_formula(mode, total, begin, span, start, end_value, gamma,
         return
     if mode == "gamma":
         end_value = 0.0
-    sched = TemporalSchedule(mode, start_value=start, end_value=end_value, begin=begin, end=end,
-                             total_steps=total, gamma=gamma)
+    sched = TemporalSchedule(
+        mode, start_value=start, end_value=end_value, begin=begin, end=end, total_steps=total, gamma=gamma
+    )
     k = max(1, int(frac * total))
     want = spec_value(mode, k, start, end_value, begin, end, total, gamma)
     assert sched(k) == pytest.approx(want, rel=1e-12, abs=1e-15)
     # before k_min: start_value (gamma: start ** gamma), at/after k_max: end_value (gamma: 0)
     if sched.k_min >= 1:
-        before = start ** gamma if mode == "gamma" else start
+        before = start**gamma if mode == "gamma" else start
         assert sched(1) == pytest.approx(before, rel=1e-12, abs=1e-15)
     after = 0.0 if mode in ("gamma",) else (start if mode == "constant" else end_value)
     assert sched(sched.k_max) == pytest.approx(after, rel=1e-12, abs=1e-15)

@@ -15,6 +15,7 @@ trajectory percentiles, CPPO, DelTA, TemporalSchedule):
 
 The oracles are written here in float64 from the specs; they do not call rlvr_kernels.reference.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,8 +45,9 @@ NAN, INF = float("nan"), float("inf")
 
 
 def hyp(n):
-    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                          HealthCheck.data_too_large])
+    return settings(
+        max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,7 +74,11 @@ def make_batch(lengths, pad, seed, *, holes, dtype, extra, float_mask=False):
     direction = torch.randn(HID, generator=g)
     hidden = torch.randn(B, T, HID, generator=g) + 0.8 * torch.sign(adv_row)[:, None, None] * direction
     return dict(
-        mask=mask.float() if float_mask else mask, spans=spans, cu=cu_seqlens_from_lengths(spans), g=g, dtype=dtype,
+        mask=mask.float() if float_mask else mask,
+        spans=spans,
+        cu=cu_seqlens_from_lengths(spans),
+        g=g,
+        dtype=dtype,
         ent=z(torch.rand(B, T, generator=g) * 3),
         adv_row=adv_row.to(dtype),
         adv_tok=z(torch.randn(B, T, generator=g)),
@@ -109,8 +115,9 @@ def layout_args(batch, layout):
     if layout == "padded":
         return dict(batch), {}
     cu = batch["cu"]
-    out = {k: padded_to_packed(batch[k], cu) for k in ("mask", "ent", "adv_tok", "logp", "logp_mu", "tk", "tkm",
-                                                        "hidden")}
+    out = {
+        k: padded_to_packed(batch[k], cu) for k in ("mask", "ent", "adv_tok", "logp", "logp_mu", "tk", "tkm", "hidden")
+    }
     # a 1-D tensor of length total is read per token in the packed layout: per-row advantages as [B, 1] then
     out["adv_row"] = batch["adv_row"][:, None] if len(batch["adv_row"]) == out["mask"].numel() else batch["adv_row"]
     return out, dict(cu_seqlens=cu)
@@ -184,17 +191,24 @@ def _select_op(name, a, kw, backend, p):
     adv = a["adv_tok"] if p["per_token"] else a["adv_row"]
     if name == "esa":
         return rk.entropy_shaped_advantages(adv, a["ent"], a["mask"], p["q"], backend=backend, block_size=BLOCK, **kw)
-    return rk.d3s_token_mask(adv, a["ent"], a["mask"], p["q"], scope=p["scope"], backend=backend, block_size=BLOCK,
-                             **kw)
+    return rk.d3s_token_mask(
+        adv, a["ent"], a["mask"], p["q"], scope=p["scope"], backend=backend, block_size=BLOCK, **kw
+    )
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # a per-row value of an empty row
 @hyp(30)
-@given(op=st.sampled_from(["percentile", "percentile_values", "tp", "forking", "esa", "d3s"]),
-       q=st.sampled_from([0.0, 0.3, 0.55, 1.0]), reverse=st.booleans(), per_token=st.booleans(),
-       scope=st.sampled_from(["batch", "sequence"]), **batch_args)
-def test_credit_ops_padding_is_inert(op, q, reverse, per_token, scope, lengths, pad, seed, holes, dtype, extra,
-                                     float_mask, layout, backend):
+@given(
+    op=st.sampled_from(["percentile", "percentile_values", "tp", "forking", "esa", "d3s"]),
+    q=st.sampled_from([0.0, 0.3, 0.55, 1.0]),
+    reverse=st.booleans(),
+    per_token=st.booleans(),
+    scope=st.sampled_from(["batch", "sequence"]),
+    **batch_args,
+)
+def test_credit_ops_padding_is_inert(
+    op, q, reverse, per_token, scope, lengths, pad, seed, holes, dtype, extra, float_mask, layout, backend
+):
     batch = build(lengths, pad, seed, holes, dtype, extra, float_mask)
     p = dict(q=q, reverse=reverse, per_token=per_token, scope=scope)
     a, kw = layout_args(batch, layout)
@@ -207,18 +221,33 @@ def test_credit_ops_padding_is_inert(op, q, reverse, per_token, scope, lengths, 
 
 @pytest.mark.filterwarnings("ignore::rlvr_kernels.cppo.CPPOAnchorWarning")
 @hyp(20)
-@given(divergence=st.sampled_from(["binary_tv", "binary_kl", "topk_tv", "topk_kl"]),
-       budget=st.sampled_from(["dynamic", "fixed", "none"]), per_token=st.booleans(),
-       horizon=st.sampled_from([None, 4]), **batch_args)
-def test_cppo_padding_is_inert(divergence, budget, per_token, horizon, lengths, pad, seed, holes, dtype, extra,
-                               float_mask, layout, backend):
+@given(
+    divergence=st.sampled_from(["binary_tv", "binary_kl", "topk_tv", "topk_kl"]),
+    budget=st.sampled_from(["dynamic", "fixed", "none"]),
+    per_token=st.booleans(),
+    horizon=st.sampled_from([None, 4]),
+    **batch_args,
+)
+def test_cppo_padding_is_inert(
+    divergence, budget, per_token, horizon, lengths, pad, seed, holes, dtype, extra, float_mask, layout, backend
+):
     batch = build(lengths, pad, seed, holes, dtype, extra, float_mask)
 
     def run(a, kw, be):
         extra_kw = dict(logp_topk=a["tk"], logp_mu_topk=a["tkm"]) if divergence.startswith("topk") else {}
-        return rk.cppo_mask(a["logp"], a["logp_mu"], a["adv_tok"] if per_token else a["adv_row"], a["mask"],
-                            divergence=divergence, budget=budget, horizon=horizon, backend=be, block_size=BLOCK,
-                            **extra_kw, **kw)
+        return rk.cppo_mask(
+            a["logp"],
+            a["logp_mu"],
+            a["adv_tok"] if per_token else a["adv_row"],
+            a["mask"],
+            divergence=divergence,
+            budget=budget,
+            horizon=horizon,
+            backend=be,
+            block_size=BLOCK,
+            **extra_kw,
+            **kw,
+        )
 
     a, kw = layout_args(batch, layout)
     b, _ = layout_args(poison(batch), layout)
@@ -234,13 +263,22 @@ def test_cppo_padding_is_inert(divergence, budget, per_token, horizon, lengths, 
 
 @hyp(16)
 @given(iters=st.integers(0, 2), exclude=st.booleans(), per_token=st.booleans(), **batch_args)
-def test_delta_padding_is_inert(iters, exclude, per_token, lengths, pad, seed, holes, dtype, extra, float_mask, layout,
-                                backend):
+def test_delta_padding_is_inert(
+    iters, exclude, per_token, lengths, pad, seed, holes, dtype, extra, float_mask, layout, backend
+):
     batch = build(lengths, pad, seed, holes, dtype, extra, float_mask)
 
     def run(a, kw, be):
-        return rk.delta_coefficients(a["hidden"], a["logp"], a["adv_tok"] if per_token else a["adv_row"],
-                                     a["mask"], iters=iters, exclude_zero_adv=exclude, backend=be, **kw)
+        return rk.delta_coefficients(
+            a["hidden"],
+            a["logp"],
+            a["adv_tok"] if per_token else a["adv_row"],
+            a["mask"],
+            iters=iters,
+            exclude_zero_adv=exclude,
+            backend=be,
+            **kw,
+        )
 
     a, kw = layout_args(batch, layout)
     b, _ = layout_args(poison(batch), layout)
@@ -252,8 +290,9 @@ def test_delta_padding_is_inert(iters, exclude, per_token, lengths, pad, seed, h
 
 @hyp(12)
 @given(per_token=st.booleans(), **batch_args)
-def test_delta_estimator_padding_is_inert(per_token, lengths, pad, seed, holes, dtype, extra, float_mask, layout,
-                                          backend):
+def test_delta_estimator_padding_is_inert(
+    per_token, lengths, pad, seed, holes, dtype, extra, float_mask, layout, backend
+):
     """Streamed over two micro-batches (the rows split), and ``normalise`` of raw coefficients with garbage in their
     padding: the same numbers as the clean stream, 0 at padded positions."""
     batch = build(lengths, pad, seed, holes, dtype, extra, float_mask)
@@ -262,8 +301,9 @@ def test_delta_estimator_padding_is_inert(per_token, lengths, pad, seed, holes, 
     def micro(bt):
         mbs = []
         for rows in (slice(0, (B + 1) // 2), slice((B + 1) // 2, B)):
-            sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() >= 1 and k != "cu" else v)
-                   for k, v in bt.items()}
+            sub = {
+                k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() >= 1 and k != "cu" else v) for k, v in bt.items()
+            }
             sub["cu"] = cu_seqlens_from_lengths(sub["spans"])
             a, kw = layout_args(sub, layout)
             mbs.append(((a["hidden"], a["logp"], a["adv_tok"] if per_token else a["adv_row"], a["mask"]), kw))
@@ -289,7 +329,7 @@ def test_delta_estimator_padding_is_inert(per_token, lengths, pad, seed, holes, 
     clean, dirty = stream(clean_mbs), stream(dirty_mbs, raw_junk=True)
     for c, d, (args, _) in zip(clean, dirty, clean_mbs + clean_mbs):
         assert_inert(c, d, args[3])
-    for c, n in zip(clean[: len(clean_mbs)], clean[len(clean_mbs):]):
+    for c, n in zip(clean[: len(clean_mbs)], clean[len(clean_mbs) :]):
         torch.testing.assert_close(c, n, atol=0, rtol=0)
 
 
@@ -317,8 +357,10 @@ def raises_naming(exc, name, fn):
 
 
 # the interpreter (NumPy) reports the fp32 overflows that these inputs are about
-OVERFLOW_OK = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+OVERFLOW_OK = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
 
 
 def overflow_ok(fn):
@@ -345,10 +387,10 @@ def test_entropy_shaped_advantages_extremes(backend):
     # huge but finite fp32 values that fit: the float64 value, rounded once
     cases = [
         (torch.tensor([1e38, -1e38, 0.5]), ent * 1e38, 1.0, 0.4, 2.0),
-        (adv, torch.full_like(ent, 3e38), 0.7, 0.0, 2.0),        # alpha = 0: no bonus even for huge entropies
+        (adv, torch.full_like(ent, 3e38), 0.7, 0.0, 2.0),  # alpha = 0: no bonus even for huge entropies
         (torch.tensor([0.0, 1.0, -2.0]), ent, 1.0, 0.4, F32_TINY),  # 0 / tiny = 0, 1 / tiny finite
-        (adv, ent * 1e30, 1.0, 3e38, 1e-30),                     # alpha H = inf, |A| / kappa finite
-        (adv, ent, 1.0, 3e38, 2.0),                              # alpha H overflows only where H > 0
+        (adv, ent * 1e30, 1.0, 3e38, 1e-30),  # alpha H = inf, |A| / kappa finite
+        (adv, ent, 1.0, 3e38, 2.0),  # alpha H overflows only where H > 0
     ]
     for a, h, scale, alpha, kappa in cases:
         out = f(a, h, mask, scale, alpha=alpha, kappa=kappa)
@@ -356,8 +398,9 @@ def test_entropy_shaped_advantages_extremes(backend):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=0)
         if backend == "triton":
-            assert torch.equal(out, rk.entropy_shaped_advantages(a, h, mask, scale, alpha=alpha, kappa=kappa,
-                                                                 backend="torch"))
+            assert torch.equal(
+                out, rk.entropy_shaped_advantages(a, h, mask, scale, alpha=alpha, kappa=kappa, backend="torch")
+            )
 
 
 @overflow_ok
@@ -451,8 +494,7 @@ def test_cppo_extremes(backend):
     res3 = f(lp, lm, adv, mask, horizon=2**40)  # w = 1 - 0.2 t / (2**40 - 1) rounds to 1 in fp32
     assert torch.equal(res3.weight, mask.float())
     if backend == "triton":
-        for r, kw in ((res, dict(quantile_scale=3e38, max_mult=1e300, delta_b=0.02)),
-                      (res3, dict(horizon=2**40))):
+        for r, kw in ((res, dict(quantile_scale=3e38, max_mult=1e300, delta_b=0.02)), (res3, dict(horizon=2**40))):
             t = rk.cppo_mask(lp, lm, adv, mask, backend="torch", **kw)
             for k in ("mask", "weight", "delta_b"):
                 torch.testing.assert_close(getattr(r, k), getattr(t, k), atol=0, rtol=1e-6)
@@ -485,8 +527,11 @@ def delta_oracle(h, logp, adv, mask, K=1, lam_min=0.8, lam_max=1.2, eps=1e-8):
         om = torch.sigmoid(mg / torch.where(pos, gp, gn)) * a.abs()
         gp, gn = gam(mg, pos), gam(mg, neg)
         mg = margin(cent(torch.where(pos, om, 0.0)), cent(torch.where(neg, om, 0.0)))
-    c = torch.where(pos | neg, lam_min + (lam_max - lam_min) * torch.sigmoid(mg / torch.where(pos, gp, gn)),
-                    torch.full_like(mg, lam_min))
+    c = torch.where(
+        pos | neg,
+        lam_min + (lam_max - lam_min) * torch.sigmoid(mg / torch.where(pos, gp, gn)),
+        torch.full_like(mg, lam_min),
+    )
     c = torch.where(m, c, 0.0)
     return c * m.sum() / c[m].sum().clamp_min(eps)
 
@@ -522,12 +567,14 @@ def test_delta_extremes(backend):
     # old log-probs: above 0 means probability 1 (s = 0), below the fp32 range probability 0 (s = 1)
     lp_pos = lp.clone()
     lp_pos[0, :2] = 5.0
-    torch.testing.assert_close(f(h, lp_pos, adv, mask), f(h, torch.where(lp_pos > 0, 0.0, lp_pos), adv, mask),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        f(h, lp_pos, adv, mask), f(h, torch.where(lp_pos > 0, 0.0, lp_pos), adv, mask), atol=0, rtol=0
+    )
     lp_neg = lp.double().clone()
     lp_neg[2, :3] = -1e300
-    torch.testing.assert_close(f(h, lp_neg, adv, mask), f(h, torch.where(lp_neg < -1e3, -200.0, lp), adv, mask),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        f(h, lp_neg, adv, mask), f(h, torch.where(lp_neg < -1e3, -200.0, lp), adv, mask), atol=0, rtol=0
+    )
     torch.testing.assert_close(f(h, lp_neg, adv, mask).double(), oracle(h, lp_neg, adv), atol=1e-5, rtol=1e-5)
     raises_naming(ValueError, "eps", lambda: f(h, lp, adv, mask, eps=1e-300))
     raises_naming(ValueError, "lam_max", lambda: f(h, lp, adv, mask, lam_max=1e300))
@@ -560,16 +607,21 @@ X = fuzz_inputs()
 OPS = {
     "tp_schedule_mask": lambda **k: rk.tp_schedule_mask(**{"mask": X["mask"], "q": 0.5, **k}),
     "trajectory_percentile": lambda **k: rk.trajectory_percentile(**{"mask": X["mask"], **k}),
-    "forking_token_mask": lambda **k: rk.forking_token_mask(**{"entropy": X["ent"], "mask": X["mask"], "rho": 0.5,
-                                                               **k}),
+    "forking_token_mask": lambda **k: rk.forking_token_mask(
+        **{"entropy": X["ent"], "mask": X["mask"], "rho": 0.5, **k}
+    ),
     "entropy_shaped_advantages": lambda **k: rk.entropy_shaped_advantages(
-        **{"advantages": X["adv"], "entropy": X["ent"], "mask": X["mask"], "scale": 0.5, **k}),
-    "d3s_token_mask": lambda **k: rk.d3s_token_mask(**{"advantages": X["adv"], "entropy": X["ent"],
-                                                       "mask": X["mask"], "rho": 0.5, **k}),
-    "cppo_mask": lambda **k: rk.cppo_mask(**{"logp": X["lp"], "logp_mu": X["lm"],
-                                             "advantages": torch.tensor([1.0, -1.0, 0.5]), "mask": X["mask5"], **k}),
-    "delta_coefficients": lambda **k: rk.delta_coefficients(**{"hidden_old": X["h"], "old_logp": X["dlp"],
-                                                               "advantages": X["dadv"], "mask": X["dmask"], **k}),
+        **{"advantages": X["adv"], "entropy": X["ent"], "mask": X["mask"], "scale": 0.5, **k}
+    ),
+    "d3s_token_mask": lambda **k: rk.d3s_token_mask(
+        **{"advantages": X["adv"], "entropy": X["ent"], "mask": X["mask"], "rho": 0.5, **k}
+    ),
+    "cppo_mask": lambda **k: rk.cppo_mask(
+        **{"logp": X["lp"], "logp_mu": X["lm"], "advantages": torch.tensor([1.0, -1.0, 0.5]), "mask": X["mask5"], **k}
+    ),
+    "delta_coefficients": lambda **k: rk.delta_coefficients(
+        **{"hidden_old": X["h"], "old_logp": X["dlp"], "advantages": X["dadv"], "mask": X["dmask"], **k}
+    ),
     "TemporalSchedule": lambda **k: rk.TemporalSchedule(**{"total_steps": 10, **k})(3),
     "TemporalSchedule.__call__": lambda step: rk.TemporalSchedule("linear", total_steps=10)(step),
 }
@@ -606,27 +658,56 @@ INT_ARGS = [
     ("cppo_mask", "block_size", 64, [0, 48]),
 ]
 # the argument each op must name when its block_size / tensors are wrong
-NOT_NUMBERS = [("0.5", TypeError), (b"1", TypeError), (None, TypeError), ([0.5], TypeError), ((0.5,), TypeError),
-               ({"x": 1}, TypeError), (1j, TypeError), (object(), TypeError), (True, TypeError), (False, TypeError),
-               (np.bool_(True), TypeError), (torch.tensor(True), TypeError), (torch.tensor(1 + 0j), TypeError),
-               (Decimal("0.5"), TypeError), (np.array("0.5"), TypeError),
-               (torch.tensor([0.5, 0.5]), ValueError), (np.array([0.5, 0.5]), ValueError),
-               (NAN, ValueError), (INF, ValueError), (-INF, ValueError)]
+NOT_NUMBERS = [
+    ("0.5", TypeError),
+    (b"1", TypeError),
+    (None, TypeError),
+    ([0.5], TypeError),
+    ((0.5,), TypeError),
+    ({"x": 1}, TypeError),
+    (1j, TypeError),
+    (object(), TypeError),
+    (True, TypeError),
+    (False, TypeError),
+    (np.bool_(True), TypeError),
+    (torch.tensor(True), TypeError),
+    (torch.tensor(1 + 0j), TypeError),
+    (Decimal("0.5"), TypeError),
+    (np.array("0.5"), TypeError),
+    (torch.tensor([0.5, 0.5]), ValueError),
+    (np.array([0.5, 0.5]), ValueError),
+    (NAN, ValueError),
+    (INF, ValueError),
+    (-INF, ValueError),
+]
 
 
 def real_wrappings(v):
     """Ways to pass the number v that every op must accept, each with the Python number it stands for."""
-    out = [(v, v), (np.float64(v), v), (np.float32(v), float(np.float32(v))), (np.array(v), v),
-           (torch.tensor(v, dtype=torch.float64), v), (torch.tensor(v), float(torch.tensor(v))),
-           (torch.tensor([v]), float(torch.tensor([v]))), (Fraction(v), v)]
+    out = [
+        (v, v),
+        (np.float64(v), v),
+        (np.float32(v), float(np.float32(v))),
+        (np.array(v), v),
+        (torch.tensor(v, dtype=torch.float64), v),
+        (torch.tensor(v), float(torch.tensor(v))),
+        (torch.tensor([v]), float(torch.tensor([v]))),
+        (Fraction(v), v),
+    ]
     if float(v).is_integer():
         out += [(int(v), int(v)), (np.int64(int(v)), int(v)), (torch.tensor(int(v)), int(v))]
     return out
 
 
 def int_wrappings(v):
-    return [(v, v), (np.int64(v), v), (np.int32(v), v), (np.array(v), v), (torch.tensor(v), v),
-            (torch.tensor(v, dtype=torch.int32), v)]
+    return [
+        (v, v),
+        (np.int64(v), v),
+        (np.int32(v), v),
+        (np.array(v), v),
+        (torch.tensor(v), v),
+        (torch.tensor(v, dtype=torch.int32), v),
+    ]
 
 
 def same(a, b):
@@ -683,8 +764,12 @@ def test_fuzz_int_arguments(op, name, good, bad):
         assert call(op, name, 10**400) == 0.0
 
 
-CHOICES = [("d3s_token_mask", "scope"), ("cppo_mask", "budget"), ("cppo_mask", "divergence"),
-           ("TemporalSchedule", "mode")]
+CHOICES = [
+    ("d3s_token_mask", "scope"),
+    ("cppo_mask", "budget"),
+    ("cppo_mask", "divergence"),
+    ("TemporalSchedule", "mode"),
+]
 FLAGS = [("tp_schedule_mask", "reverse"), ("delta_coefficients", "exclude_zero_adv")]
 ALL_OPS = [k for k in OPS if not k.startswith("TemporalSchedule")]
 
@@ -711,44 +796,113 @@ def _tensor_args():
     meta = lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")  # noqa: E731
 
     def bad_float(t):
-        return [("x", TypeError), (t.tolist(), TypeError), (t.numpy(), TypeError), (None, TypeError),
-                (t > 0, TypeError), (t.to(torch.complex64), TypeError), (t[..., :-1], ValueError),
-                (t.reshape(-1)[:-1], ValueError), (meta(t), ValueError)]
+        return [
+            ("x", TypeError),
+            (t.tolist(), TypeError),
+            (t.numpy(), TypeError),
+            (None, TypeError),
+            (t > 0, TypeError),
+            (t.to(torch.complex64), TypeError),
+            (t[..., :-1], ValueError),
+            (t.reshape(-1)[:-1], ValueError),
+            (meta(t), ValueError),
+        ]
 
     def int_ok(t):  # an integer tensor where floats belong is refused, not silently converted
         return [(t.long(), TypeError)]
 
     nan_mask = m.float().clone()
     nan_mask[0, 3] = NAN
-    mask_bad = [("x", TypeError), (m.tolist(), TypeError), (m.numpy(), TypeError), (None, TypeError),
-                (m.to(torch.complex64), TypeError), (m[None], ValueError), (nan_mask, ValueError)]
+    mask_bad = [
+        ("x", TypeError),
+        (m.tolist(), TypeError),
+        (m.numpy(), TypeError),
+        (None, TypeError),
+        (m.to(torch.complex64), TypeError),
+        (m[None], ValueError),
+        (nan_mask, ValueError),
+    ]
     mask_ok = [(m.float(), True), (m.long(), True), (m.to(torch.uint8), True), (m.double() * 3.0, True)]
     out = []
     for op in ("forking_token_mask", "entropy_shaped_advantages", "d3s_token_mask"):
-        out.append((op, "entropy", ent, [(ent.double(), True), (ent.half(), False),
-                                          (ent.t().contiguous().t(), True)], bad_float(ent) + int_ok(ent)))
+        out.append(
+            (
+                op,
+                "entropy",
+                ent,
+                [(ent.double(), True), (ent.half(), False), (ent.t().contiguous().t(), True)],
+                bad_float(ent) + int_ok(ent),
+            )
+        )
         out.append((op, "mask", m, mask_ok, mask_bad))
     for op in ("entropy_shaped_advantages", "d3s_token_mask"):
-        out.append((op, "advantages", adv, [(adv[:, None], True), (adv.double(), True),
-                                             (adv[:, None].expand(3, 4).contiguous(), True)],
-                    bad_float(adv) + int_ok(adv) + [(torch.randn(3, 5), ValueError)]))
+        out.append(
+            (
+                op,
+                "advantages",
+                adv,
+                [(adv[:, None], True), (adv.double(), True), (adv[:, None].expand(3, 4).contiguous(), True)],
+                bad_float(adv) + int_ok(adv) + [(torch.randn(3, 5), ValueError)],
+            )
+        )
     out.append(("tp_schedule_mask", "mask", m, mask_ok, mask_bad))
-    out.append(("trajectory_percentile", "values", ent, [(ent.double(), True), ((ent * 8).long(), False)],
-                [("x", TypeError), (ent > 0.5, TypeError), (ent[:, :2], ValueError), (meta(ent), ValueError),
-                 (ent.to(torch.complex64), TypeError)]))
+    out.append(
+        (
+            "trajectory_percentile",
+            "values",
+            ent,
+            [(ent.double(), True), ((ent * 8).long(), False)],
+            [
+                ("x", TypeError),
+                (ent > 0.5, TypeError),
+                (ent[:, :2], ValueError),
+                (meta(ent), ValueError),
+                (ent.to(torch.complex64), TypeError),
+            ],
+        )
+    )
     lp, lm = X["lp"], X["lm"]
     for name, t in (("logp", lp), ("logp_mu", lm)):
         out.append(("cppo_mask", name, t, [(t.double(), True), (t.bfloat16(), False)], bad_float(t) + int_ok(t)))
     cadv = torch.tensor([1.0, -1.0, 0.5])
-    out.append(("cppo_mask", "advantages", cadv, [(cadv.double(), True), (cadv[:, None], True)],
-                bad_float(cadv) + int_ok(cadv) + [(torch.ones(2), ValueError)]))
+    out.append(
+        (
+            "cppo_mask",
+            "advantages",
+            cadv,
+            [(cadv.double(), True), (cadv[:, None], True)],
+            bad_float(cadv) + int_ok(cadv) + [(torch.ones(2), ValueError)],
+        )
+    )
     h, dlp, dadv = X["h"], X["dlp"], X["dadv"]
-    out.append(("delta_coefficients", "hidden_old", h, [(h.double(), True), (h.bfloat16(), False)],
-                [("x", TypeError), (h.numpy(), TypeError), (h.long(), TypeError), (h > 0, TypeError),
-                 (h[:, :-1], ValueError), (h[..., :0], ValueError), (h[0], ValueError), (meta(h), ValueError)]))
+    out.append(
+        (
+            "delta_coefficients",
+            "hidden_old",
+            h,
+            [(h.double(), True), (h.bfloat16(), False)],
+            [
+                ("x", TypeError),
+                (h.numpy(), TypeError),
+                (h.long(), TypeError),
+                (h > 0, TypeError),
+                (h[:, :-1], ValueError),
+                (h[..., :0], ValueError),
+                (h[0], ValueError),
+                (meta(h), ValueError),
+            ],
+        )
+    )
     out.append(("delta_coefficients", "old_logp", dlp, [(dlp.double(), True)], bad_float(dlp) + int_ok(dlp)))
-    out.append(("delta_coefficients", "advantages", dadv, [(dadv.double(), True), (dadv[:, None], True)],
-                bad_float(dadv) + int_ok(dadv)))
+    out.append(
+        (
+            "delta_coefficients",
+            "advantages",
+            dadv,
+            [(dadv.double(), True), (dadv[:, None], True)],
+            bad_float(dadv) + int_ok(dadv),
+        )
+    )
     return out
 
 
@@ -783,12 +937,22 @@ def test_fuzz_cu_seqlens():
         "cppo_mask": lambda c: rk.cppo_mask(-e, -e - 0.1, torch.ones(2), m, cu_seqlens=c),
         "delta_coefficients": lambda c: rk.delta_coefficients(h7, -e, torch.tensor([1.0, -1.0]), m, cu_seqlens=c),
     }
-    bad = [(cu.tolist(), TypeError), (cu.numpy(), TypeError), ("0,3,7", TypeError), (cu.float(), TypeError),
-           (cu > 0, TypeError), (cu.to(torch.complex64), TypeError), (cu[None], ValueError),
-           (torch.tensor([], dtype=torch.long), ValueError), (torch.tensor([1, 3, 7]), ValueError),
-           (torch.tensor([0, 5, 3, 7]), ValueError), (torch.tensor([0, 3, 8]), ValueError),
-           (torch.tensor([0, -1, 7]), ValueError), (torch.tensor(7), ValueError),
-           (torch.empty(3, dtype=torch.long, device="meta"), ValueError)]
+    bad = [
+        (cu.tolist(), TypeError),
+        (cu.numpy(), TypeError),
+        ("0,3,7", TypeError),
+        (cu.float(), TypeError),
+        (cu > 0, TypeError),
+        (cu.to(torch.complex64), TypeError),
+        (cu[None], ValueError),
+        (torch.tensor([], dtype=torch.long), ValueError),
+        (torch.tensor([1, 3, 7]), ValueError),
+        (torch.tensor([0, 5, 3, 7]), ValueError),
+        (torch.tensor([0, 3, 8]), ValueError),
+        (torch.tensor([0, -1, 7]), ValueError),
+        (torch.tensor(7), ValueError),
+        (torch.empty(3, dtype=torch.long, device="meta"), ValueError),
+    ]
     for op, fn in packed.items():
         want = fn(cu)
         for ok in (cu.int(), cu.to(torch.uint8), cu.to(torch.int16)):
@@ -813,29 +977,51 @@ def test_fuzz_topk_and_estimator_arguments():
     pinf[0, 0, 0] = INF
     for name in ("logp_topk", "logp_mu_topk"):
         other = "logp_mu_topk" if name == "logp_topk" else "logp_topk"
-        for value, exc in (("x", TypeError), (tk.long(), TypeError), (tk > 0, TypeError), (tk[..., 0], ValueError),
-                           (tk[:, :-1], ValueError), (pinf, ValueError), (tk.to("meta"), ValueError)):
+        for value, exc in (
+            ("x", TypeError),
+            (tk.long(), TypeError),
+            (tk > 0, TypeError),
+            (tk[..., 0], ValueError),
+            (tk[:, :-1], ValueError),
+            (pinf, ValueError),
+            (tk.to("meta"), ValueError),
+        ):
             with pytest.raises((TypeError, ValueError)) as ei:
                 f(**{name: value, other: tk})
             assert name in str(ei.value) and issubclass(ei.type, exc), (name, str(ei.value))
     # DeltaEstimator's constructor
     E = rk.DeltaEstimator
     for kw, exc, name in [
-        (dict(iters=1.0), TypeError, "iters"), (dict(iters="1"), TypeError, "iters"), (dict(iters=-1), ValueError,
-                                                                                         "iters"),
-        (dict(lam_min=NAN), ValueError, "lam_min"), (dict(lam_max="1"), TypeError, "lam_max"),
-        (dict(eps=-1.0), ValueError, "eps"), (dict(exclude_zero_adv=1), TypeError, "exclude_zero_adv"),
-        (dict(all_reduce=3), TypeError, "all_reduce"), (dict(backend="cuda"), ValueError, "backend"),
-        (dict(backend=3), TypeError, "backend"), (dict(hidden_size=0), ValueError, "hidden_size"),
-        (dict(hidden_size="4"), TypeError, "hidden_size"), (dict(hidden_size=4.0), TypeError, "hidden_size"),
-        (dict(device="nonsense"), ValueError, "device"), (dict(device=3.5), TypeError, "device"),
+        (dict(iters=1.0), TypeError, "iters"),
+        (dict(iters="1"), TypeError, "iters"),
+        (dict(iters=-1), ValueError, "iters"),
+        (dict(lam_min=NAN), ValueError, "lam_min"),
+        (dict(lam_max="1"), TypeError, "lam_max"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(exclude_zero_adv=1), TypeError, "exclude_zero_adv"),
+        (dict(all_reduce=3), TypeError, "all_reduce"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(backend=3), TypeError, "backend"),
+        (dict(hidden_size=0), ValueError, "hidden_size"),
+        (dict(hidden_size="4"), TypeError, "hidden_size"),
+        (dict(hidden_size=4.0), TypeError, "hidden_size"),
+        (dict(device="nonsense"), ValueError, "device"),
+        (dict(device=3.5), TypeError, "device"),
     ]:
         with pytest.raises((TypeError, ValueError)) as ei:
             E(**kw)
         assert name in str(ei.value) and issubclass(ei.type, exc), (kw, ei.type, str(ei.value))
-    for kw in (dict(iters=np.int64(2)), dict(iters=torch.tensor(2)), dict(lam_min=np.float32(0.5)),
-               dict(lam_min=torch.tensor(0.5)), dict(eps=np.array(1e-6)), dict(hidden_size=np.int64(4)),
-               dict(hidden_size=torch.tensor(4)), dict(device=torch.device("cpu")), dict(device="cpu")):
+    for kw in (
+        dict(iters=np.int64(2)),
+        dict(iters=torch.tensor(2)),
+        dict(lam_min=np.float32(0.5)),
+        dict(lam_min=torch.tensor(0.5)),
+        dict(eps=np.array(1e-6)),
+        dict(hidden_size=np.int64(4)),
+        dict(hidden_size=torch.tensor(4)),
+        dict(device=torch.device("cpu")),
+        dict(device="cpu"),
+    ):
         est = E(**kw)
         assert isinstance(est.iters, int) and isinstance(est.lam_min, float)
     # normalise: raw of the wrong shape / type names raw
@@ -862,8 +1048,10 @@ def _dist_data(seed=11):
     pa, pb, pc = (poison(x) for x in (a, b, c))
     pb_args, pb_kw = layout_args(pb, "packed")
     mbs = [
-        [((pa["hidden"], pa["logp"], pa["adv_row"], pa["mask"]), {}),
-         ((pb_args["hidden"], pb_args["logp"], pb_args["adv_row"], pb_args["mask"]), pb_kw)],
+        [
+            ((pa["hidden"], pa["logp"], pa["adv_row"], pa["mask"]), {}),
+            ((pb_args["hidden"], pb_args["logp"], pb_args["adv_row"], pb_args["mask"]), pb_kw),
+        ],
         [((pc["hidden"], pc["logp"], pc["adv_row"], pc["mask"]), {})],
     ]
     return mbs
@@ -884,8 +1072,13 @@ def _dist_worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         mine = _dist_data()[rank]
         res = {}
@@ -896,8 +1089,9 @@ def _dist_worker(rank, world, port, out_dir):
                 calls[0] += 1
                 return dist.all_reduce(t)
 
-            est = rk.DeltaEstimator(iters=1, all_reduce=counted if key == "global" else None, backend="torch",
-                                    hidden_size=HID, device="cpu")
+            est = rk.DeltaEstimator(
+                iters=1, all_reduce=counted if key == "global" else None, backend="torch", hidden_size=HID, device="cpu"
+            )
             for _ in est.phases():
                 for args, kw in mine:
                     est.accumulate(*args, **kw)
@@ -944,7 +1138,6 @@ def test_delta_estimator_all_reduce_on_two_gloo_ranks(tmp_path):
 
     def unflat(outs, rank):
         return torch.cat([o.reshape(-1) for o in outs])
-
 
     union = oracle([p for rank in flat for p in rank])
     n0 = sum(p[3].numel() for p in flat[0])

@@ -11,6 +11,7 @@
 The tiny models train single-threaded (``torch.set_num_threads(1)``): on a shared 2-core machine that is several times
 faster than two intra-op threads for 32-wide layers.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,8 @@ pytest.importorskip("trl")
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from _trl_common import BASE, dataset, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402
 import rlvr_kernels.integrations.trl as integ  # noqa: E402
+from _trl_common import BASE, dataset, even_words, save_tiny_model, tiny_model, tokenizer  # noqa: E402
 from rlvr_kernels.integrations.trl import RLVRGRPOConfig, RLVRGRPOTrainer  # noqa: E402
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -56,10 +57,17 @@ def spy_loss(monkeypatch):
     real = integ.rlvr_loss
 
     def spy(cfg, hidden, weight, ids, mask, adv, **kw):
-        rec = dict(cfg=cfg, autocast=torch.is_autocast_enabled(hidden.device.type), hidden=hidden.detach().clone(),
-                   weight=weight.detach().clone(), bias=None if kw.get("bias") is None else kw["bias"].detach().clone(),
-                   ids=ids.clone(), mask=mask.clone(), adv=adv.detach().clone(),
-                   kw={k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        rec = dict(
+            cfg=cfg,
+            autocast=torch.is_autocast_enabled(hidden.device.type),
+            hidden=hidden.detach().clone(),
+            weight=weight.detach().clone(),
+            bias=None if kw.get("bias") is None else kw["bias"].detach().clone(),
+            ids=ids.clone(),
+            mask=mask.clone(),
+            adv=adv.detach().clone(),
+            kw={k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
+        )
         loss, metrics = real(cfg, hidden, weight, ids, mask, adv, **kw)
         rec.update(loss=float(loss.detach()), named={k: float(v) for k, v in metrics.named.items()})
         calls.append(rec)
@@ -75,13 +83,20 @@ def users_args(tmp_path, config_cls=RLVRGRPOConfig, **kw):
     return config_cls(output_dir=str(tmp_path / config_cls.__name__), **{**base, **kw})
 
 
-def run(tmp_path, model_dir, *, trainer_cls=RLVRGRPOTrainer, config_cls=RLVRGRPOConfig, dtype=None, trainer_kw=None,
-        **kw):
+def run(
+    tmp_path, model_dir, *, trainer_cls=RLVRGRPOTrainer, config_cls=RLVRGRPOConfig, dtype=None, trainer_kw=None, **kw
+):
     args = users_args(tmp_path, config_cls, **kw)
     model = tiny_model(model_dir, dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = trainer_cls(model=model, reward_funcs=even_words, args=args, train_dataset=dataset(),
-                          processing_class=tokenizer(), **(trainer_kw or {}))
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=even_words,
+        args=args,
+        train_dataset=dataset(),
+        processing_class=tokenizer(),
+        **(trainer_kw or {}),
+    )
     trainer.train()
     logs = [row for row in trainer.state.log_history if "loss" in row]
     assert len(logs) == args.max_steps
@@ -223,7 +238,7 @@ class Rollout:
                 cid[-1] = tok.eos_token_id
             ids = torch.tensor([pid + cid])
             with torch.no_grad():
-                logits = trainer.model(input_ids=ids).logits[0, len(pid) - 1:-1].float() / trainer.temperature
+                logits = trainer.model(input_ids=ids).logits[0, len(pid) - 1 : -1].float() / trainer.temperature
             lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cid)[:, None])[:, 0]
             mu = lp + self.noise * torch.randn(lp.shape, generator=self.g)
             mu = torch.minimum(mu, torch.zeros_like(mu) - 1e-4)  # a probability below 1
@@ -255,7 +270,7 @@ def expected_mu(rec, rollout):
     mu = torch.zeros_like(old)
     for i in range(mask.size(0)):
         row = rollout.logps[tuple(rec["ids"][i][mask[i]].tolist())]
-        mu[i, :row.numel()] = row
+        mu[i, : row.numel()] = row
     return torch.where(torch.isnan(mu), old, mu), bool(torch.isnan(mu[mask]).any())
 
 
@@ -265,9 +280,20 @@ def reference_masked(tr, args, logp, mu, adv, mask):
 
     adv = adv[:, None].expand(mask.shape) if adv.dim() == 1 else adv
     if tr == "cppo":
-        keep = cppo_mask(logp, mu, adv, mask, delta=args.trust_region_delta, w_min=args.cppo_w_min,
-                         delta_b=args.cppo_delta_b, budget=args.cppo_budget, quantile=args.cppo_quantile,
-                         max_mult=args.cppo_max_mult, horizon=args.cppo_horizon, backend="torch").mask
+        keep = cppo_mask(
+            logp,
+            mu,
+            adv,
+            mask,
+            delta=args.trust_region_delta,
+            w_min=args.cppo_w_min,
+            delta_b=args.cppo_delta_b,
+            budget=args.cppo_budget,
+            quantile=args.cppo_quantile,
+            max_mult=args.cppo_max_mult,
+            horizon=args.cppo_horizon,
+            backend="torch",
+        ).mask
     else:  # DPPO Binary-TV: a move toward mu is kept, else |pi(a) - mu(a)| within trust_region_delta
         diff = logp.exp() - mu.exp()
         keep = torch.where(adv > 0, diff <= args.trust_region_delta, diff >= -args.trust_region_delta)
@@ -303,8 +329,16 @@ def test_rollout_logprobs_anchor_trust_region(tmp_path, model_dir, monkeypatch, 
         assert got_masked == pytest.approx(n_masked, abs=1e-3)
         masked_any |= n_masked > 0
         kw = {k: v for k, v in rec["kw"].items() if k != "rollout_per_token_logps"}
-        anchored, m1 = rlvr_loss(rec["cfg"], rec["hidden"], rec["weight"], rec["ids"], rec["mask"], rec["adv"],
-                                 rollout_per_token_logps=mu, **kw)
+        anchored, m1 = rlvr_loss(
+            rec["cfg"],
+            rec["hidden"],
+            rec["weight"],
+            rec["ids"],
+            rec["mask"],
+            rec["adv"],
+            rollout_per_token_logps=mu,
+            **kw,
+        )
         assert float(anchored) == pytest.approx(rec["loss"], rel=1e-5, abs=1e-7)
         with warnings.catch_warnings(record=True) as caught:  # CPPO says it: mu == pi on every token
             warnings.simplefilter("always")
@@ -359,15 +393,38 @@ def multiproc(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     root = tmp_path_factory.mktemp("trl-multiproc")
     model = save_tiny_model(root / "model")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HOME=str(root / "hf"),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH"))
-                                        if p)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        HF_HOME=str(root / "hf"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRL_EXPERIMENTAL_SILENCE="1",
+    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH")) if p)
     for attempt in range(3):  # a port taken between free_port() and the launch: try another
         out = root / f"out{attempt}"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), str(TESTS / "_trl_multiproc.py"), model, str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            str(TESTS / "_trl_multiproc.py"),
+            model,
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
             break

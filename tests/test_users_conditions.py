@@ -2,6 +2,7 @@
 padded positions by attention kernels, numbers at the edge of fp32, empty batches, repeated backward, and a clear
 error for every argument the entry points cannot honour. The token ops have theirs in test_token_ops_inert.py,
 the trainers in test_trl_users.py / test_verl_users.py."""
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,9 @@ def test_fused_linear_logprobs_under_autocast_is_the_lm_head_in_bf16(backend):
         return lp, ent
 
     def bf16(x, w, b):
-        lp, ent = fused_linear_logprobs(x.bfloat16(), w.bfloat16(), ids, bias=b.bfloat16(), temperature=0.7,
-                                        backend=backend)
+        lp, ent = fused_linear_logprobs(
+            x.bfloat16(), w.bfloat16(), ids, bias=b.bfloat16(), temperature=0.7, backend=backend
+        )
         (lp.sum() + 0.3 * ent.sum()).backward()
         return lp, ent
 
@@ -81,9 +83,16 @@ def test_fused_linear_logprobs_under_autocast_is_the_lm_head_in_bf16(backend):
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kw", [dict(loss_type="dapo", beta=0.04), dict(loss_type="grpo", beta=0.0, entropy_coef=0.01),
-                                dict(loss_type="dppo", beta=0.0), dict(loss_type="cppo", beta=0.0)],
-                         ids=lambda k: k["loss_type"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type="dapo", beta=0.04),
+        dict(loss_type="grpo", beta=0.0, entropy_coef=0.01),
+        dict(loss_type="dppo", beta=0.0),
+        dict(loss_type="cppo", beta=0.0),
+    ],
+    ids=lambda k: k["loss_type"],
+)
 def test_rlvr_loss_under_autocast_equals_bf16_inputs(kw, backend, fused):
     x, w, ids, mask, adv, old, ref = _data()
     loss_fn = RLVRLoss(fused=fused, backend=backend, **kw)
@@ -134,8 +143,7 @@ def test_loss_metrics_survive_a_trainer_rebuilding_them():
 
 
 @settings(max_examples=12, deadline=None)
-@given(poison=st.sampled_from(POISON), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 3),
-       gather=st.booleans())
+@given(poison=st.sampled_from(POISON), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 3), gather=st.booleans())
 def test_fused_linear_logprobs_ignored_rows_are_inert(poison, backend, seed, gather):
     x, w, ids, mask, *_ = _data(seed)
     t = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
@@ -204,8 +212,14 @@ LOSS_CONFIGS = [
 
 
 @settings(max_examples=18, deadline=None)
-@given(cfg=st.sampled_from(LOSS_CONFIGS), poison=st.sampled_from(POISON), fused=st.booleans(),
-       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2), per_token_adv=st.booleans())
+@given(
+    cfg=st.sampled_from(LOSS_CONFIGS),
+    poison=st.sampled_from(POISON),
+    fused=st.booleans(),
+    backend=st.sampled_from(BACKENDS),
+    seed=st.integers(0, 2),
+    per_token_adv=st.booleans(),
+)
 def test_rlvr_loss_padding_is_inert(cfg, poison, fused, backend, seed, per_token_adv):
     """Hidden states, ids, advantages, old/ref/rollout log-probs, IS ratios, DelTA coefficients and old entropies
     hold NaN/inf/huge values or out-of-range ids wherever attention_mask == 0: loss, metrics and gradients equal the
@@ -216,9 +230,15 @@ def test_rlvr_loss_padding_is_inert(cfg, poison, fused, backend, seed, per_token
     B, T = mask.shape
     pad = ~mask.bool()
     g = torch.Generator().manual_seed(seed + 10)
-    kw = dict(old_per_token_logps=old, ref_per_token_logps=ref, rollout_per_token_logps=old + 0.05,
-              vllm_is_ratio=torch.rand(B, T, generator=g) + 0.5, delta_coefficients=torch.rand(B, T, generator=g) + 0.5,
-              old_entropy=torch.rand(B, T, generator=g), step=3)
+    kw = dict(
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        rollout_per_token_logps=old + 0.05,
+        vllm_is_ratio=torch.rand(B, T, generator=g) + 0.5,
+        delta_coefficients=torch.rand(B, T, generator=g) + 0.5,
+        old_entropy=torch.rand(B, T, generator=g),
+        step=3,
+    )
     kw["vllm_is_ratio"][pad] = 1.0  # VESPO multiplies every position's ratio in (Liger, TRL): clean padding is 1
     if cfg.get("credit") != "delta":
         kw.pop("delta_coefficients")
@@ -236,7 +256,7 @@ def test_rlvr_loss_padding_is_inert(cfg, poison, fused, backend, seed, per_token
     dirty_kw = {k: (poisoned(v, poison) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     if cfg["loss_type"] == "vespo" and math.isfinite(poison):
         dirty_kw["vllm_is_ratio"] = kw["vllm_is_ratio"]  # a finite padded ratio counts in VESPO (Liger, TRL)
-    dirty_ids = poisoned(ids, -7 if poison != poison else 10 ** 6)
+    dirty_ids = poisoned(ids, -7 if poison != poison else 10**6)
     dirty_adv = poisoned(adv, poison) if per_token_adv else adv
     (lc, mc), gc = _grads(lambda x, w: loss_fn(x, w, ids, mask, adv, **kw), poisoned(x, 0.0), w)
     (ld, md), gd = _grads(lambda x, w: loss_fn(x, w, dirty_ids, mask, dirty_adv, **dirty_kw), poisoned(x, poison), w)
@@ -260,8 +280,9 @@ def test_empty_batch_gives_zero_loss_and_zero_grads(fused, shape):
     B, T = shape
     x = torch.randn(B, T, 8, requires_grad=True)
     w = torch.randn(30, 8, requires_grad=True)
-    loss, metrics = RLVRLoss(beta=0.0, fused=fused)(x, w, torch.zeros(B, T, dtype=torch.long), torch.ones(B, T),
-                                                    torch.zeros(B))
+    loss, metrics = RLVRLoss(beta=0.0, fused=fused)(
+        x, w, torch.zeros(B, T, dtype=torch.long), torch.ones(B, T), torch.zeros(B)
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(metrics["clip_ratio"])
     assert x.grad.shape == x.shape and (w.grad == 0).all()
@@ -334,11 +355,23 @@ def test_constructor_refuses_every_bad_number_and_names_it(name):
             RLVRLoss(**{name: bad}, **ctx)
 
 
-@pytest.mark.parametrize("name,bad", [("loss_type", "ppo"), ("aggregation", "mean"), ("credit", "tp"),
-                                      ("d3s_scope", "global"), ("cppo_budget", "auto"), ("backend", "cuda"),
-                                      ("importance_sampling_level", "seq"), ("fused", "yes"),
-                                      ("compiled", "no"), ("use_ref_model", 1), ("schedule", 0.5),
-                                      ("ignore_index", -100.0)])
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("loss_type", "ppo"),
+        ("aggregation", "mean"),
+        ("credit", "tp"),
+        ("d3s_scope", "global"),
+        ("cppo_budget", "auto"),
+        ("backend", "cuda"),
+        ("importance_sampling_level", "seq"),
+        ("fused", "yes"),
+        ("compiled", "no"),
+        ("use_ref_model", 1),
+        ("schedule", 0.5),
+        ("ignore_index", -100.0),
+    ],
+)
 def test_constructor_refuses_bad_choices(name, bad):
     with pytest.raises((TypeError, ValueError), match=name):
         RLVRLoss(**{name: bad})
@@ -347,8 +380,11 @@ def test_constructor_refuses_bad_choices(name, bad):
 def test_forward_refuses_what_it_cannot_honour():
     x, w, ids, mask, adv, old, _ = _data()
     loss_fn = RLVRLoss(beta=0.0)
-    call = lambda **kw: loss_fn(**{**dict(_input=x, lin_weight=w, selected_token_ids=ids,  # noqa: E731
-                                           attention_mask=mask, advantages=adv), **kw})
+
+    def call(**kw):
+        base = dict(_input=x, lin_weight=w, selected_token_ids=ids, attention_mask=mask, advantages=adv)
+        return loss_fn(**{**base, **kw})
+
     bad_ids = ids.clone()
     bad_ids[0, 0] = -100  # ignore_index on a loss token
     big = ids.clone()
@@ -407,8 +443,10 @@ def test_temperature_overflow_and_number_types(backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     z = torch.randn(3, 20)
     t = torch.randint(0, 20, (3,))
-    torch.testing.assert_close(logprobs_from_logits(z, t, temperature=np.float32(2.0), backend=backend),
-                               logprobs_from_logits(z, t, temperature=2.0, backend=backend))
+    torch.testing.assert_close(
+        logprobs_from_logits(z, t, temperature=np.float32(2.0), backend=backend),
+        logprobs_from_logits(z, t, temperature=2.0, backend=backend),
+    )
 
 
 def test_empty_hidden_size_is_a_clear_error():
@@ -463,9 +501,20 @@ def test_linear_row_with_huge_logit_spread_has_no_nan():
         assert lp[0] == -math.inf and lp[1] == -3e38 and (ent == 0).all(), bk
 
 
-FORWARD_TENSOR_ARGS = ["_input", "lin_weight", "selected_token_ids", "attention_mask", "advantages", "bias",
-                       "ref_per_token_logps", "old_per_token_logps", "vllm_is_ratio", "rollout_per_token_logps",
-                       "delta_coefficients", "old_entropy"]
+FORWARD_TENSOR_ARGS = [
+    "_input",
+    "lin_weight",
+    "selected_token_ids",
+    "attention_mask",
+    "advantages",
+    "bias",
+    "ref_per_token_logps",
+    "old_per_token_logps",
+    "vllm_is_ratio",
+    "rollout_per_token_logps",
+    "delta_coefficients",
+    "old_entropy",
+]
 
 
 @pytest.mark.parametrize("name", FORWARD_TENSOR_ARGS)
@@ -474,15 +523,31 @@ def test_forward_fuzz_every_tensor_argument(name):
     before any kernel runs; never another exception, never a silent result."""
     x, w, ids, mask, adv, old, ref = _data()
     B, T, H = x.shape
-    base = dict(_input=x, lin_weight=w, selected_token_ids=ids, attention_mask=mask, advantages=adv,
-                bias=torch.zeros(w.shape[0]), ref_per_token_logps=ref, old_per_token_logps=old,
-                vllm_is_ratio=torch.ones(B, T), rollout_per_token_logps=old, delta_coefficients=torch.ones(B, T),
-                old_entropy=torch.rand(B, T))
+    base = dict(
+        _input=x,
+        lin_weight=w,
+        selected_token_ids=ids,
+        attention_mask=mask,
+        advantages=adv,
+        bias=torch.zeros(w.shape[0]),
+        ref_per_token_logps=ref,
+        old_per_token_logps=old,
+        vllm_is_ratio=torch.ones(B, T),
+        rollout_per_token_logps=old,
+        delta_coefficients=torch.ones(B, T),
+        old_entropy=torch.rand(B, T),
+    )
     loss_fn = RLVRLoss(beta=0.04, loss_type="cppo", credit="delta")
     loss_fn(**base)  # the valid call runs
     good = base[name]
-    wrong = ["text", [1.0, 2.0], 3.0, good[..., :1].clone() if good.dim() > 1 and name != "vllm_is_ratio" else good[:1],
-             good.to("meta"), good.unsqueeze(0)]
+    wrong = [
+        "text",
+        [1.0, 2.0],
+        3.0,
+        good[..., :1].clone() if good.dim() > 1 and name != "vllm_is_ratio" else good[:1],
+        good.to("meta"),
+        good.unsqueeze(0),
+    ]
     if good.dtype.is_floating_point:
         wrong.append(good.to(torch.complex64) if name not in ("_input", "lin_weight", "bias") else good.long())
     else:
@@ -492,12 +557,23 @@ def test_forward_fuzz_every_tensor_argument(name):
             loss_fn(**{**base, name: bad})
 
 
-@pytest.mark.parametrize("name,bad", [("step", "3"), ("step", 0), ("step", 2.5), ("dp_size", 0), ("dp_size", "2"),
-                                      ("global_batch_size", float("nan")), ("batch_num_tokens", -1)])
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("step", "3"),
+        ("step", 0),
+        ("step", 2.5),
+        ("dp_size", 0),
+        ("dp_size", "2"),
+        ("global_batch_size", float("nan")),
+        ("batch_num_tokens", -1),
+    ],
+)
 def test_forward_fuzz_scalar_arguments(name, bad):
     x, w, ids, mask, adv, old, _ = _data()
-    loss_fn = RLVRLoss(beta=0.0, credit="tp_schedule", schedule=TemporalSchedule(total_steps=10),
-                       aggregation="token-mean")
+    loss_fn = RLVRLoss(
+        beta=0.0, credit="tp_schedule", schedule=TemporalSchedule(total_steps=10), aggregation="token-mean"
+    )
     loss_fn(x, w, ids, mask, adv, old_per_token_logps=old, step=3)
     kw = dict(step=3)
     kw[name] = bad

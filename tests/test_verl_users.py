@@ -13,6 +13,7 @@
 - on a real 2-rank gloo group (tests/_verl_dist.py), verl's engine with dp_size 2 and the DelTA all-reduce give the
   single-process numbers over the union of both ranks' data.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,8 +45,12 @@ AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 PAIRS = [("vanilla", "rlvr_clip"), ("dppo_tv", "rlvr_dppo"), ("cispo", "rlvr_cispo")]
 ENTROPY_CREDITS = ("forking", "entropy_adv", "d3s")
 # no shrinking: a failing example here would take minutes to shrink (7 lists of 35 positions); it is printed as drawn
-HYP = settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-               phases=(Phase.explicit, Phase.reuse, Phase.generate))
+HYP = settings(
+    max_examples=3,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+)
 NAN, INF = float("nan"), float("inf")
 
 B, T = 6, 11
@@ -53,8 +58,7 @@ LENS = (11, 6, 0, 9, 4, 1)  # an empty row and a one-token row too
 MASK = torch.arange(T)[None, :] < torch.tensor(LENS)[:, None]
 N_PAD = int((~MASK).sum())
 # the batch tensors of a call; "delta_coef" / "rollout_log_probs" / "entropy" reach the losses via loss_context
-FIELDS = ("log_prob", "old_log_prob", "advantages", "rollout_is_weights", "entropy", "rollout_log_probs",
-          "delta_coef")
+FIELDS = ("log_prob", "old_log_prob", "advantages", "rollout_is_weights", "entropy", "rollout_log_probs", "delta_coef")
 
 
 @pytest.fixture(autouse=True)
@@ -109,12 +113,23 @@ def call(name, t, mode="token-mean", rlvr=None, gbi=None, mask=MASK, log_prob_dt
     x = lp.requires_grad_()
     ctx = {}
     if name.startswith("rlvr_"):
-        ctx = dict(step=3, total_steps=10, entropy=t["entropy"], delta_coefficients=t["delta_coef"],
-                   rollout_log_probs=t["rollout_log_probs"])
+        ctx = dict(
+            step=3,
+            total_steps=10,
+            entropy=t["entropy"],
+            delta_coefficients=t["delta_coef"],
+            rollout_log_probs=t["rollout_log_probs"],
+        )
     with rv.loss_context(**ctx):
         loss, metrics = get_policy_loss_fn(name)(
-            old_log_prob=t["old_log_prob"], log_prob=x, advantages=t["advantages"], response_mask=mask,
-            loss_agg_mode=mode, config=cfg, rollout_is_weights=t["rollout_is_weights"])
+            old_log_prob=t["old_log_prob"],
+            log_prob=x,
+            advantages=t["advantages"],
+            response_mask=mask,
+            loss_agg_mode=mode,
+            config=cfg,
+            rollout_is_weights=t["rollout_is_weights"],
+        )
     loss.backward()
     grad = x.grad if x.grad is not None else torch.zeros_like(x)
     return loss.detach(), grad, metrics
@@ -130,8 +145,12 @@ CHECKED = [  # (argument as the error names it, field, loss names that read it, 
     ("rollout_is_weights", "rollout_is_weights", rv.LOSS_NAMES, None),
     ("entropy", "entropy", [n for n in rv.LOSS_NAMES if spec_of(n).credit in ENTROPY_CREDITS], None),
     (rv.DELTA_COEF_KEY, "delta_coef", [n for n in rv.LOSS_NAMES if spec_of(n).credit == "delta"], None),
-    (rv.ROLLOUT_LOGP_KEY, "rollout_log_probs", [n for n in rv.LOSS_NAMES if spec_of(n).trust in ("dppo", "cppo")],
-     {"anchor": "rollout"}),
+    (
+        rv.ROLLOUT_LOGP_KEY,
+        "rollout_log_probs",
+        [n for n in rv.LOSS_NAMES if spec_of(n).trust in ("dppo", "cppo")],
+        {"anchor": "rollout"},
+    ),
 ]
 
 
@@ -211,8 +230,9 @@ def test_padding_is_inert_in_every_rlvr_mode(name, plan, anchor, seed, dp):
     rlvr = {"anchor": anchor} if spec.trust in ("dppo", "cppo") else None
     gbi = None
     if dp and spec.credit != "tp_schedule":  # a DP-style global_batch_info (tp_schedule needs the worker hook then)
-        gbi = dict(dp_size=2, batch_num_tokens=2 * int(MASK.sum()) + 3, global_batch_size=2 * B - 1,
-                   loss_scale_factor=16)
+        gbi = dict(
+            dp_size=2, batch_num_tokens=2 * int(MASK.sum()) + 3, global_batch_size=2 * B - 1, loss_scale_factor=16
+        )
     dirty_inputs = poisoned(inputs(seed, padding="random"), plan)
     for mode in AGG_MODES:
         clean = call(name, inputs(seed), mode, rlvr, gbi)
@@ -256,13 +276,21 @@ def _compose(overrides):
     import verl
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer/config"),
-                               version_base=None):
-        return compose("ppo_trainer", overrides=list(overrides) + [
-            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", "data.train_batch_size=8",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=4", "trainer.n_gpus_per_node=1"])
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer/config"), version_base=None
+    ):
+        return compose(
+            "ppo_trainer",
+            overrides=list(overrides)
+            + [
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+                "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2",
+                "data.train_batch_size=8",
+                "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                "trainer.n_gpus_per_node=1",
+            ],
+        )
 
 
 def test_misspelt_rlvr_loss_mode_fails_at_config_validation():
@@ -282,13 +310,23 @@ def test_misspelt_rlvr_loss_mode_fails_at_config_validation():
     with pytest.raises(ValueError, match="rlvr_dppo"):
         rv.RLVRPolicyLossConfig(loss_mode="rlvr_ddpo")
     with pytest.raises(ValueError, match="rlvr_clip"):
-        FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2,
-                        policy_loss=PolicyLossConfig(loss_mode="rlvr_clipp"))
+        FSDPActorConfig(
+            strategy="fsdp",
+            rollout_n=1,
+            ppo_micro_batch_size_per_gpu=2,
+            policy_loss=PolicyLossConfig(loss_mode="rlvr_clipp"),
+        )
     # valid names (ours and verl's) pass
-    validate_config(_compose([target, "actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_tp_schedule"]),
-                    use_reference_policy=False, use_critic=False)
-    validate_config(_compose(["actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv"]), use_reference_policy=False,
-                    use_critic=False)
+    validate_config(
+        _compose([target, "actor_rollout_ref.actor.policy_loss.loss_mode=rlvr_tp_schedule"]),
+        use_reference_policy=False,
+        use_critic=False,
+    )
+    validate_config(
+        _compose(["actor_rollout_ref.actor.policy_loss.loss_mode=dppo_tv"]),
+        use_reference_policy=False,
+        use_critic=False,
+    )
     actor_config("rlvr_delta_cispo")
 
 
@@ -337,8 +375,9 @@ def fake_engines(monkeypatch):
 
 
 def _model_config(impl_backend, use_fused_kernels=True):
-    return types.SimpleNamespace(use_fused_kernels=use_fused_kernels,
-                                 fused_kernel_options=OmegaConf.create({"impl_backend": impl_backend}))
+    return types.SimpleNamespace(
+        use_fused_kernels=use_fused_kernels, fused_kernel_options=OmegaConf.create({"impl_backend": impl_backend})
+    )
 
 
 def test_rlvr_forward_backend_refused_on_megatron(fake_engines, caplog):
@@ -347,8 +386,9 @@ def test_rlvr_forward_backend_refused_on_megatron(fake_engines, caplog):
     registry, built = fake_engines
     for impl in ("rlvr", "rlvr_triton", "rlvr_torch"):
         with pytest.raises(NotImplementedError, match=rf"impl_backend={impl}.*megatron") as info:
-            registry.new(model_type="language_model", backend="megatron", model_config=_model_config(impl),
-                         engine_config=None)
+            registry.new(
+                model_type="language_model", backend="megatron", model_config=_model_config(impl), engine_config=None
+            )
         assert "fsdp" in str(info.value)
     assert built == []
     # what stays allowed: verl's own backends on megatron, ours on the FSDP engines
@@ -358,8 +398,9 @@ def test_rlvr_forward_backend_refused_on_megatron(fake_engines, caplog):
     assert [b for b, _ in built] == ["megatron", "fsdp2", "megatron"]
     # without use_fused_kernels nothing would run either way: a warning naming the setting
     with caplog.at_level("WARNING", logger=rv.__name__):
-        registry.new(model_type="language_model", backend="megatron",
-                     model_config=_model_config("rlvr", use_fused_kernels=False))
+        registry.new(
+            model_type="language_model", backend="megatron", model_config=_model_config("rlvr", use_fused_kernels=False)
+        )
     assert "impl_backend=rlvr" in caplog.text and "megatron" in caplog.text
     assert getattr(registry.new, "_rlvr_wrapped", False)
 
@@ -383,13 +424,23 @@ class _RecordingWorker:
                 self.flags.append(bool(tu.get_non_tensor_data(data=mb, key="calculate_entropy", default=False)))
 
 
-@pytest.mark.parametrize("name,want", [("rlvr_forking", True), ("rlvr_entropy_adv_cispo", True),
-                                       ("rlvr_d3s_dppo", True), ("rlvr_clip", False), ("rlvr_tp_schedule", False),
-                                       ("vanilla", False)])
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        ("rlvr_forking", True),
+        ("rlvr_entropy_adv_cispo", True),
+        ("rlvr_d3s_dppo", True),
+        ("rlvr_clip", False),
+        ("rlvr_tp_schedule", False),
+        ("vanilla", False),
+    ],
+)
 def test_entropy_losses_switch_calculate_entropy_on(name, want):
     cfg = actor_config(name)
-    data = tu.get_tensordict({"response_mask": MASK[:4].long(), "x": torch.zeros(4, 2)},
-                             {"calculate_entropy": False, rv.STEP_KEY: 3, rv.TOTAL_STEPS_KEY: 10})
+    data = tu.get_tensordict(
+        {"response_mask": MASK[:4].long(), "x": torch.zeros(4, 2)},
+        {"calculate_entropy": False, rv.STEP_KEY: 3, rv.TOTAL_STEPS_KEY: 10},
+    )
     w = _RecordingWorker(cfg)
     vh.wrap_train_mini_batch(_RecordingWorker.train_mini_batch)(w, data)
     assert w.flags and all(f is want for f in w.flags), w.flags
@@ -398,8 +449,13 @@ def test_entropy_losses_switch_calculate_entropy_on(name, want):
 def test_missing_entropy_error_names_the_override():
     with pytest.raises(ValueError, match=r"actor_rollout_ref\.actor\.calculate_entropy=True"):
         t = inputs()
-        get_policy_loss_fn("rlvr_d3s")(old_log_prob=t["old_log_prob"], log_prob=t["log_prob"],
-                                       advantages=t["advantages"], response_mask=MASK, config=actor_config("rlvr_d3s"))
+        get_policy_loss_fn("rlvr_d3s")(
+            old_log_prob=t["old_log_prob"],
+            log_prob=t["log_prob"],
+            advantages=t["advantages"],
+            response_mask=MASK,
+            config=actor_config("rlvr_d3s"),
+        )
 
 
 def test_forking_through_the_worker_hook_without_calculate_entropy_in_the_config():
@@ -429,8 +485,9 @@ def test_forking_through_the_worker_hook_without_calculate_entropy_in_the_config
     cv = actor_config("vanilla")
     cv.global_batch_info.update(batch_num_tokens=int(mask.sum()))
     xv = lp.detach().clone().requires_grad_()
-    lv, _ = get_policy_loss_fn("vanilla")(old_log_prob=old, log_prob=xv, advantages=adv, response_mask=keep,
-                                          loss_agg_mode="token-mean", config=cv)
+    lv, _ = get_policy_loss_fn("vanilla")(
+        old_log_prob=old, log_prob=xv, advantages=adv, response_mask=keep, loss_agg_mode="token-mean", config=cv
+    )
     lv.backward()
     torch.testing.assert_close(loss.detach(), lv.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(x.grad, xv.grad, rtol=1e-5, atol=1e-8)
@@ -468,20 +525,34 @@ def test_fused_forward_with_a_bf16_model(impl_backend):
     the fp32 model's."""
     transformers = pytest.importorskip("transformers")
     import verl.models.transformers.monkey_patch as mp
+
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     ref = transformers.LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():
         ref.lm_head.weight.mul_(40.0)
     model = copy.deepcopy(ref).to(torch.bfloat16)
     mp.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend=impl_backend)
-    assert model._rlvr_backend == impl_backend[len("rlvr_"):]
+    assert model._rlvr_backend == impl_backend[len("rlvr_") :]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 64, (1, 13), generator=g)  # verl's packed path: position ids per sequence
     pos = torch.cat([torch.arange(6), torch.arange(7)])[None]
-    out = model(input_ids=ids, position_ids=pos, shift_labels=torch.roll(ids, -1, -1), temperature=0.7,
-                return_dict=True, use_cache=False)
+    out = model(
+        input_ids=ids,
+        position_ids=pos,
+        shift_labels=torch.roll(ids, -1, -1),
+        temperature=0.7,
+        return_dict=True,
+        use_cache=False,
+    )
     assert out.log_probs.dtype == torch.float32 and out.entropy.dtype == torch.float32
     assert bool(torch.isfinite(out.log_probs).all()) and bool(torch.isfinite(out.entropy).all())
     logsm = torch.log_softmax(ref(input_ids=ids, position_ids=pos, use_cache=False).logits.float() / 0.7, -1)
@@ -510,8 +581,9 @@ def test_two_ranks_match_the_union(tmp_path):
     with delta_coef_all_reduce=true gives rlvr_kernels.delta_coefficients over both ranks' tokens, without it each
     rank's own."""
     pytest.importorskip("transformers")
-    import _verl_dist
     from verl.workers.engine.fsdp import transformer_impl  # noqa: F401  (imported before the fork)
+
+    import _verl_dist
 
     res = _verl_dist.launch(str(tmp_path), world=2, timeout=240.0)
     assert sorted(r["rank"] for r in res) == [0, 1]
@@ -525,3 +597,20 @@ def test_two_ranks_match_the_union(tmp_path):
             assert diff <= tol, (r["rank"], label, diff, tol)
         # non-vacuous: the all-reduced DelTA coefficients differ from the rank's own
         assert r["delta_union_vs_own"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    "mode, rlvr, match",
+    [
+        ("rlvr_delta", {"schedule": True}, "schedule=true applies only"),
+        ("rlvr_clip", {"schedule": True}, "schedule=true applies only"),
+        ("rlvr_tp_schedule_cppo", {"schedule": False}, "schedule=false is not allowed"),
+    ],
+)
+def test_schedule_flag_is_checked_when_verl_builds_the_config(mode, rlvr, match):
+    """A schedule flag the loss cannot honour fails when verl builds the actor config, before any rollout."""
+    from rlvr_kernels.integrations.verl import RLVRPolicyLossConfig
+
+    with pytest.raises(ValueError, match=match):
+        RLVRPolicyLossConfig(loss_mode=mode, rlvr=rlvr)
+    RLVRPolicyLossConfig(loss_mode="rlvr_forking", rlvr={"schedule": True})  # a scheduled variant exists

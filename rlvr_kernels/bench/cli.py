@@ -297,7 +297,11 @@ def main(argv=None, *, prog: str | None = None) -> int:
     except (OSError, AttributeError):
         meta["loadavg_end"] = None
     meta["wall_s"] = round(time.monotonic() - t0, 1)
-    br.write_all(records, meta, out, plots=not args.no_plots)
+    br.write_all(records, meta, out)
+    if not args.no_plots:
+        from rlvr_kernels.bench import plots  # matplotlib only when drawing
+
+        plots.write_plots(records, meta, out)
     n_err = sum("error" in r for r in records)
     print("\n" + br.summary_markdown(records, meta).rstrip())
     if state["busy"]:

@@ -1,4 +1,4 @@
-"""Writing a benchmark run: results.json, results.csv, meta.json, results.md (markdown tables) and PNG plots.
+"""Writing a benchmark run: results.json, results.csv, meta.json and results.md (markdown tables); plots.py draws.
 
 :func:`summary_markdown` is shared with :mod:`rlvr_kernels.bench.readme_table`, which puts the same tables into the
 README. Times are shown as the median with the interquartile range (p25-p75) of the repeats next to it; records of
@@ -309,8 +309,9 @@ def write_csv(records: list, path: str) -> None:
         wr.writerows(records)
 
 
-def write_all(records: list, meta: dict, out: str, *, plots: bool = True) -> list:
-    """Write every output file of a run into ``out``; returns the plots written."""
+def write_all(records: list, meta: dict, out: str) -> None:
+    """Write every text output of a run into ``out`` (results.json, meta.json, results.csv, results.md); the plots
+    are :func:`rlvr_kernels.bench.plots.write_plots`."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(records, f, indent=1)
@@ -318,8 +319,3 @@ def write_all(records: list, meta: dict, out: str, *, plots: bool = True) -> lis
         json.dump(meta, f, indent=1)
     write_csv(records, os.path.join(out, "results.csv"))
     write_markdown(records, meta, os.path.join(out, "results.md"))
-    if not plots:
-        return []
-    from rlvr_kernels.bench import plots as plots_mod
-
-    return plots_mod.write_plots(records, meta, out)

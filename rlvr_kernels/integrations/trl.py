@@ -65,13 +65,13 @@ off on the hidden states and head cast to the autocast dtype (what ``lm_head`` w
 
 Why ``RLVRLoss`` for the new methods (rather than masking before TRL's math): the credit masks that depend on the
 current policy (forking tokens, D^3S) are only known after the vocabulary pass, TRL computes its loss mask and
-normaliser before it, and TRL has no DPPO/CPPO objective; the package's composition rule (``docs/methods/objectives.md``:
-every normaliser that counts tokens counts the active ones) also needs the normaliser to follow the credit mask.
-``RLVRLoss`` applies credit mask -> advantage shaping -> trust region -> aggregation in one place and is parity-tested
-against TRL's loss types. The TRL normalisation is kept: per-micro-batch loss types (grpo, bnpo, dr_grpo, sapo,
-luspo) are divided by the gradient-accumulation steps, and the token-count ones (dapo, cispo, vespo, and DPPO/CPPO on
-a dapo config) divide by TRL's ``num_items_in_batch`` rescaled to one accumulation window, counting the tokens the
-credit rule keeps over the whole generation batch on every process.
+normaliser before it, and TRL has no DPPO/CPPO objective; the package's composition rule
+(``docs/methods/objectives.md``: every normaliser that counts tokens counts the active ones) also needs the normaliser
+to follow the credit mask. ``RLVRLoss`` applies credit mask -> advantage shaping -> trust region -> aggregation in one
+place and is parity-tested against TRL's loss types. The TRL normalisation is kept: per-micro-batch loss types (grpo,
+bnpo, dr_grpo, sapo, luspo) are divided by the gradient-accumulation steps, and the token-count ones (dapo, cispo,
+vespo, and DPPO/CPPO on a dapo config) divide by TRL's ``num_items_in_batch`` rescaled to one accumulation window,
+counting the tokens the credit rule keeps over the whole generation batch on every process.
 
 The schedule is evaluated at the 1-based optimizer step ``self.state.global_step + 1`` with
 ``total_steps = self.state.max_steps`` (the planned total). Metrics are logged as TRL does, under ``rlvr/...``:
@@ -85,6 +85,7 @@ Not supported (clear errors): MoE router aux loss, models with final-logit soft-
 only, TRL's ``top_entropy_quantile`` (use ``credit="forking"``),
 ``off_policy_mask_threshold``, ``use_adaptive_entropy``, and ZeRO-3 with ``d3s_scope="batch"``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -102,8 +103,15 @@ from rlvr_kernels.integrations._trl.head import install_head, linear_logprobs, l
 from rlvr_kernels.loss import LossConfig, rlvr_loss
 from rlvr_kernels.schedule import TemporalSchedule
 
-__all__ = ["RLVRGRPOConfig", "RLVRGRPOTrainer", "CREDITS", "TRUST_REGIONS", "DELTA_KEY", "ROLLOUT_KEY",
-           "linear_logprobs"]
+__all__ = [
+    "RLVRGRPOConfig",
+    "RLVRGRPOTrainer",
+    "CREDITS",
+    "TRUST_REGIONS",
+    "DELTA_KEY",
+    "ROLLOUT_KEY",
+    "linear_logprobs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +121,18 @@ _TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")
 DELTA_KEY = "rlvr_delta_coefficients"
 # TRL's batch-dict key of the rollout engine's per-token log-probs (vLLM, or a rollout_func), NaN where unscored.
 ROLLOUT_KEY = "sampling_per_token_logps"
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
-                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,18 +155,25 @@ class RLVRGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         a = self.args
         if not isinstance(a, RLVRGRPOConfig):
-            defaults = {f: RLVRGRPOConfig.__dataclass_fields__[f].default for f in RLVRGRPOConfig.__dataclass_fields__
-                        if f not in GRPOConfig.__dataclass_fields__}
+            defaults = {
+                f: RLVRGRPOConfig.__dataclass_fields__[f].default
+                for f in RLVRGRPOConfig.__dataclass_fields__
+                if f not in GRPOConfig.__dataclass_fields__
+            }
             for name, value in defaults.items():
                 if not hasattr(a, name):
                     setattr(a, name, value)
         self._rlvr_custom = a.credit != "none" or a.trust_region != "clip"
         if self.aux_loss_enabled:
-            raise NotImplementedError("RLVRGRPOTrainer does not add the MoE router aux loss yet; set "
-                                      "router_aux_loss_coef=0.0 or use TRL's GRPOTrainer")
+            raise NotImplementedError(
+                "RLVRGRPOTrainer does not add the MoE router aux loss yet; set "
+                "router_aux_loss_coef=0.0 or use TRL's GRPOTrainer"
+            )
         if self._rlvr_custom and M.credit(a.credit).selects_over_batch(a) and zero3_enabled():
-            raise ValueError("credit='d3s' with d3s_scope='batch' runs RLVRLoss's composable path, whose backward "
-                             "reads the lm_head again; under ZeRO-3 use d3s_scope='sequence'")
+            raise ValueError(
+                "credit='d3s' with d3s_scope='batch' runs RLVRLoss's composable path, whose backward "
+                "reads the lm_head again; under ZeRO-3 use d3s_scope='sequence'"
+            )
         from accelerate.utils import is_peft_model
 
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -173,8 +198,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
             return None
         total = int(self.state.max_steps or 0) or int(a.max_steps if a.max_steps and a.max_steps > 0 else 0)
         if total < 1:
-            raise ValueError("the credit schedule needs the planned number of optimizer steps (state.max_steps), "
-                             "which is set when training starts")
+            raise ValueError(
+                "the credit schedule needs the planned number of optimizer steps (state.max_steps), "
+                "which is set when training starts"
+            )
         if total not in self._rlvr_schedule_cache:
             try:
                 self._rlvr_schedule_cache[total] = M.make_schedule(a, total)
@@ -201,7 +228,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
             ids, am, bs, extra = self._rlvr_forward_args(out)
             with torch.no_grad():
                 out["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, ids, am, out["completion_ids"].size(1), batch_size=bs, **extra)
+                    self.model, ids, am, out["completion_ids"].size(1), batch_size=bs, **extra
+                )
         return out
 
     def _rlvr_log_anchor(self) -> None:
@@ -216,7 +244,10 @@ class RLVRGRPOTrainer(GRPOTrainer):
             "anchor mu is the policy that generated the batch, TRL's old_per_token_logps (computed by the trainer "
             "when TRL skips them). On a batch's first update pi equals mu, so the trust region masks tokens only on "
             "later updates of the same batch (num_iterations > 1 or steps_per_generation > "
-            "gradient_accumulation_steps).", self.args.trust_region, ROLLOUT_KEY)
+            "gradient_accumulation_steps).",
+            self.args.trust_region,
+            ROLLOUT_KEY,
+        )
 
     def _rlvr_forward_args(self, out: dict):
         """``(input_ids, attention_mask, batch_size, multimodal kwargs)`` of TRL's no-grad passes over ``out``."""
@@ -255,8 +286,13 @@ class RLVRGRPOTrainer(GRPOTrainer):
         adv = out["advantages"].detach().float()
         T = out["completion_ids"].size(1)
         ids, am, bs, extra = self._rlvr_forward_args(out)
-        est = DeltaEstimator(iters=a.delta_coef_iters, lam_min=a.delta_coef_lam_min, lam_max=a.delta_coef_lam_max,
-                             exclude_zero_adv=a.delta_coef_exclude_zero_adv, backend=a.rlvr_backend)
+        est = DeltaEstimator(
+            iters=a.delta_coef_iters,
+            lam_min=a.delta_coef_lam_min,
+            lam_max=a.delta_coef_lam_max,
+            exclude_zero_adv=a.delta_coef_exclude_zero_adv,
+            backend=a.rlvr_backend,
+        )
         coef = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         st: dict[str, Any] = dict(row=0, old=out.get("old_per_token_logps"), cache=[], nbytes=0)
         if a.delta_coef_cache_bytes <= 0:
@@ -287,8 +323,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
             self._rlvr_head.tap = tap
             try:
                 with torch.no_grad(), disable_gradient_checkpointing(self.model, a.gradient_checkpointing_kwargs):
-                    logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, am, T, batch_size=bs,
-                                                                           **extra)
+                    logps, _, _ = self._get_per_token_logps_and_entropies(
+                        self.model, ids, am, T, batch_size=bs, **extra
+                    )
             finally:
                 self._rlvr_head.tap = None
             if st["row"] != mask.size(0):
@@ -325,8 +362,9 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self._rlvr_custom:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if return_outputs:
             raise ValueError("The GRPOTrainer does not support returning outputs")
         return self._compute_rlvr_loss(model, inputs)
@@ -390,14 +428,28 @@ class RLVRGRPOTrainer(GRPOTrainer):
         coef = float(self.entropy_coef) if self._entropy_bonus_enabled else 0.0
         credit = a.credit
         cfg = LossConfig(
-            beta=self.beta, use_ref_model=self.beta != 0.0, importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length, temperature=self._rlvr_temperature,
-            use_bias_correction_kl=bool(a.use_bias_correction_kl), sapo_temperature_pos=a.sapo_temperature_pos,
-            sapo_temperature_neg=a.sapo_temperature_neg, vespo_k_pos=a.vespo_k_pos,
-            vespo_lambda_pos=a.vespo_lambda_pos, vespo_k_neg=a.vespo_k_neg, vespo_lambda_neg=a.vespo_lambda_neg,
-            entropy_coef=coef / ga if token_count else coef, credit=credit, schedule=schedule,
-            credit_rho=a.credit_rho, entropy_adv_alpha=a.entropy_adv_alpha,
-            entropy_adv_kappa=a.entropy_adv_kappa, d3s_scope=a.d3s_scope, backend=a.rlvr_backend, **kw)
+            beta=self.beta,
+            use_ref_model=self.beta != 0.0,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            temperature=self._rlvr_temperature,
+            use_bias_correction_kl=bool(a.use_bias_correction_kl),
+            sapo_temperature_pos=a.sapo_temperature_pos,
+            sapo_temperature_neg=a.sapo_temperature_neg,
+            vespo_k_pos=a.vespo_k_pos,
+            vespo_lambda_pos=a.vespo_lambda_pos,
+            vespo_k_neg=a.vespo_k_neg,
+            vespo_lambda_neg=a.vespo_lambda_neg,
+            entropy_coef=coef / ga if token_count else coef,
+            credit=credit,
+            schedule=schedule,
+            credit_rho=a.credit_rho,
+            entropy_adv_alpha=a.entropy_adv_alpha,
+            entropy_adv_kappa=a.entropy_adv_kappa,
+            d3s_scope=a.d3s_scope,
+            backend=a.rlvr_backend,
+            **kw,
+        )
         return cfg, not token_count, token_count
 
     def _compute_rlvr_loss(self, model, inputs):
@@ -434,18 +486,37 @@ class RLVRGRPOTrainer(GRPOTrainer):
 
         def head_fn(hidden, weight, bias):  # runs inside the model's forward, with the head gathered
             loss, metrics = rlvr_loss(
-                cfg, hidden[:, -logits_to_keep:], weight, completion_ids, mask, inputs["advantages"], bias=bias,
+                cfg,
+                hidden[:, -logits_to_keep:],
+                weight,
+                completion_ids,
+                mask,
+                inputs["advantages"],
+                bias=bias,
                 ref_per_token_logps=inputs.get("ref_per_token_logps"),
-                old_per_token_logps=inputs.get("old_per_token_logps"), vllm_is_ratio=is_ratio,
-                num_items_in_batch=num_items, step=step, delta_coefficients=inputs.get(DELTA_KEY), **extra)
+                old_per_token_logps=inputs.get("old_per_token_logps"),
+                vllm_is_ratio=is_ratio,
+                num_items_in_batch=num_items,
+                step=step,
+                delta_coefficients=inputs.get(DELTA_KEY),
+                **extra,
+            )
             # A plain dict of 0-dim tensors: the wrappers around the model's forward rebuild what it returns
             # (accelerate's fp32 output conversion under bf16/fp16 autocast calls type(x)(iterable), DDP flattens
             # it), which keeps a dict's names but not LossMetrics.named.
             return loss, dict(metrics.named)
 
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-                  "token_type_ids", "mm_token_type_ids", "image_position_ids"):
+        for k in (
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_attention_mask",
+            "spatial_shapes",
+            "image_sizes",
+            "token_type_ids",
+            "mm_token_type_ids",
+            "image_position_ids",
+        ):
             if inputs.get(k) is not None:
                 model_inputs[k] = inputs[k]
         with contextlib.ExitStack() as stack:

@@ -78,6 +78,7 @@ Megatron, set the batch field yourself. In bypass mode (``algorithm.rollout_corr
 
 The implementation lives in the private package :mod:`rlvr_kernels.integrations._verl` (one module per concern).
 """
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ blocks of ``BLOCK`` tokens, so rows of any length work. Per row:
    loaded shifted by one token, plus a running scalar carry), the threshold ``c = min(delta, delta + sum_{j<t} G_j)``,
    the sign test of the toward-mu clause, and the mask.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,10 +48,31 @@ def _weight(pos, ok, omw, denom):
 
 @triton.jit
 def _cppo_kernel(
-    LP, LMU, Dpre, A, Valid, Starts, Spans, OutM, OutD, OutW, OutDB, S,
-    delta, omw, delta_b, db_hi, q, scale, h_denom,
-    DIV_FUSED: tl.constexpr, BUDGET: tl.constexpr, A_PER_TOKEN: tl.constexpr, HAS_HORIZON: tl.constexpr,
-    BLOCK: tl.constexpr, SELECT_BLOCK: tl.constexpr,
+    LP,
+    LMU,
+    Dpre,
+    A,
+    Valid,
+    Starts,
+    Spans,
+    OutM,
+    OutD,
+    OutW,
+    OutDB,
+    S,
+    delta,
+    omw,
+    delta_b,
+    db_hi,
+    q,
+    scale,
+    h_denom,
+    DIV_FUSED: tl.constexpr,
+    BUDGET: tl.constexpr,
+    A_PER_TOKEN: tl.constexpr,
+    HAS_HORIZON: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr,
 ):
     for s in range(tl.program_id(0), S, tl.num_programs(0)):
         start = tl.load(Starts + s).to(tl.int64)
@@ -147,8 +169,24 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def cppo_mask(
-    logp, logp_mu, D, adv, valid8, starts, spans, *, per_token, delta, w_min, delta_b, budget, quantile,
-    quantile_scale, max_mult, horizon, block=None,
+    logp,
+    logp_mu,
+    D,
+    adv,
+    valid8,
+    starts,
+    spans,
+    *,
+    per_token,
+    delta,
+    w_min,
+    delta_b,
+    budget,
+    quantile,
+    quantile_scale,
+    max_mult,
+    horizon,
+    block=None,
 ):
     """Launch the CPPO kernel on the rows view. Returns ``(mask bool flat, D fp32 flat, w fp32 flat, db fp32 [S])``.
 
@@ -176,12 +214,31 @@ def cppo_mask(
     sel_block = min(max(block, 64), DEFAULT_SELECT_BLOCK)
     Dpre = _flat(D) if D is not None else out_d
     _cppo_kernel[_grid(S)](
-        lp, lm, Dpre, a, valid8, starts.to(torch.int64).contiguous(), spans.to(torch.int64).contiguous(),
-        out_m, out_d, out_w, out_db, S,
-        float(delta), float(1.0 - w_min), float(delta_b), budget_upper(delta_b, max_mult), float(quantile),
-        float(quantile_scale), float(max(int(horizon) - 1, 1)) if horizon is not None else 1.0,
-        DIV_FUSED=D is None, BUDGET=_BUDGET_CODE[budget], A_PER_TOKEN=bool(per_token),
-        HAS_HORIZON=horizon is not None, BLOCK=block, SELECT_BLOCK=sel_block,
+        lp,
+        lm,
+        Dpre,
+        a,
+        valid8,
+        starts.to(torch.int64).contiguous(),
+        spans.to(torch.int64).contiguous(),
+        out_m,
+        out_d,
+        out_w,
+        out_db,
+        S,
+        float(delta),
+        float(1.0 - w_min),
+        float(delta_b),
+        budget_upper(delta_b, max_mult),
+        float(quantile),
+        float(quantile_scale),
+        float(max(int(horizon) - 1, 1)) if horizon is not None else 1.0,
+        DIV_FUSED=D is None,
+        BUDGET=_BUDGET_CODE[budget],
+        A_PER_TOKEN=bool(per_token),
+        HAS_HORIZON=horizon is not None,
+        BLOCK=block,
+        SELECT_BLOCK=sel_block,
         enable_fp_fusion=False,  # no FMA contraction: w, G and the lerp rounded op by op, as the interpreter/torch
     )
     return out_m.view(torch.bool), out_d, out_w, out_db

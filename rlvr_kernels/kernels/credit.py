@@ -8,6 +8,7 @@ arithmetic (TP cut-offs) are computed by the caller and passed in.
 
 The top-k selections (forking tokens, D^3S) use :mod:`rlvr_kernels.kernels.select`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,19 @@ def _range_mask_kernel(Valid, Lo, Hi, Starts, Spans, Out, S, BLOCK: tl.constexpr
 
 @triton.jit
 def _token_advantage_kernel(
-    A, H, Valid, Starts, Spans, Out, S, scale, alpha, kappa,
-    A_PER_TOKEN: tl.constexpr, OP: tl.constexpr, BLOCK: tl.constexpr,
+    A,
+    H,
+    Valid,
+    Starts,
+    Spans,
+    Out,
+    S,
+    scale,
+    alpha,
+    kappa,
+    A_PER_TOKEN: tl.constexpr,
+    OP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     for s in range(tl.program_id(0), S, tl.num_programs(0)):
         start = tl.load(Starts + s).to(tl.int64)
@@ -138,8 +150,20 @@ def token_advantage_op(
     S = starts.numel()
     if S and ent.numel():
         _token_advantage_kernel[_grid(S)](
-            a, ent, valid8, _i64(starts), _i64(spans), out, S, float(scale), float(alpha), float(kappa),
-            A_PER_TOKEN=bool(per_token), OP=op, BLOCK=block or DEFAULT_BLOCK, **_EXACT,
+            a,
+            ent,
+            valid8,
+            _i64(starts),
+            _i64(spans),
+            out,
+            S,
+            float(scale),
+            float(alpha),
+            float(kappa),
+            A_PER_TOKEN=bool(per_token),
+            OP=op,
+            BLOCK=block or DEFAULT_BLOCK,
+            **_EXACT,
         )
     return out
 

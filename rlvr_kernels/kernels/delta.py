@@ -15,6 +15,7 @@ Elementwise multiply-accumulate into 2-D fp32 tiles, reduced once per program, r
 memory-bound ([H, 2] operands would waste tensor cores), and this sidesteps the interpreter's low-precision ``tl.dot``
 trap. Tiles compile for sm_90 without register spills (checked with the bundled ptxas: 72-96 registers per thread).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,20 @@ COLSUM_BLOCK_H = 128
 
 
 @triton.jit
-def _rowdot3_kernel(Hp, Mu, Valid, Out, N, Hdim, stride_row, n_row_blocks,
-                    NORM: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rowdot3_kernel(
+    Hp,
+    Mu,
+    Valid,
+    Out,
+    N,
+    Hdim,
+    stride_row,
+    n_row_blocks,
+    NORM: tl.constexpr,
+    NOUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     for rb in range(tl.program_id(0), n_row_blocks, tl.num_programs(0)):
         rows = tl.arange(0, BLOCK_N).to(tl.int64) + rb * BLOCK_N
         rmask = rows < N
@@ -45,8 +58,9 @@ def _rowdot3_kernel(Hp, Mu, Valid, Out, N, Hdim, stride_row, n_row_blocks,
         for c0 in range(0, Hdim, BLOCK_H):
             cols = c0 + tl.arange(0, BLOCK_H)
             cmask = cols < Hdim
-            h = tl.load(Hp + rows[:, None] * stride_row + cols[None, :], mask=ok[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            h = tl.load(
+                Hp + rows[:, None] * stride_row + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
             m0 = tl.load(Mu + cols, mask=cmask, other=0.0)
             m1 = tl.load(Mu + Hdim + cols, mask=cmask, other=0.0)
             acc0 += h * m0[None, :]
@@ -60,8 +74,9 @@ def _rowdot3_kernel(Hp, Mu, Valid, Out, N, Hdim, stride_row, n_row_blocks,
 
 
 @triton.jit
-def _colsum2_kernel(Hp, W, Valid, Part, N, Hdim, stride_row, rows_per_split, n_col_blocks,
-                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+def _colsum2_kernel(
+    Hp, W, Valid, Part, N, Hdim, stride_row, rows_per_split, n_col_blocks, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr
+):
     split = tl.program_id(1).to(tl.int64)
     row_lo = split * rows_per_split
     row_hi = tl.minimum(row_lo + rows_per_split, N)
@@ -76,8 +91,9 @@ def _colsum2_kernel(Hp, W, Valid, Part, N, Hdim, stride_row, rows_per_split, n_c
             ok = rmask & (tl.load(Valid + rows, mask=rmask, other=0) != 0)
             w0 = tl.load(W + rows * 2, mask=ok, other=0.0)
             w1 = tl.load(W + rows * 2 + 1, mask=ok, other=0.0)
-            h = tl.load(Hp + rows[:, None] * stride_row + cols[None, :], mask=ok[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            h = tl.load(
+                Hp + rows[:, None] * stride_row + cols[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)
             acc0 += h * w0[:, None]
             acc1 += h * w1[:, None]
         base = split * 2 * Hdim
@@ -104,8 +120,15 @@ def _target_programs(device: torch.device) -> int:
     return 4 if triton_interpreting() else 64
 
 
-def rowdot3(h: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor, *, with_norm: bool = False,
-            block_n: int | None = None, block_h: int | None = None) -> torch.Tensor:
+def rowdot3(
+    h: torch.Tensor,
+    mu: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    with_norm: bool = False,
+    block_n: int | None = None,
+    block_h: int | None = None,
+) -> torch.Tensor:
     """``[h.mu[0], h.mu[1](, ||h||^2)]`` per row: fp32 ``[N, 2]`` (``[N, 3]`` with ``with_norm``), 0 on invalid rows.
 
     ``h [N, H]`` (last dim contiguous), ``mu [2, H]`` (cast to contiguous fp32), ``valid [N]`` bool.
@@ -122,13 +145,31 @@ def rowdot3(h: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor, *, with_norm
     bh = block_h or min(ROWDOT_BLOCK_H, triton.next_power_of_2(H))
     n_rb = triton.cdiv(N, bn)
     _rowdot3_kernel[(min(n_rb, max_grid()),)](
-        h, mu, v8, out, N, H, _row_stride(h), n_rb, NORM=bool(with_norm), NOUT=nout, BLOCK_N=bn, BLOCK_H=bh,
+        h,
+        mu,
+        v8,
+        out,
+        N,
+        H,
+        _row_stride(h),
+        n_rb,
+        NORM=bool(with_norm),
+        NOUT=nout,
+        BLOCK_N=bn,
+        BLOCK_H=bh,
     )
     return out
 
 
-def colsum2(h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, splits: int | None = None,
-            block_n: int | None = None, block_h: int | None = None) -> torch.Tensor:
+def colsum2(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    splits: int | None = None,
+    block_n: int | None = None,
+    block_h: int | None = None,
+) -> torch.Tensor:
     """``h^T w`` over the valid rows: fp32 ``[2, H]``. ``w [N, 2]`` (cast to contiguous fp32).
 
     ``splits`` (default: enough programs to fill the device) is the number of row ranges of the first stage.
@@ -149,6 +190,16 @@ def colsum2(h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor, *, splits: in
     splits = triton.cdiv(N, rows_per_split)
     part = torch.empty(splits, 2, H, dtype=torch.float32, device=h.device)
     _colsum2_kernel[(min(n_cb, max_grid()), splits)](
-        h, w, v8, part, N, H, _row_stride(h), rows_per_split, n_cb, BLOCK_N=bn, BLOCK_H=bh,
+        h,
+        w,
+        v8,
+        part,
+        N,
+        H,
+        _row_stride(h),
+        rows_per_split,
+        n_cb,
+        BLOCK_N=bn,
+        BLOCK_H=bh,
     )
     return part.sum(0) if splits > 1 else part[0]

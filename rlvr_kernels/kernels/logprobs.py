@@ -15,6 +15,7 @@ Correctness rules kept here: columns past V are -inf, never 0; statistics in fp3
 int64 row offsets; no grid dimension above 65535 (programs loop over the rest). Design notes:
 ``docs/design/vocab-pass.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,24 @@ INTERPRET_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 16}
 
 @triton.jit
 def _logit_tile(
-    X, W, Bias, rows64, row_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W,
+    Bias,
+    rows64,
+    row_ok,
+    cols64,
+    col_ok,
+    H,
+    stride_xn,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Unscaled fp32 logits ``x_rows @ w_cols.T (+ bias)`` of one ``[BLOCK_N, BLOCK_V]`` tile (masked loads read 0)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -53,11 +69,13 @@ def _logit_tile(
         k_ok = ks < H
         x = tl.load(
             X + rows64[:, None] * stride_xn + ks[None, :] * stride_xh,
-            mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         w = tl.load(
             W + cols64[None, :] * stride_wv + ks[:, None] * stride_wh,
-            mask=col_ok[None, :] & k_ok[:, None], other=0.0,
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
         )
         if UPCAST:  # the interpreter's tl.dot is wrong on half-precision operands
             x = x.to(tl.float32)
@@ -70,12 +88,31 @@ def _logit_tile(
 
 @triton.jit
 def _linear_stats_fwd_kernel(
-    X, W, Bias, Tgt, Mo, So, Ao, Zo,
-    N, V, H,
-    stride_xn, stride_xh, stride_wv, stride_wh,
-    inv_temp, split_size, n_splits, ignore_index,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W,
+    Bias,
+    Tgt,
+    Mo,
+    So,
+    Ao,
+    Zo,
+    N,
+    V,
+    H,
+    stride_xn,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    inv_temp,
+    split_size,
+    n_splits,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_s = tl.program_id(1)
     v_begin = pid_s * split_size
@@ -97,8 +134,24 @@ def _linear_stats_fwd_kernel(
             col_ok = cols < v_end
             cols64 = cols.to(tl.int64)
             acc = _logit_tile(
-                X, W, Bias, rows64, x_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
-                HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+                X,
+                W,
+                Bias,
+                rows64,
+                x_ok,
+                cols64,
+                col_ok,
+                H,
+                stride_xn,
+                stride_xh,
+                stride_wv,
+                stride_wh,
+                HAS_BIAS,
+                UPCAST,
+                DOT_PRECISION,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_K,
             )
             z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, 1))
@@ -125,12 +178,35 @@ _linear_stats_fwd_tuned = triton.autotune(configs=_gpu_configs(), key=["V", "H"]
 
 @triton.jit
 def _linear_dlogits_kernel(
-    X, W, Bias, Tgt, Lse, Ent, GL, GH, CP, DZ,
-    N, V, H, v_begin, v_end,
-    stride_xn, stride_xh, stride_wv, stride_wh, stride_dzn,
-    inv_temp, ignore_index,
-    HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W,
+    Bias,
+    Tgt,
+    Lse,
+    Ent,
+    GL,
+    GH,
+    CP,
+    DZ,
+    N,
+    V,
+    H,
+    v_begin,
+    v_end,
+    stride_xn,
+    stride_xh,
+    stride_wv,
+    stride_wh,
+    stride_dzn,
+    inv_temp,
+    ignore_index,
+    HAS_BIAS: tl.constexpr,
+    HAS_GH: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     cols = v_begin + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < v_end
@@ -143,8 +219,24 @@ def _linear_dlogits_kernel(
         tgt = tl.load(Tgt + rows64, mask=row_ok, other=-1)
         x_ok = row_ok & (tgt != ignore_index)  # as the forward: ignored rows read zeros
         acc = _logit_tile(
-            X, W, Bias, rows64, x_ok, cols64, col_ok, H, stride_xn, stride_xh, stride_wv, stride_wh,
-            HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+            X,
+            W,
+            Bias,
+            rows64,
+            x_ok,
+            cols64,
+            col_ok,
+            H,
+            stride_xn,
+            stride_xh,
+            stride_wv,
+            stride_wh,
+            HAS_BIAS,
+            UPCAST,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
         )
         lse = tl.load(Lse + rows64, mask=row_ok, other=0.0)
         gl = tl.load(GL + rows64, mask=row_ok, other=0.0)
@@ -178,7 +270,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
         return "tf32"
     matmul = torch.backends.cuda.matmul
     try:
-        prec = getattr(matmul, "fp32_precision")
+        prec = matmul.fp32_precision
     except (AttributeError, RuntimeError):
         prec = None
     if prec is not None:
@@ -201,8 +293,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def linear_stats_forward(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, inv_temp: float,
-    *, n_splits: int | None = None, ignore_index: int = -100,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_temp: float,
+    *,
+    n_splits: int | None = None,
+    ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward vocab pass. x ``[N, H]``, w ``[V, H]`` (any strides), targets int64 ``[N]``; rows whose
     target is ``ignore_index`` are computed from a zero hidden state (their x is never read).
@@ -220,8 +318,25 @@ def linear_stats_forward(
     n_splits = triton.cdiv(v, split_size)
     parts = torch.empty((4, n, n_splits), device=x.device, dtype=torch.float32)
     args = (
-        x, w, bias if bias is not None else x, targets, parts[0], parts[1], parts[2], parts[3],
-        n, v, h, x.stride(0), x.stride(1), w.stride(0), w.stride(1), inv_temp, split_size, n_splits, ignore_index,
+        x,
+        w,
+        bias if bias is not None else x,
+        targets,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3],
+        n,
+        v,
+        h,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        inv_temp,
+        split_size,
+        n_splits,
+        ignore_index,
     )
     flags = dict(HAS_BIAS=bias is not None, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype))
     if interp:
@@ -253,9 +368,21 @@ def merge_split_stats(
 
 
 def linear_dlogits(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-    c_p: torch.Tensor, inv_temp: float, v_begin: int, v_end: int, out: torch.Tensor, *, ignore_index: int = -100,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    c_p: torch.Tensor,
+    inv_temp: float,
+    v_begin: int,
+    v_end: int,
+    out: torch.Tensor,
+    *,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
     """Write ``dL/dz`` for vocabulary columns ``[v_begin, v_end)`` into ``out [N, v_end - v_begin]``; rows whose
     target is ``ignore_index`` read a zero hidden state, as in :func:`linear_stats_forward`.
@@ -270,9 +397,27 @@ def linear_dlogits(
         raise ValueError("linear_dlogits: out must have unit stride along the vocabulary")
     interp = triton_interpreting()
     args = (
-        x, w, bias if bias is not None else x, targets, lse, entropy, g_logp,
-        g_ent if g_ent is not None else g_logp, c_p, out,
-        n, v, h, v_begin, v_end, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), inv_temp,
+        x,
+        w,
+        bias if bias is not None else x,
+        targets,
+        lse,
+        entropy,
+        g_logp,
+        g_ent if g_ent is not None else g_logp,
+        c_p,
+        out,
+        n,
+        v,
+        h,
+        v_begin,
+        v_end,
+        x.stride(0),
+        x.stride(1),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        inv_temp,
         ignore_index,
     )
     flags = dict(
@@ -298,7 +443,16 @@ def linear_dlogits(
 
 @triton.jit
 def _logits_fwd_kernel(
-    Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, inv_temp, ignore_index,
+    Z,
+    Tgt,
+    Logp,
+    Ent,
+    Lse,
+    N,
+    V,
+    stride_zn,
+    inv_temp,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
@@ -340,8 +494,21 @@ def _logits_fwd_kernel(
 
 @triton.jit
 def _logits_bwd_kernel(
-    Z, Tgt, Lse, Ent, GL, GH, DZ, N, V, stride_zn, stride_dzn, inv_temp, ignore_index,
-    HAS_GH: tl.constexpr, BLOCK_V: tl.constexpr,
+    Z,
+    Tgt,
+    Lse,
+    Ent,
+    GL,
+    GH,
+    DZ,
+    N,
+    V,
+    stride_zn,
+    stride_dzn,
+    inv_temp,
+    ignore_index,
+    HAS_GH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         tgt = tl.load(Tgt + row64)
@@ -384,15 +551,31 @@ def logits_forward(
     if n:
         block = _row_block(v)
         _logits_fwd_kernel[(min(n, max_grid()),)](
-            logits, targets, logp, ent, lse, n, v, logits.stride(0), inv_temp, ignore_index,
-            BLOCK_V=block, num_warps=4 if block <= 1024 else 8,
+            logits,
+            targets,
+            logp,
+            ent,
+            lse,
+            n,
+            v,
+            logits.stride(0),
+            inv_temp,
+            ignore_index,
+            BLOCK_V=block,
+            num_warps=4 if block <= 1024 else 8,
         )
     return logp, ent, lse
 
 
 def logits_backward(
-    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-    g_logp: torch.Tensor, g_ent: torch.Tensor | None, inv_temp: float, ignore_index: int,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor,
+    g_ent: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. ``logits [N, V]``, in the logits' dtype (no fp32 copy of the logits).
@@ -407,9 +590,22 @@ def logits_backward(
     if n:
         block = _row_block(v)
         _logits_bwd_kernel[(min(n, max_grid()),)](
-            logits, targets, lse, entropy, g_logp, g_ent if g_ent is not None else g_logp, dz,
-            n, v, logits.stride(0), dz.stride(0), inv_temp, ignore_index,
-            HAS_GH=g_ent is not None, BLOCK_V=block, num_warps=4 if block <= 1024 else 8,
+            logits,
+            targets,
+            lse,
+            entropy,
+            g_logp,
+            g_ent if g_ent is not None else g_logp,
+            dz,
+            n,
+            v,
+            logits.stride(0),
+            dz.stride(0),
+            inv_temp,
+            ignore_index,
+            HAS_GH=g_ent is not None,
+            BLOCK_V=block,
+            num_warps=4 if block <= 1024 else 8,
         )
     return dz
 

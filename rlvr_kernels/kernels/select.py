@@ -33,6 +33,7 @@ elements still in the candidate bucket), then one pass to write the mask: O(9 L)
 registers, no sort and no O(L^2) work, so rows of any length (64k+ tokens) work. Grid: ``min(S, 65535)`` programs
 that loop over segments.
 """
+
 from __future__ import annotations
 
 import torch
@@ -132,8 +133,17 @@ def row_kth_largest_key(X, Valid, start, length, k, HAS_VALID: tl.constexpr, BLO
 
 @triton.jit
 def _segmented_kth_kernel(
-    X, Valid, Starts, Lengths, K, OutVal, OutGreater, OutTake, S,
-    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    Valid,
+    Starts,
+    Lengths,
+    K,
+    OutVal,
+    OutGreater,
+    OutTake,
+    S,
+    HAS_VALID: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     for s in range(tl.program_id(0), S, tl.num_programs(0)):
         start = tl.load(Starts + s).to(tl.int64)
@@ -150,8 +160,15 @@ def _segmented_kth_kernel(
 
 @triton.jit
 def _segmented_topk_mask_kernel(
-    X, Valid, Starts, Lengths, K, Out, S,
-    HAS_VALID: tl.constexpr, BLOCK: tl.constexpr,
+    X,
+    Valid,
+    Starts,
+    Lengths,
+    K,
+    Out,
+    S,
+    HAS_VALID: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     for s in range(tl.program_id(0), S, tl.num_programs(0)):
         start = tl.load(Starts + s).to(tl.int64)
@@ -204,8 +221,17 @@ def segmented_kth_largest(x, starts, lengths, k, *, valid=None, block: int = DEF
     if S == 0:
         return val, n_greater, n_take
     _segmented_kth_kernel[_grid(S)](
-        x, valid if valid is not None else x, starts, lengths, k, val, n_greater, n_take, S,
-        HAS_VALID=valid is not None, BLOCK=_block(block),
+        x,
+        valid if valid is not None else x,
+        starts,
+        lengths,
+        k,
+        val,
+        n_greater,
+        n_take,
+        S,
+        HAS_VALID=valid is not None,
+        BLOCK=_block(block),
     )
     return val, n_greater, n_take
 
@@ -220,7 +246,14 @@ def segmented_topk_mask(x, starts, lengths, k, *, valid=None, block: int = DEFAU
     out = torch.zeros(x.numel(), dtype=torch.int8, device=x.device)
     if S > 0 and x.numel() > 0:
         _segmented_topk_mask_kernel[_grid(S)](
-            x, valid if valid is not None else x, starts, lengths, k, out, S,
-            HAS_VALID=valid is not None, BLOCK=_block(block),
+            x,
+            valid if valid is not None else x,
+            starts,
+            lengths,
+            k,
+            out,
+            S,
+            HAS_VALID=valid is not None,
+            BLOCK=_block(block),
         )
     return out.view(torch.bool)

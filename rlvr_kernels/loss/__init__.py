@@ -16,6 +16,7 @@ Modules: ``config`` (LossConfig), ``token_pass`` (the per-token math and its rec
 ``metrics`` (LossMetrics), ``api`` (RLVRLoss, rlvr_loss, input checks); the objectives' math is
 ``rlvr_kernels/reference/loss.py``.
 """
+
 from rlvr_kernels.loss.api import RLVRLoss, rlvr_loss
 from rlvr_kernels.loss.config import LossConfig, token_local
 from rlvr_kernels.loss.metrics import LossMetrics

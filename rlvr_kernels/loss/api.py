@@ -6,6 +6,7 @@ Batch-global normalisers and per-row active counts are computed before the vocab
 rule will keep (:meth:`rlvr_kernels.methods.CreditRule.planned_counts`), so a chunk of the fused path needs no other
 chunk.
 """
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -20,7 +21,7 @@ from rlvr_kernels._backend import autocast_inputs, no_autocast
 from rlvr_kernels.logprobs import _check_float_tensor, _check_int_tensor, fused_linear_logprobs
 from rlvr_kernels.loss import fused as F
 from rlvr_kernels.loss.config import LossConfig
-from rlvr_kernels.loss.metrics import LossMetrics, loss_metrics
+from rlvr_kernels.loss.metrics import loss_metrics
 from rlvr_kernels.loss.token_pass import Rows, token_pass
 from rlvr_kernels.reference import loss as ref_loss
 
@@ -56,9 +57,19 @@ class Batch:
                 return None
             return t[sl, cols] if t.shape[-1] == T or t.shape[-1] == 0 else t[sl]  # [B, 1] ratios: per row
 
-        return Rows(mask=pick(self.mask), adv=pick(self.adv), old=pick(self.old), ref=pick(self.ref),
-                    mu=pick(self.mu), is_ratio=pick(self.is_ratio), coef=pick(self.coef), old_ent=pick(self.old_ent),
-                    ids=pick(self.ids), counts=None if self.counts is None else self.counts[sl], width=T)
+        return Rows(
+            mask=pick(self.mask),
+            adv=pick(self.adv),
+            old=pick(self.old),
+            ref=pick(self.ref),
+            mu=pick(self.mu),
+            is_ratio=pick(self.is_ratio),
+            coef=pick(self.coef),
+            old_ent=pick(self.old_ent),
+            ids=pick(self.ids),
+            counts=None if self.counts is None else self.counts[sl],
+            width=T,
+        )
 
 
 def _schedule_value(cfg: LossConfig, step) -> Optional[float]:
@@ -111,25 +122,53 @@ class RLVRLoss(nn.Module):
     ratio, and every metric by name (``metrics["entropy"]``, ``metrics.named``).
     """
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, temperature: float = 1.0,
-                 delta: Optional[float] = None, use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0,
-                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, **extra):
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: Optional[float] = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+        **extra,
+    ):
         super().__init__()
         names = {f.name for f in fields(LossConfig)}
         unknown = set(extra) - names
         if unknown:
             raise TypeError(f"RLVRLoss got unexpected keyword(s) {sorted(unknown)}")
         self.config = LossConfig(
-            beta=beta, compiled=compiled, use_ref_model=use_ref_model, chunk_size=chunk_size,
-            epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
-            max_completion_length=max_completion_length, importance_sampling_level=importance_sampling_level,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            temperature=temperature, delta=delta, use_bias_correction_kl=use_bias_correction_kl,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg, **extra,
+            beta=beta,
+            compiled=compiled,
+            use_ref_model=use_ref_model,
+            chunk_size=chunk_size,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            loss_type=loss_type,
+            max_completion_length=max_completion_length,
+            importance_sampling_level=importance_sampling_level,
+            sapo_temperature_pos=sapo_temperature_pos,
+            sapo_temperature_neg=sapo_temperature_neg,
+            temperature=temperature,
+            delta=delta,
+            use_bias_correction_kl=use_bias_correction_kl,
+            vespo_k_pos=vespo_k_pos,
+            vespo_lambda_pos=vespo_lambda_pos,
+            vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg,
+            **extra,
         )
 
     def __getattr__(self, name):
@@ -145,11 +184,30 @@ class RLVRLoss(nn.Module):
         c = self.config
         return f"loss_type={c.loss_type!r}, beta={c.beta}, credit={c.credit!r}, schedule={c.schedule!r}"
 
-    def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
-                ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-                vllm_is_ratio=None, num_items_in_batch=None, *, step: Optional[int] = None,
-                rollout_per_token_logps=None, delta_coefficients=None, old_entropy=None,
-                global_batch_size=None, batch_num_tokens=None, dp_size: int = 1):
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+        *,
+        step: Optional[int] = None,
+        rollout_per_token_logps=None,
+        delta_coefficients=None,
+        old_entropy=None,
+        global_batch_size=None,
+        batch_num_tokens=None,
+        dp_size: int = 1,
+    ):
         """Loss of one micro-batch.
 
         Args (Liger's): ``_input [B, T, H]`` last hidden states; ``lin_weight [V, H]``; ``selected_token_ids [B, T]``;
@@ -163,19 +221,55 @@ class RLVRLoss(nn.Module):
         ``global_batch_info`` for the verl aggregation modes) and ``dp_size`` (verl multiplies those modes by the
         data-parallel size, because DDP/FSDP average the ranks' gradients).
         """
-        return rlvr_loss(self.config, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
-                         ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
-                         num_items_in_batch, step=step, rollout_per_token_logps=rollout_per_token_logps,
-                         delta_coefficients=delta_coefficients, old_entropy=old_entropy,
-                         global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens, dp_size=dp_size)
+        return rlvr_loss(
+            self.config,
+            _input,
+            lin_weight,
+            selected_token_ids,
+            attention_mask,
+            advantages,
+            bias,
+            ref_per_token_logps,
+            old_per_token_logps,
+            ref_input,
+            ref_weight,
+            ref_bias,
+            vllm_is_ratio,
+            num_items_in_batch,
+            step=step,
+            rollout_per_token_logps=rollout_per_token_logps,
+            delta_coefficients=delta_coefficients,
+            old_entropy=old_entropy,
+            global_batch_size=global_batch_size,
+            batch_num_tokens=batch_num_tokens,
+            dp_size=dp_size,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry point
 
 
-def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weight, is_ratio, mu, coef, old_ent,
-                  num_items_in_batch, global_batch_size, batch_num_tokens):
+def _check_inputs(
+    cfg,
+    x,
+    w,
+    ids,
+    mask,
+    adv,
+    bias,
+    ref,
+    old,
+    ref_input,
+    ref_weight,
+    is_ratio,
+    mu,
+    coef,
+    old_ent,
+    num_items_in_batch,
+    global_batch_size,
+    batch_num_tokens,
+):
     """Every tensor's type, shape, dtype and device, ids in range and finite values on the loss tokens, before any
     kernel runs. Values at positions outside the loss mask are never read (padding may hold anything)."""
     _check_float_tensor(x, "_input")
@@ -184,8 +278,10 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
     B, T, H = x.shape
     _check_float_tensor(w, "lin_weight")
     if w.dim() != 2 or w.shape[1] != H or w.shape[0] == 0:
-        raise ValueError(f"lin_weight must be [V, H] with V > 0 and H = {H}, the last dimension of _input "
-                         f"(nn.Linear layout), got {tuple(w.shape)}")
+        raise ValueError(
+            f"lin_weight must be [V, H] with V > 0 and H = {H}, the last dimension of _input "
+            f"(nn.Linear layout), got {tuple(w.shape)}"
+        )
     if w.dtype != x.dtype:
         raise TypeError(f"lin_weight dtype {w.dtype} does not match _input dtype {x.dtype}")
     if bias is not None:
@@ -197,21 +293,38 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
         raise ValueError(f"selected_token_ids must have shape {(B, T)}, got {tuple(ids.shape)}")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be a tensor of shape {(B, T)}, got {tuple(getattr(mask, 'shape', ()))}")
-    for name, t in (("lin_weight", w), ("bias", bias), ("selected_token_ids", ids), ("attention_mask", mask),
-                    ("advantages", adv), ("ref_per_token_logps", ref), ("old_per_token_logps", old),
-                    ("rollout_per_token_logps", mu), ("delta_coefficients", coef), ("old_entropy", old_ent),
-                    ("vllm_is_ratio", is_ratio), ("ref_input", ref_input), ("ref_weight", ref_weight)):
+    for name, t in (
+        ("lin_weight", w),
+        ("bias", bias),
+        ("selected_token_ids", ids),
+        ("attention_mask", mask),
+        ("advantages", adv),
+        ("ref_per_token_logps", ref),
+        ("old_per_token_logps", old),
+        ("rollout_per_token_logps", mu),
+        ("delta_coefficients", coef),
+        ("old_entropy", old_ent),
+        ("vllm_is_ratio", is_ratio),
+        ("ref_input", ref_input),
+        ("ref_weight", ref_weight),
+    ):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but _input is on {x.device}")
     if mask.is_complex() or (mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all())):
         raise ValueError("attention_mask must hold finite real values (1 = loss token, 0 = ignored)")
     if not isinstance(adv, torch.Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must be a tensor of shape ({B},) or {(B, T)}, got "
-                         f"{tuple(getattr(adv, 'shape', ()))}")
+        raise ValueError(
+            f"advantages must be a tensor of shape ({B},) or {(B, T)}, got {tuple(getattr(adv, 'shape', ()))}"
+        )
     if not adv.dtype.is_floating_point:
         raise TypeError(f"advantages must be a floating-point tensor, got {adv.dtype}")
-    for name, t in (("ref_per_token_logps", ref), ("old_per_token_logps", old), ("rollout_per_token_logps", mu),
-                    ("delta_coefficients", coef), ("old_entropy", old_ent)):
+    for name, t in (
+        ("ref_per_token_logps", ref),
+        ("old_per_token_logps", old),
+        ("rollout_per_token_logps", mu),
+        ("delta_coefficients", coef),
+        ("old_entropy", old_ent),
+    ):
         _check_2d(name, t, B, T)
     _check_2d("vllm_is_ratio", is_ratio, B, T, allow=((B, 1), (B,)))
     keep = mask != 0
@@ -219,12 +332,20 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
         sel = ids[keep]
         bad = (sel < 0) | (sel >= w.shape[0])
         if bool(bad.any()):
-            raise ValueError(f"selected_token_ids must lie in [0, {w.shape[0]}) on loss tokens (attention_mask != 0); "
-                             f"found {int(sel[bad][0])}")
+            raise ValueError(
+                f"selected_token_ids must lie in [0, {w.shape[0]}) on loss tokens (attention_mask != 0); "
+                f"found {int(sel[bad][0])}"
+            )
     rows_used = keep.any(-1)
-    for name, t in (("advantages", adv), ("old_per_token_logps", old), ("ref_per_token_logps", ref),
-                    ("vllm_is_ratio", is_ratio), ("rollout_per_token_logps", mu), ("delta_coefficients", coef),
-                    ("old_entropy", old_ent)):
+    for name, t in (
+        ("advantages", adv),
+        ("old_per_token_logps", old),
+        ("ref_per_token_logps", ref),
+        ("vllm_is_ratio", is_ratio),
+        ("rollout_per_token_logps", mu),
+        ("delta_coefficients", coef),
+        ("old_entropy", old_ent),
+    ):
         if t is None:
             continue
         vals = t[keep] if t.shape == mask.shape else t.reshape(B, t.numel() // max(B, 1))[rows_used]
@@ -235,104 +356,177 @@ def _check_inputs(cfg, x, w, ids, mask, adv, bias, ref, old, ref_input, ref_weig
     if ref is None and ref_input is not None and ref_weight is None:
         raise ValueError("ref_input needs ref_weight")
     if cfg.loss_type in ("dppo", "cppo") and mu is None and old is None:
-        raise ValueError(f"loss_type={cfg.loss_type!r} needs the rollout (behaviour) log-probs: pass "
-                         "rollout_per_token_logps or old_per_token_logps; without them every divergence is 0")
+        raise ValueError(
+            f"loss_type={cfg.loss_type!r} needs the rollout (behaviour) log-probs: pass "
+            "rollout_per_token_logps or old_per_token_logps; without them every divergence is 0"
+        )
     if cfg.credit == "delta" and coef is None:
         raise ValueError("credit='delta' needs delta_coefficients [B, T] (see rlvr_kernels.delta_coefficients)")
-    for name, v in (("num_items_in_batch", num_items_in_batch), ("global_batch_size", global_batch_size),
-                    ("batch_num_tokens", batch_num_tokens)):
+    for name, v in (
+        ("num_items_in_batch", num_items_in_batch),
+        ("global_batch_size", global_batch_size),
+        ("batch_num_tokens", batch_num_tokens),
+    ):
         if v is not None:
             C.real(name, v, low=0.0)
 
 
-def rlvr_loss(cfg: LossConfig, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
-              ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None, ref_bias=None,
-              vllm_is_ratio=None, num_items_in_batch=None, *, step=None, rollout_per_token_logps=None,
-              delta_coefficients=None, old_entropy=None, global_batch_size=None, batch_num_tokens=None,
-              dp_size: int = 1):
+def rlvr_loss(
+    cfg: LossConfig,
+    _input,
+    lin_weight,
+    selected_token_ids,
+    attention_mask,
+    advantages,
+    bias=None,
+    ref_per_token_logps=None,
+    old_per_token_logps=None,
+    ref_input=None,
+    ref_weight=None,
+    ref_bias=None,
+    vllm_is_ratio=None,
+    num_items_in_batch=None,
+    *,
+    step=None,
+    rollout_per_token_logps=None,
+    delta_coefficients=None,
+    old_entropy=None,
+    global_batch_size=None,
+    batch_num_tokens=None,
+    dp_size: int = 1,
+):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``.
 
     Under ``torch.autocast`` the hidden states and the head are cast as the ``lm_head`` would be (to the autocast
     dtype), and the loss then runs with autocast off: statistics and the token pass in fp32."""
     _input, lin_weight, bias, ref_input, ref_weight, ref_bias = autocast_inputs(
-        _input, lin_weight, bias, ref_input, ref_weight, ref_bias)
+        _input, lin_weight, bias, ref_input, ref_weight, ref_bias
+    )
     device = _input.device if isinstance(_input, torch.Tensor) else torch.device("cpu")
     with no_autocast(device):
-        return _rlvr_loss(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
-                          ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio,
-                          num_items_in_batch, step, rollout_per_token_logps, delta_coefficients, old_entropy,
-                          global_batch_size, batch_num_tokens, dp_size)
+        mu = rollout_per_token_logps if rollout_per_token_logps is not None else old_per_token_logps
+        if not cfg.use_ref_model:  # Liger: without a reference model the KL is taken against the current policy (0)
+            ref_per_token_logps = ref_input = ref_weight = ref_bias = None
+        _check_inputs(
+            cfg,
+            _input,
+            lin_weight,
+            selected_token_ids,
+            attention_mask,
+            advantages,
+            bias,
+            ref_per_token_logps,
+            old_per_token_logps,
+            ref_input,
+            ref_weight,
+            vllm_is_ratio,
+            mu,
+            delta_coefficients,
+            old_entropy,
+            num_items_in_batch,
+            global_batch_size,
+            batch_num_tokens,
+        )
+        ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
+        B, T, H = _input.shape
+        q = _schedule_value(cfg, step)
+        valid = attention_mask != 0
+        # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
+        rule = M.credit(cfg.credit)
+        mask = rule.static_mask(cfg, torch.where(valid, _as_float(attention_mask), 0.0), q)
+        # Positions outside the loss mask may hold any id and any hidden state (padding): they are ignore_index rows
+        # of the vocabulary pass, read as zeros, with logp = entropy = 0 and no gradient.
+        ids = torch.where(
+            valid, selected_token_ids.long(), torch.full_like(selected_token_ids, cfg.ignore_index, dtype=torch.long)
+        )
+        if ref_per_token_logps is None and ref_input is not None and cfg.beta != 0.0 and cfg.use_ref_model:
+            with torch.no_grad():
+                ref_per_token_logps, _ = fused_linear_logprobs(
+                    ref_input,
+                    ref_weight,
+                    ids,
+                    bias=ref_bias,
+                    temperature=cfg.temperature,
+                    return_entropy=False,
+                    ignore_index=cfg.ignore_index,
+                    backend=cfg.backend,
+                )
 
+        def f(t):
+            return None if t is None else _inert(t.detach().float(), valid)
 
-def _rlvr_loss(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
-               old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, step,
-               rollout_per_token_logps, delta_coefficients, old_entropy, global_batch_size, batch_num_tokens,
-               dp_size):
-    mu = rollout_per_token_logps if rollout_per_token_logps is not None else old_per_token_logps
-    if not cfg.use_ref_model:  # Liger: without a reference model the KL is taken against the current policy (0)
-        ref_per_token_logps = ref_input = ref_weight = ref_bias = None
-    _check_inputs(cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias,
-                  ref_per_token_logps, old_per_token_logps, ref_input, ref_weight, vllm_is_ratio, mu,
-                  delta_coefficients, old_entropy, num_items_in_batch, global_batch_size, batch_num_tokens)
-    ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
-    B, T, H = _input.shape
-    q = _schedule_value(cfg, step)
-    valid = attention_mask != 0
-    # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
-    rule = M.credit(cfg.credit)
-    mask = rule.static_mask(cfg, torch.where(valid, _as_float(attention_mask), 0.0), q)
-    # Positions outside the loss mask may hold any id and any hidden state (padding): they are ignore_index rows
-    # of the vocabulary pass, read as zeros, with logp = entropy = 0 and no gradient.
-    ids = torch.where(valid, selected_token_ids.long(), torch.full_like(selected_token_ids, cfg.ignore_index,
-                                                                         dtype=torch.long))
-    if ref_per_token_logps is None and ref_input is not None and cfg.beta != 0.0 and cfg.use_ref_model:
-        with torch.no_grad():
-            ref_per_token_logps, _ = fused_linear_logprobs(ref_input, ref_weight, ids, bias=ref_bias,
-                                                           temperature=cfg.temperature, return_entropy=False,
-                                                           ignore_index=cfg.ignore_index, backend=cfg.backend)
-    def f(t):
-        return None if t is None else _inert(t.detach().float(), valid)
-
-    batch = Batch(cfg, _input, ids, torch.where(valid, _as_float(attention_mask), 0.0), mask,
-                   _inert(advantages.detach().float(), valid), f(old_per_token_logps), f(ref_per_token_logps),
-                   _inert_ratio(vllm_is_ratio, valid, cfg), f(mu), f(delta_coefficients), f(old_entropy))
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (_input, lin_weight, bias))
-    fused = cfg.fused
-    if fused == "auto":
-        # the fused path holds one chunk of logits: whole rows, or row segments when every token's term is local
-        # (token_local); other configurations whose rows do not fit take the composable path (O(chunk * V) memory)
-        fused = (needs_grad and not cfg.batch_selection
-                 and (T * lin_weight.shape[0] * 4 <= F.chunk_budget(_input.device) or M.token_local(cfg)))
-    if B * T == 0:
-        fused = False  # nothing to chunk: the composable path gives a zero loss connected to the inputs
-    counts = rule.planned_counts(cfg, mask, q)
-    logp = ent = None
-    if not fused:
-        logp, ent = fused_linear_logprobs(_input, lin_weight, ids, bias=bias, temperature=cfg.temperature,
-                                          ignore_index=cfg.ignore_index, backend=cfg.backend)
-        logp, ent = logp.float(), ent.float()
-        if counts is None:  # a selection over the batch: the rows' shares follow from the current entropies
-            keep = rule.policy_mask(cfg, batch.adv, ent.detach(), mask, q)
-            counts = (mask * keep.to(mask.dtype)).sum(-1)
-    norm = ref_loss.normalizer(cfg, counts, T, num_items_in_batch=num_items_in_batch,
-                               global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens,
-                               dp_size=dp_size)
-    ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
-    batch.counts = counts
-    if fused:
-        grad_on = torch.is_grad_enabled()
-        need = (grad_on and _input.requires_grad, grad_on and lin_weight.requires_grad,
-                grad_on and bias is not None and bias.requires_grad)
-        with torch.no_grad():
-            res = F.fused_pass(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, need)
-        loss = F.PrecomputedGradLoss.apply(res.loss, _input, lin_weight, bias, res.grads)
-        sums, active = res.sums, res.active
-    else:
-        loss, sums, active = token_pass(cfg, logp, ent, batch.rows(slice(None)), q, norm, ent_norm)
-    if not torch.equal(active.sum(-1), counts):  # the normaliser was computed from the planned active tokens
-        raise RuntimeError("internal error: the credit mask kept a different number of tokens than planned")
-    coef = batch.coef if M.credit(cfg.credit).needs & {"coefficients"} else None
-    return loss, loss_metrics(cfg, sums, batch.valid, B, q, coef)
+        batch = Batch(
+            cfg,
+            _input,
+            ids,
+            torch.where(valid, _as_float(attention_mask), 0.0),
+            mask,
+            _inert(advantages.detach().float(), valid),
+            f(old_per_token_logps),
+            f(ref_per_token_logps),
+            _inert_ratio(vllm_is_ratio, valid, cfg),
+            f(mu),
+            f(delta_coefficients),
+            f(old_entropy),
+        )
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (_input, lin_weight, bias)
+        )
+        fused = cfg.fused
+        if fused == "auto":
+            # the fused path holds one chunk of logits: whole rows, or row segments when every token's term is local
+            # (token_local); other configurations whose rows do not fit take the composable path (O(chunk * V) memory)
+            fused = (
+                needs_grad
+                and not cfg.batch_selection
+                and (T * lin_weight.shape[0] * 4 <= F.chunk_budget(_input.device) or M.token_local(cfg))
+            )
+        if B * T == 0:
+            fused = False  # nothing to chunk: the composable path gives a zero loss connected to the inputs
+        counts = rule.planned_counts(cfg, mask, q)
+        logp = ent = None
+        if not fused:
+            logp, ent = fused_linear_logprobs(
+                _input,
+                lin_weight,
+                ids,
+                bias=bias,
+                temperature=cfg.temperature,
+                ignore_index=cfg.ignore_index,
+                backend=cfg.backend,
+            )
+            logp, ent = logp.float(), ent.float()
+            if counts is None:  # a selection over the batch: the rows' shares follow from the current entropies
+                keep = rule.policy_mask(cfg, batch.adv, ent.detach(), mask, q)
+                counts = (mask * keep.to(mask.dtype)).sum(-1)
+        norm = ref_loss.normalizer(
+            cfg,
+            counts,
+            T,
+            num_items_in_batch=num_items_in_batch,
+            global_batch_size=global_batch_size,
+            batch_num_tokens=batch_num_tokens,
+            dp_size=dp_size,
+        )
+        ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
+        batch.counts = counts
+        if fused:
+            grad_on = torch.is_grad_enabled()
+            need = (
+                grad_on and _input.requires_grad,
+                grad_on and lin_weight.requires_grad,
+                grad_on and bias is not None and bias.requires_grad,
+            )
+            with torch.no_grad():
+                res = F.fused_pass(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, need)
+            loss = F.PrecomputedGradLoss.apply(res.loss, _input, lin_weight, bias, res.grads)
+            sums, active = res.sums, res.active
+        else:
+            loss, sums, active = token_pass(cfg, logp, ent, batch.rows(slice(None)), q, norm, ent_norm)
+        if not torch.equal(active.sum(-1), counts):  # the normaliser was computed from the planned active tokens
+            raise RuntimeError("internal error: the credit mask kept a different number of tokens than planned")
+        coef = batch.coef if M.credit(cfg.credit).needs & {"coefficients"} else None
+        return loss, loss_metrics(cfg, sums, batch.valid, B, q, coef)
 
 
 def _inert(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -354,5 +548,3 @@ def _inert_ratio(is_ratio, valid, cfg):
         keep = valid | torch.isfinite(r) if cfg.loss_type == "vespo" else valid
         return torch.where(keep, r, one)
     return torch.where(torch.isfinite(r), r, one)
-
-

@@ -3,6 +3,7 @@
 Liger's constructor keywords keep their names, defaults and meaning; the method options (credit rules, trust regions)
 take their names, defaults and checks from the catalogue (:mod:`rlvr_kernels.methods`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +19,7 @@ IS_LEVELS = ("token", "sequence")
 
 #: The catalogue options that are ``LossConfig`` fields (the others are trainer-level: the schedule settings, which
 #: reach the loss as a :class:`TemporalSchedule`, and DelTA's estimator settings, which reach it as coefficients).
-LOSS_METHOD_OPTIONS = ("credit_rho", "entropy_adv_alpha", "entropy_adv_kappa", "d3s_scope", "ratio_cap",
-                       "cppo_w_min", "cppo_delta_b", "cppo_budget", "cppo_quantile", "cppo_max_mult", "cppo_horizon",
-                       "cppo_divergence")
+LOSS_METHOD_OPTIONS = tuple(name for name, opt in M.OPTIONS.items() if opt.loss)
 _D = M.option_defaults(LOSS_METHOD_OPTIONS)
 
 
@@ -79,32 +78,46 @@ class LossConfig:
             setattr(self, name, M.check_option(name, getattr(self, name)))
         C.choice("loss_type", self.loss_type, ref_loss.LOSS_TYPES)
         C.choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
-        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo", "vespo", "dppo", "cppo"):
-            raise ValueError(f"importance_sampling_level='sequence' (GSPO) is not supported with "
-                             f"loss_type={self.loss_type!r}: its trust region or weight is per token")
+        if self.importance_sampling_level == "sequence" and self.loss_type in (
+            "cispo",
+            "sapo",
+            "vespo",
+            "dppo",
+            "cppo",
+        ):
+            raise ValueError(
+                f"importance_sampling_level='sequence' (GSPO) is not supported with "
+                f"loss_type={self.loss_type!r}: its trust region or weight is per token"
+            )
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length (it divides by B * max_completion_length)")
+            raise ValueError(
+                "loss_type='dr_grpo' needs max_completion_length (it divides by B * max_completion_length)"
+            )
         if self.aggregation is not None:
             C.choice("aggregation", self.aggregation, ref_loss.VERL_AGGREGATIONS)
         rule = M.credit(self.credit)
         if rule.schedule == "required" and self.schedule is None:
-            raise ValueError(f"credit={self.credit!r} needs a schedule=TemporalSchedule(...) (its cut-off moves with "
-                             "the step)")
+            raise ValueError(
+                f"credit={self.credit!r} needs a schedule=TemporalSchedule(...) (its cut-off moves with the step)"
+            )
         if self.schedule is not None and not isinstance(self.schedule, TemporalSchedule):
             raise TypeError(f"schedule must be a TemporalSchedule, got {type(self.schedule).__name__}")
         C.choice("backend", self.backend, BACKENDS)
         if self.dual_clip is not None and self.loss_type not in ref_loss.PPO_CLIP_TYPES:
-            raise ValueError(f"dual_clip applies to the PPO-clip loss types {ref_loss.PPO_CLIP_TYPES}, "
-                             f"not {self.loss_type!r}")
+            raise ValueError(
+                f"dual_clip applies to the PPO-clip loss types {ref_loss.PPO_CLIP_TYPES}, not {self.loss_type!r}"
+            )
         capped = tuple(t.loss_type for t in M.TRUST_REGIONS.values() if "ratio_cap" in t.options)
         if self.ratio_cap is not None and self.loss_type not in capped:
             raise ValueError(f"ratio_cap (truncated IS, verl's dppo/cppo form) applies to loss_type {capped}")
         if isinstance(self.fused, str) and self.fused != "auto" or not isinstance(self.fused, (str, bool)):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         if self.fused is True and self.batch_selection:
-            raise ValueError(f"fused=True cannot run credit={self.credit!r} with d3s_scope='batch': the batch-wide "
-                             "top-rho selection needs every token's current entropy before any chunk's gradient; "
-                             "use fused='auto' (composable path) or d3s_scope='sequence'")
+            raise ValueError(
+                f"fused=True cannot run credit={self.credit!r} with d3s_scope='batch': the batch-wide "
+                "top-rho selection needs every token's current entropy before any chunk's gradient; "
+                "use fused='auto' (composable path) or d3s_scope='sequence'"
+            )
 
     @property
     def batch_selection(self) -> bool:
@@ -117,11 +130,25 @@ class LossConfig:
         passes). The method options are checked by the catalogue."""
         pos = dict(low=0.0, low_open=True)
         nonneg = dict(low=0.0)
-        reals = {"beta": nonneg, "epsilon_low": nonneg, "epsilon_high": nonneg, "sapo_temperature_pos": pos,
-                 "sapo_temperature_neg": pos, "vespo_k_pos": nonneg, "vespo_lambda_pos": nonneg,
-                 "vespo_k_neg": nonneg, "vespo_lambda_neg": nonneg, "entropy_coef": {}}
-        optional_reals = {"delta": pos, "loss_horizon": pos, "dual_clip": dict(low=1.0, low_open=True),
-                          "cispo_min": nonneg, "log_ratio_clip": pos}
+        reals = {
+            "beta": nonneg,
+            "epsilon_low": nonneg,
+            "epsilon_high": nonneg,
+            "sapo_temperature_pos": pos,
+            "sapo_temperature_neg": pos,
+            "vespo_k_pos": nonneg,
+            "vespo_lambda_pos": nonneg,
+            "vespo_k_neg": nonneg,
+            "vespo_lambda_neg": nonneg,
+            "entropy_coef": {},
+        }
+        optional_reals = {
+            "delta": pos,
+            "loss_horizon": pos,
+            "dual_clip": dict(low=1.0, low_open=True),
+            "cispo_min": nonneg,
+            "log_ratio_clip": pos,
+        }
         for name, rng in reals.items():
             setattr(self, name, C.real(name, getattr(self, name), **rng))
         for name, rng in optional_reals.items():

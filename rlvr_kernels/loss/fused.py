@@ -6,6 +6,7 @@ dW, db follow by GEMMs (3 GEMM-equivalents, one chunk buffer; ``docs/design/voca
 whole rows, or segments of a row when the configuration is token-local (:func:`rlvr_kernels.methods.token_local`).
 Backward only scales the gradients computed here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import torch
 
 from rlvr_kernels import methods as M
 from rlvr_kernels._backend import first_order_backward, resolve_backend
-from rlvr_kernels.loss.token_pass import Rows, TokenSums, token_pass
+from rlvr_kernels.loss.token_pass import TokenSums, token_pass
 from rlvr_kernels.reference import logprobs as ref_lp
 
 # Bytes of one fused-path logits block (fp32 [rows, V]); on CPU a smaller block keeps the reference path lean.
@@ -51,8 +52,17 @@ class FusedResult:
     active: torch.Tensor
 
 
-def fused_pass(cfg, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], batch, q: Optional[float], norm,
-               ent_norm, need: tuple[bool, bool, bool]) -> FusedResult:
+def fused_pass(
+    cfg,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    batch,
+    q: Optional[float],
+    norm,
+    ent_norm,
+    need: tuple[bool, bool, bool],
+) -> FusedResult:
     """Loss, gradients and metric sums of the batch ``batch`` (``rlvr_kernels.loss.api.Batch``) over chunks.
 
     ``x [B, T, H]``, ``w [V, H]``, ``b [V]``; ``need``: which of (dx, dw, db) to compute. The torch path computes in
@@ -79,8 +89,9 @@ def fused_pass(cfg, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
         tc = rows.ids.reshape(-1)
         # padding rows (ignore_index) read as zeros: NaN/inf there reaches neither the logits nor dW
         ignored = tc == cfg.ignore_index
-        xc = torch.where(ignored.unsqueeze(1), torch.zeros((), dtype=cdt, device=x.device),
-                         x[sl, cols].reshape(-1, H).to(cdt))
+        xc = torch.where(
+            ignored.unsqueeze(1), torch.zeros((), dtype=cdt, device=x.device), x[sl, cols].reshape(-1, H).to(cdt)
+        )
         if use_triton:
             from rlvr_kernels.kernels import logprobs as K
 
@@ -88,8 +99,9 @@ def fused_pass(cfg, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
             lp, ent, lse = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
         else:
             z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
-            lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(z, tc, ignore_index=cfg.ignore_index,
-                                                                       probs=True)  # logz is z
+            lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(
+                z, tc, ignore_index=cfg.ignore_index, probs=True
+            )  # logz is z
         # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
         lp_leaf = lp.view(nr, nc).float().requires_grad_()
         ent_leaf = ent.view(nr, nc).float().requires_grad_()

@@ -1,4 +1,5 @@
 """The metrics of :class:`rlvr_kernels.RLVRLoss`: Liger's ordered list plus every metric by name (TRL's names)."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ class LossMetrics(list):
         return self.named.keys()
 
 
-def loss_metrics(cfg, sums: TokenSums, valid: torch.Tensor, n_rows: int, q: Optional[float],
-                 coef: Optional[torch.Tensor]) -> LossMetrics:
+def loss_metrics(
+    cfg, sums: TokenSums, valid: torch.Tensor, n_rows: int, q: Optional[float], coef: Optional[torch.Tensor]
+) -> LossMetrics:
     """Metrics of one call from the summed token-pass numerators; ``valid`` ``[B, T]``: the caller's loss mask
     (fp32 weights), ``coef``: the DelTA coefficients when the credit rule uses them."""
     denom = sums.active.clamp(min=1.0)

@@ -5,6 +5,7 @@ Order (``docs/methods/objectives.md``): (1) the credit rule's mask that needs th
 shaping, (3) the trust region and the objective (``reference/loss.py``), (4) the aggregation with batch-global
 divisors computed beforehand, so that any subset of rows gives its exact share of the loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,7 +62,7 @@ class TokenSums:
     trust_masked: Optional[torch.Tensor] = None
     cppo_delta_b_sum: Optional[torch.Tensor] = None
 
-    def add(self, other: "TokenSums", rows: slice, n_rows: int) -> "TokenSums":
+    def add(self, other: TokenSums, rows: slice, n_rows: int) -> TokenSums:
         """``self + other`` where ``other`` covers the rows ``rows`` of an ``n_rows``-row batch (``self`` may be
         None-like: use :meth:`zeros_like` first). Per-row sums accumulate over a row's segments."""
         out = {}
@@ -78,14 +79,15 @@ class TokenSums:
         return TokenSums(**out)
 
     @staticmethod
-    def empty(n_rows: int, device) -> "TokenSums":
+    def empty(n_rows: int, device) -> TokenSums:
         z = torch.zeros((), device=device)
         zr = torch.zeros(n_rows, device=device)
         return TokenSums(z, z, z, z, zr.clone(), zr.clone(), zr.clone())
 
 
-def token_pass(cfg, logp: torch.Tensor, entropy: Optional[torch.Tensor], rows: Rows, q: Optional[float], norm,
-               ent_norm) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
+def token_pass(
+    cfg, logp: torch.Tensor, entropy: Optional[torch.Tensor], rows: Rows, q: Optional[float], norm, ent_norm
+) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
     """Loss contribution and metric sums of whole sequences (or token-local segments of them).
 
     ``logp`` / ``entropy`` ``[b, T]`` fp32 (differentiable); ``rows``: the matching slice of the batch; ``q``: the
@@ -112,8 +114,9 @@ def token_pass(cfg, logp: torch.Tensor, entropy: Optional[torch.Tensor], rows: R
     old = rows.old if rows.old is not None else logp.detach()
     ref = rows.ref if rows.ref is not None else logp.detach()
     tmask, delta_b_sum = M.trust_region_of_loss_type(cfg.loss_type).mask(cfg, logp, rows)
-    per_tok, aux = ref_loss.policy_token_loss(cfg, logp, old, adv, mask, ref_logp=ref, is_ratio=rows.is_ratio,
-                                              trust_mask=tmask)
+    per_tok, aux = ref_loss.policy_token_loss(
+        cfg, logp, old, adv, mask, ref_logp=ref, is_ratio=rows.is_ratio, trust_mask=tmask
+    )
     # (4) aggregation (row counts of whole rows: the slice may be a segment of each row)
     mode, horizon = ref_loss.aggregation_mode(cfg, rows.width if rows.width is not None else mask.shape[1])
     loss = ref_loss.aggregate(per_tok, mask, mode, norm, horizon, rows.counts)
@@ -135,8 +138,12 @@ def _sums(cfg, mask, aux, ent_d, tmask, delta_b_sum) -> TokenSums:
         row_low = (aux["low_clipped"].float() * mask).sum(-1)
         row_high = (aux["high_clipped"].float() * mask).sum(-1)
     s = TokenSums(
-        active=mask.sum(), clipped=tok(aux["clipped"]), low_clipped=tok(aux["low_clipped"]),
-        high_clipped=tok(aux["high_clipped"]), row_low_clipped=row_low, row_high_clipped=row_high,
+        active=mask.sum(),
+        clipped=tok(aux["clipped"]),
+        low_clipped=tok(aux["low_clipped"]),
+        high_clipped=tok(aux["high_clipped"]),
+        row_low_clipped=row_low,
+        row_high_clipped=row_high,
         row_active=mask.sum(-1),
         rows=mask.new_tensor(float(mask.shape[0])) if seq else None,
         seq_clipped=aux["clipped"][:, 0].float().sum() if seq else None,
@@ -147,5 +154,6 @@ def _sums(cfg, mask, aux, ent_d, tmask, delta_b_sum) -> TokenSums:
         trust_masked=((1.0 - tmask) * mask).sum() if tmask is not None else None,
         cppo_delta_b_sum=delta_b_sum,
     )
-    return TokenSums(**{f.name: (None if getattr(s, f.name) is None else getattr(s, f.name).detach())
-                        for f in dataclasses.fields(s)})
+    return TokenSums(
+        **{f.name: (None if getattr(s, f.name) is None else getattr(s, f.name).detach()) for f in dataclasses.fields(s)}
+    )

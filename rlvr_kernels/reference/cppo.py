@@ -8,6 +8,7 @@ bool ``valid`` mask of the same shape), already validated, and computes in fp32 
 Shared by both backends (one copy of the math): :func:`divergence` (the Triton path calls it as its elementwise
 prologue for every divergence but Binary-TV, which the kernel fuses) and the budget/fallback conventions.
 """
+
 from __future__ import annotations
 
 import math

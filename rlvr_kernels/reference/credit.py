@@ -8,6 +8,7 @@ by both backends, so there is a single copy of the math.
 Conventions: positions are 0-based within the row; ``L`` = last valid index + 1 (:func:`row_lengths`), ``n`` = number
 of valid tokens (:func:`valid_counts`); both are equal for right-padded rows. Outputs are fp32 or bool.
 """
+
 from __future__ import annotations
 
 import torch
@@ -157,4 +158,3 @@ def d3s_token_mask(advantages, entropy, valid, rho: float, *, scope: str = "batc
     flat_valid = valid.reshape(1, -1)
     k = topk_budget(flat_valid.sum(dim=1, dtype=torch.int64), rho)
     return topk_mask(scores.reshape(1, -1), flat_valid, k).reshape(valid.shape)
-

@@ -23,9 +23,10 @@ shared by the one-shot driver :func:`delta_coefficients_flat` (both backends: it
 and by the streaming :class:`rlvr_kernels.delta.DeltaEstimator`, so there is one copy of the math.
 Side statistics: masses and centroids in fp32, margin moments ``(count, sum m, sum m^2)`` in float64.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -255,5 +256,4 @@ def delta_coefficients_flat(
         m = margins(rowdot(h, mu, valid), s, mu, pos)
         check("margins", m, valid)
     c = raw_coefficients(m, g, pos, neg, valid, lam_min, lam_max)
-    return normalise(c, valid, pos, neg, normaliser_stats(c, valid, pos, neg, exclude_zero_adv), eps,
-                     exclude_zero_adv)
+    return normalise(c, valid, pos, neg, normaliser_stats(c, valid, pos, neg, exclude_zero_adv), eps, exclude_zero_adv)

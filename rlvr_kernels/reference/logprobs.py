@@ -11,6 +11,7 @@ runs over token chunks with the analytic gradient (:func:`dlogits_from_scaled_lo
 logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V). Design notes:
 ``docs/design/vocab-pass.md``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -258,8 +259,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             e = min(n, s + ctx.chunk)
             xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ctx.ignore_index)
             z = _scaled_logits(xc, w, b, ctx.inv_temp)
-            dz = dlogits_from_scaled_logits(z, lse[s:e], ent[s:e], targets[s:e], gl[s:e],
-                                            None if gh is None else gh[s:e], cp[s:e])
+            dz = dlogits_from_scaled_logits(
+                z, lse[s:e], ent[s:e], targets[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e]
+            )
             if gg is not None:
                 dz.scatter_add_(1, ids[s:e], gg[s:e])
             dz *= ctx.inv_temp

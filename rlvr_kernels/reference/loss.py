@@ -17,6 +17,7 @@ bias-corrected KL). The aggregation divides by constants that the caller compute
 (:func:`normalizer`), so the same functions give the loss of any subset of whole sequences (the fused path).
 Empty rows and all-zero masks give 0, never NaN (every divisor is clamped to >= 1).
 """
+
 from __future__ import annotations
 
 import math
@@ -124,8 +125,9 @@ def policy_token_loss(
         tau = torch.where(A > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
         loss = -(torch.sigmoid(tau * (coef - 1.0)) * 4.0 / tau) * A
     elif lt == "vespo":
-        phi = vespo_phi(A, log_ratio, mask, is_ratio, cfg.vespo_k_pos, cfg.vespo_lambda_pos,
-                        cfg.vespo_k_neg, cfg.vespo_lambda_neg)
+        phi = vespo_phi(
+            A, log_ratio, mask, is_ratio, cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg
+        )
         loss = -phi * A * logp
     elif lt in ("dppo", "cppo"):
         m = trust_mask
@@ -147,12 +149,23 @@ def policy_token_loss(
             kl = kl * torch.exp(log_w)
         loss = loss + cfg.beta * kl
     clipped = ((low & (A < 0)) | (high & (A > 0))).expand_as(A)
-    return loss, {"kl": kl, "clipped": clipped, "low_clipped": (low & (A < 0)).expand_as(A),
-                  "high_clipped": (high & (A > 0)).expand_as(A), "coef": coef}
+    return loss, {
+        "kl": kl,
+        "clipped": clipped,
+        "low_clipped": (low & (A < 0)).expand_as(A),
+        "high_clipped": (high & (A > 0)).expand_as(A),
+        "coef": coef,
+    }
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: float | torch.Tensor,
-              horizon: float | None = None, row_counts: torch.Tensor | None = None) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    norm: float | torch.Tensor,
+    horizon: float | None = None,
+    row_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scalar loss of ``per_token [B, T]`` over ``mask`` with a batch-global ``norm`` from :func:`normalizer`.
 
     ``row_counts [B]``: the active tokens of each whole row, when ``per_token`` holds only a segment of the rows
@@ -213,12 +226,21 @@ def check_global_batch_info(cfg, dp_size: int, batch_num_tokens, global_batch_si
         return
     if (batch_num_tokens if agg == "token-mean" else global_batch_size) is None:
         need = "batch_num_tokens" if agg == "token-mean" else "global_batch_size"
-        raise ValueError(f"aggregation={agg!r} with dp_size={dp_size} > 1 needs the global {need} "
-                         "(verl's global_batch_info)")
+        raise ValueError(
+            f"aggregation={agg!r} with dp_size={dp_size} > 1 needs the global {need} (verl's global_batch_info)"
+        )
 
 
-def normalizer(cfg, row_counts: torch.Tensor, T: int, *, num_items_in_batch=None, global_batch_size=None,
-               batch_num_tokens=None, dp_size: int = 1) -> torch.Tensor:
+def normalizer(
+    cfg,
+    row_counts: torch.Tensor,
+    T: int,
+    *,
+    num_items_in_batch=None,
+    global_batch_size=None,
+    batch_num_tokens=None,
+    dp_size: int = 1,
+) -> torch.Tensor:
     """The batch-global divisor of :func:`aggregate` (fp32 0-dim), from the active-token count of every row.
 
     row_counts: ``[B]`` active tokens per row. Without ``cfg.aggregation`` the loss type's own normaliser is used,

@@ -5,6 +5,7 @@ keys and ``RLVRLoss``'s keywords. The TRL-only fields are the method choice (``c
 DPPO/CPPO threshold ``trust_region_delta`` (TRL's ``epsilon`` is the PPO clip of ``loss_type``), DelTA's hidden-state
 cache budget and the kernel backend.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,14 +74,21 @@ class RLVRGRPOConfig(GRPOConfig):
     delta_coef_lam_min: float = _option("delta_coef_lam_min")
     delta_coef_lam_max: float = _option("delta_coef_lam_max")
     delta_coef_exclude_zero_adv: bool = _option("delta_coef_exclude_zero_adv")
-    delta_coef_cache_bytes: int = field(default=1 << 30, metadata=_help(
-        "DelTA: byte budget for caching the generation batch's valid-token hidden states between the estimator's "
-        "phases (one no-grad forward); over it (or 0) every phase re-runs the backbone (delta_coef_iters + 3 "
-        "forwards)."))
-    trust_region: str = field(default="clip", metadata=_help(
-        f"One of {TRUST_REGIONS}: 'clip' is TRL's loss_type; the others replace its objective."))
-    trust_region_delta: float = field(default=0.15, metadata=_help(
-        "Divergence threshold delta of trust_region='dppo' (both sides) and 'cppo'."))
+    delta_coef_cache_bytes: int = field(
+        default=1 << 30,
+        metadata=_help(
+            "DelTA: byte budget for caching the generation batch's valid-token hidden states between the estimator's "
+            "phases (one no-grad forward); over it (or 0) every phase re-runs the backbone (delta_coef_iters + 3 "
+            "forwards)."
+        ),
+    )
+    trust_region: str = field(
+        default="clip",
+        metadata=_help(f"One of {TRUST_REGIONS}: 'clip' is TRL's loss_type; the others replace its objective."),
+    )
+    trust_region_delta: float = field(
+        default=0.15, metadata=_help("Divergence threshold delta of trust_region='dppo' (both sides) and 'cppo'.")
+    )
     ratio_cap: Optional[float] = _option("ratio_cap")
     cppo_w_min: float = _option("cppo_w_min")
     cppo_delta_b: float = _option("cppo_delta_b")
@@ -89,8 +97,10 @@ class RLVRGRPOConfig(GRPOConfig):
     cppo_max_mult: float = _option("cppo_max_mult")
     cppo_horizon: Optional[int] = _option("cppo_horizon")
     cppo_divergence: str = _option("cppo_divergence")
-    rlvr_backend: str = field(default="auto", metadata=_help(
-        "rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."))
+    rlvr_backend: str = field(
+        default="auto",
+        metadata=_help("rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."),
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,18 +143,25 @@ def _validate(c: RLVRGRPOConfig) -> None:
         if c.loss_type not in TRUST_REGION_BASES:
             raise ValueError(
                 f"trust_region={tr!r} replaces the objective of loss_type; loss_type then only picks the normaliser "
-                f"and must be one of {TRUST_REGION_BASES}, got {c.loss_type!r}")
+                f"and must be one of {TRUST_REGION_BASES}, got {c.loss_type!r}"
+            )
         if c.importance_sampling_level != "token":
-            raise ValueError(f"trust_region={tr!r} works per token: importance_sampling_level must be 'token', got "
-                             f"{c.importance_sampling_level!r}")
+            raise ValueError(
+                f"trust_region={tr!r} works per token: importance_sampling_level must be 'token', got "
+                f"{c.importance_sampling_level!r}"
+            )
         if c.delta is not None:
-            raise ValueError(f"delta (the two-sided clip of the PPO ratio) does not apply to trust_region={tr!r}; "
-                             "use ratio_cap for a truncated-IS cap")
+            raise ValueError(
+                f"delta (the two-sided clip of the PPO ratio) does not apply to trust_region={tr!r}; "
+                "use ratio_cap for a truncated-IS cap"
+            )
     if c.uses_rlvr_loss:
         what = f"credit={c.credit!r}, trust_region={c.trust_region!r}"
         if c.top_entropy_quantile < 1.0:
-            raise ValueError(f"top_entropy_quantile < 1 cannot be combined with {what}: it is TRL's own token mask "
-                             "(use credit='forking' with credit_rho for the same rule)")
+            raise ValueError(
+                f"top_entropy_quantile < 1 cannot be combined with {what}: it is TRL's own token mask "
+                "(use credit='forking' with credit_rho for the same rule)"
+            )
         if c.off_policy_mask_threshold is not None:
             raise ValueError(f"off_policy_mask_threshold is not supported with {what}")
         if c.use_adaptive_entropy:

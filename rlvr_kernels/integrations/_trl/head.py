@@ -5,13 +5,14 @@ computes log-probs and entropies with :func:`rlvr_kernels.fused_linear_logprobs`
 ``rlvr_head_fn=fn`` hands the hidden states and the gathered head to the loss; see the module docstring of
 :mod:`rlvr_kernels.integrations.trl` for how the trainer routes its forwards.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 import types
-from collections.abc import Mapping
-from typing import Callable, Optional
+from collections.abc import Callable, Mapping
+from typing import Optional
 
 import torch
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
@@ -45,8 +46,15 @@ class _RegatheredLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, dtype, temperature, want_entropy, backend):
         with maybe_gather_lm_head_ctx(weight, bias):
-            logp, ent = fused_linear_logprobs(hidden, _cast(weight, dtype), targets, bias=_cast(bias, dtype),
-                                              temperature=temperature, return_entropy=want_entropy, backend=backend)
+            logp, ent = fused_linear_logprobs(
+                hidden,
+                _cast(weight, dtype),
+                targets,
+                bias=_cast(bias, dtype),
+                temperature=temperature,
+                return_entropy=want_entropy,
+                backend=backend,
+            )
         ctx.save_for_backward(hidden, targets)
         ctx.head = (weight, bias)
         ctx.opts = (dtype, temperature, backend)
@@ -65,9 +73,15 @@ class _RegatheredLinearLogprobs(torch.autograd.Function):
             h = hidden.detach().requires_grad_(need_h)
             w = weight.detach().requires_grad_(need_w)
             b = None if bias is None else bias.detach().requires_grad_(bool(need_b))
-            logp, ent = fused_linear_logprobs(h, _cast(w, dtype), targets, bias=_cast(b, dtype),
-                                              temperature=temperature, return_entropy=g_ent is not None,
-                                              backend=backend)
+            logp, ent = fused_linear_logprobs(
+                h,
+                _cast(w, dtype),
+                targets,
+                bias=_cast(b, dtype),
+                temperature=temperature,
+                return_entropy=g_ent is not None,
+                backend=backend,
+            )
             outs = [logp] + ([ent] if g_ent is not None else [])
             grads = [g_logp if g_logp is not None else torch.zeros_like(logp)] + ([g_ent] if g_ent is not None else [])
             leaves = [t for t in (h, w, b) if t is not None and t.requires_grad]
@@ -91,10 +105,16 @@ def linear_logprobs(hidden, weight, bias, targets, *, dtype, temperature, want_e
     computed in ``dtype``; ``regather=True`` is the ZeRO-3 form (the head is gathered again in the backward)."""
     hidden = hidden.to(dtype)
     if regather:
-        return _RegatheredLinearLogprobs.apply(hidden, weight, bias, targets, dtype, temperature, want_entropy,
-                                               backend)
-    return fused_linear_logprobs(hidden, _cast(weight, dtype), targets, bias=_cast(bias, dtype),
-                                 temperature=temperature, return_entropy=want_entropy, backend=backend)
+        return _RegatheredLinearLogprobs.apply(hidden, weight, bias, targets, dtype, temperature, want_entropy, backend)
+    return fused_linear_logprobs(
+        hidden,
+        _cast(weight, dtype),
+        targets,
+        bias=_cast(bias, dtype),
+        temperature=temperature,
+        return_entropy=want_entropy,
+        backend=backend,
+    )
 
 
 def logit_scale(text_config) -> float:
@@ -110,8 +130,8 @@ def logit_scale(text_config) -> float:
 
 
 def _backbone_attr(model) -> str:
-    from packaging.version import Version
     import transformers
+    from packaging.version import Version
 
     if model.config.get_text_config() is not model.config and Version(transformers.__version__) < Version("5.0.0"):
         return "model"
@@ -137,21 +157,39 @@ def install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: bo
     previous = model.forward
     text_config = model.config.get_text_config()
     if getattr(text_config, "final_logit_softcapping", None) is not None:
-        raise ValueError("RLVRGRPOTrainer does not support models with final_logit_softcapping (the fused head has "
-                         "no soft-cap); use TRL's GRPOTrainer for this model")
+        raise ValueError(
+            "RLVRGRPOTrainer does not support models with final_logit_softcapping (the fused head has "
+            "no soft-cap); use TRL's GRPOTrainer for this model"
+        )
     scale = logit_scale(text_config)
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"the model's logit scale must be a finite number > 0 to fold into the temperature, got "
-                         f"{scale}")
+        raise ValueError(
+            f"the model's logit scale must be a finite number > 0 to fold into the temperature, got {scale}"
+        )
     temp = float(temperature) / scale
     backbone = _backbone_attr(model)
 
     @functools.wraps(type(model).forward)  # keep the signature: generate() validates its kwargs against it
-    def forward(self, *args, fused_lm_head=False, rlvr_head_fn: Optional[Callable] = None, labels=None,
-                shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(
+        self,
+        *args,
+        fused_lm_head=False,
+        rlvr_head_fn: Optional[Callable] = None,
+        labels=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
         if not fused_lm_head and rlvr_head_fn is None:
-            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
-                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            extra = {
+                k: v
+                for k, v in (
+                    ("labels", labels),
+                    ("shift_labels", shift_labels),
+                    ("num_items_in_batch", num_items_in_batch),
+                )
+                if v is not None
+            }
             return previous(*args, **extra, **kwargs)
         kwargs["use_cache"] = False
         hidden = getattr(self, backbone)(*args, **kwargs).last_hidden_state
@@ -182,9 +220,17 @@ def install_head(model, *, temperature: float, cast_fp32: bool, want_entropy: bo
             return FusedCausalLMOutput(loss=logp.sum(), log_probs=logp, entropy=None, label_mask=mask)
         regather = zero3_enabled()  # the ZeRO-3 gather then happens inside the autograd Function, twice
         with no_autocast:
-            logp, ent = linear_logprobs(hidden[mask], weight, bias, labels[mask], dtype=dtype, temperature=temp,
-                                        want_entropy=want_entropy and tap is None, backend=backend,
-                                        regather=regather)
+            logp, ent = linear_logprobs(
+                hidden[mask],
+                weight,
+                bias,
+                labels[mask],
+                dtype=dtype,
+                temperature=temp,
+                want_entropy=want_entropy and tap is None,
+                backend=backend,
+                regather=regather,
+            )
         # masked_scatter keeps the outputs connected to the graph even when no label is valid
         logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)
         ent = None if ent is None else ent.new_zeros(mask.shape).masked_scatter(mask, ent)
@@ -205,5 +251,7 @@ def named_metrics(metrics) -> dict:
     named = getattr(metrics, "named", None)
     if named:
         return dict(named)
-    raise TypeError(f"the RLVRLoss metrics reached the trainer without their names ({type(metrics).__name__}); the "
-                    "head function must return (loss, dict of metrics)")
+    raise TypeError(
+        f"the RLVRLoss metrics reached the trainer without their names ({type(metrics).__name__}); the "
+        "head function must return (loss, dict of metrics)"
+    )

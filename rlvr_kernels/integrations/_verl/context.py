@@ -14,6 +14,7 @@ actor per worker process; nothing here is shared between processes):
 The state is not thread-local: verl calls the losses on the thread that runs the update. Frames are pushed and
 popped in a ``try / finally``, so an exception never leaves one behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,16 @@ def pushed(frame: dict):
 
 
 @contextlib.contextmanager
-def loss_context(*, step: Optional[int] = None, total_steps: Optional[int] = None, entropy=None,
-                 delta_coefficients=None, rollout_log_probs=None, data=None, model_output=None):
+def loss_context(
+    *,
+    step: Optional[int] = None,
+    total_steps: Optional[int] = None,
+    entropy=None,
+    delta_coefficients=None,
+    rollout_log_probs=None,
+    data=None,
+    model_output=None,
+):
     """Extra inputs of the ``rlvr_*`` losses called inside the block (nested blocks inherit and override).
 
     The verl hooks open one around every actor update (``step``, ``total_steps``) and every micro-batch (``data``,
@@ -93,9 +102,19 @@ def loss_context(*, step: Optional[int] = None, total_steps: Optional[int] = Non
     are ``[bs, response_len]`` like ``log_prob``.
     """
     top = dict(_STACK[-1]) if _STACK else {}
-    new = {k: v for k, v in dict(step=step, total_steps=total_steps, entropy=entropy, delta_coef=delta_coefficients,
-                                 rollout_logp=rollout_log_probs, data=data, model_output=model_output).items()
-           if v is not None}
+    new = {
+        k: v
+        for k, v in dict(
+            step=step,
+            total_steps=total_steps,
+            entropy=entropy,
+            delta_coef=delta_coefficients,
+            rollout_logp=rollout_log_probs,
+            data=data,
+            model_output=model_output,
+        ).items()
+        if v is not None
+    }
     if "step" in new:
         new["step"] = check_step(new["step"], "step")
         new.setdefault("source", "context")

@@ -13,6 +13,7 @@ as the official ``compute_log_prob_h``; a forward hook on the decoder when a fus
 streams each micro-batch's response tokens into a :class:`rlvr_kernels.delta.DeltaEstimator`; the result becomes the
 batch field ``rlvr_delta_coef``, which verl's mini-batch iterator then splits like ``advantages``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,7 +72,8 @@ def _causal_lm(engine):
     raise NotImplementedError(
         f"rlvr_delta: the automatic DelTA coefficients need an engine whose .module holds a Hugging Face causal LM "
         f"with an lm_head (verl's fsdp / fsdp2 engines); got {type(engine).__name__}. Put the coefficients in the "
-        f"batch field {DELTA_COEF_KEY!r} yourself (rlvr_kernels.delta_coefficients) for other engines")
+        f"batch field {DELTA_COEF_KEY!r} yourself (rlvr_kernels.delta_coefficients) for other engines"
+    )
 
 
 def _packed_hidden(engine, h: torch.Tensor, mb) -> torch.Tensor:
@@ -79,8 +81,10 @@ def _packed_hidden(engine, h: torch.Tensor, mb) -> torch.Tensor:
     (the layout of verl's ``log_probs`` model output)."""
     ids = mb["input_ids"]
     if not (isinstance(ids, torch.Tensor) and ids.is_nested):
-        raise NotImplementedError("rlvr_delta: the automatic coefficients need verl's no-padding batch layout "
-                                  "(nested input_ids, left_right_2_no_padding)")
+        raise NotImplementedError(
+            "rlvr_delta: the automatic coefficients need verl's no-padding batch layout "
+            "(nested input_ids, left_right_2_no_padding)"
+        )
     offsets = ids.offsets()
     nnz = int(offsets[-1])
     if _tu_get(mb, "use_remove_padding", True):
@@ -94,14 +98,17 @@ def _packed_hidden(engine, h: torch.Tensor, mb) -> torch.Tensor:
             elif sp == 1:
                 h = h[:nnz]
             else:
-                raise NotImplementedError("rlvr_delta: this engine has sequence parallelism but no "
-                                          "_gather_and_unpad_packed to gather the hidden states")
+                raise NotImplementedError(
+                    "rlvr_delta: this engine has sequence parallelism but no "
+                    "_gather_and_unpad_packed to gather the hidden states"
+                )
     else:  # padded (bs, max_seq_len, H), right-padded per sequence (prepare_model_inputs)
         lens = offsets.diff().to(h.device)
         h = h[torch.arange(h.shape[1], device=h.device)[None, :] < lens[:, None]]
     if h.shape[0] != nnz:
-        raise RuntimeError(f"rlvr_delta: captured {h.shape[0]} hidden states for {nnz} tokens (unsupported engine "
-                           "layout)")
+        raise RuntimeError(
+            f"rlvr_delta: captured {h.shape[0]} hidden states for {nnz} tokens (unsupported engine layout)"
+        )
     return h
 
 
@@ -134,8 +141,15 @@ def _delta_forward(worker, td_base, visit: Callable) -> None:
         use_fused_kernels=cfg("use_fused_kernels", False),
     )
     tu.assign_non_tensor(td, **{k: v for k, v in defaults.items() if k not in td.keys()})
-    tu.assign_non_tensor(td, calculate_entropy=False, calculate_sum_pi_squared=False, distillation_use_topk=False,
-                         distillation_only=False, compute_loss=True, return_model_output=False)
+    tu.assign_non_tensor(
+        td,
+        calculate_entropy=False,
+        calculate_sum_pi_squared=False,
+        distillation_use_topk=False,
+        distillation_only=False,
+        compute_loss=True,
+        return_model_output=False,
+    )
     cap: dict = {}
 
     def pre(_mod, args, kwargs):
@@ -202,9 +216,15 @@ def delta_for_update(worker, data, config, ctx) -> Optional[str]:
         all_reduce = functools.partial(torch.distributed.all_reduce, group=group)
     _, head, _ = _causal_lm(worker.engine)
     H = getattr(head, "in_features", None)
-    est = DeltaEstimator(iters=int(opts.delta_coef_iters), lam_min=lam_min, lam_max=lam_max,
-                         exclude_zero_adv=bool(opts.delta_coef_exclude_zero_adv), all_reduce=all_reduce,
-                         backend=opts.backend, hidden_size=H if isinstance(H, int) else None)
+    est = DeltaEstimator(
+        iters=int(opts.delta_coef_iters),
+        lam_min=lam_min,
+        lam_max=lam_max,
+        exclude_zero_adv=bool(opts.delta_coef_exclude_zero_adv),
+        all_reduce=all_reduce,
+        backend=opts.backend,
+        hidden_size=H if isinstance(H, int) else None,
+    )
     td = data.copy()
     td[_DELTA_ROW_KEY] = torch.arange(bs, device=data.get("response_mask").device)
     cache = opts.delta_coef_hidden_cache
@@ -229,8 +249,13 @@ def delta_for_update(worker, data, config, ctx) -> Optional[str]:
             return None
         dev = hv.device if cache != "cpu" else est.device
         hv = hv.to(dev)
-        return fn(hv, ov.to(dev), av.to(dev), torch.ones(n, dtype=torch.bool, device=dev),
-                  cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=dev))
+        return fn(
+            hv,
+            ov.to(dev),
+            av.to(dev),
+            torch.ones(n, dtype=torch.bool, device=dev),
+            cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        )
 
     def write(mb_tokens, c):
         rows, sel, _, _, _ = mb_tokens
@@ -266,5 +291,3 @@ def delta_for_update(worker, data, config, ctx) -> Optional[str]:
     data[DELTA_COEF_KEY] = _as_layout_of(data.get("advantages"), coef)
     logger.debug("rlvr_kernels: DelTA coefficients of %d responses from %d no-grad forward(s)", bs, n_forwards)
     return "computed"
-
-

@@ -7,6 +7,7 @@
   (every strategy but ``fsdp`` / ``fsdp2``, e.g. Megatron, which runs its own fused forward) instead of letting it be
   silently ignored (:func:`wrap_engine_new`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,16 @@ from rlvr_kernels.integrations._verl.context import logger
 from rlvr_kernels.logprobs import fused_linear_logprobs
 
 # model types for which verl ships its own (multimodal) fused forward; ours only handles text causal LMs
-_UNSUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe",
-                            "kimi_vl")
+_UNSUPPORTED_MODEL_TYPES = (
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "glm4v",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "kimi_vl",
+)
 
 #: ``fused_kernel_options.impl_backend`` values of this plug-in -> the ``backend`` of the fused forward.
 FORWARD_BACKENDS = {"rlvr": "auto", "rlvr_triton": "triton", "rlvr_torch": "torch"}
@@ -29,10 +38,24 @@ FORWARD_BACKENDS = {"rlvr": "auto", "rlvr_triton": "triton", "rlvr_torch": "torc
 _FORWARD_BACKEND_STRATEGIES = ("fsdp", "fsdp2")
 
 
-def _rlvr_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                  inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
-                  return_dict=None, cache_position=None, logits_to_keep=0, temperature=1.0, shift_labels=None,
-                  **kwargs):
+def _rlvr_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    cache_position=None,
+    logits_to_keep=0,
+    temperature=1.0,
+    shift_labels=None,
+    **kwargs,
+):
     from verl.models.transformers.dense_common import CausalLMOutputForPPO
 
     base = getattr(self, self.base_model_prefix, None) if getattr(self, "base_model_prefix", "") else None
@@ -43,9 +66,16 @@ def _rlvr_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         extra["output_attentions"] = output_attentions
     if output_hidden_states is not None:
         extra["output_hidden_states"] = output_hidden_states
-    outputs = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                   cache_position=cache_position, **extra)
+    outputs = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        cache_position=cache_position,
+        **extra,
+    )
     hidden = outputs[0]
     # verl's convention: the label of position t is the token at t + 1 (wrapping at the end); the engine passes
     # globally rolled ``shift_labels`` on its packed path.
@@ -59,8 +89,9 @@ def _rlvr_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
         raise RuntimeError("the rlvr fused forward needs input_ids, labels or shift_labels")
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError("the rlvr fused forward takes one temperature per call "
-                             "(verl's fused path asserts the same)")
+            raise ValueError(
+                "the rlvr fused forward takes one temperature per call (verl's fused path asserts the same)"
+            )
         temperature = float(temperature.item())
     head = self.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -69,12 +100,21 @@ def _rlvr_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     # statistics and dtype checks, so autocast is disabled inside it.
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     with torch.autocast(device_type=dev, enabled=False):
-        logp, ent = fused_linear_logprobs(hidden.to(dt), weight.to(dt), rolled.long(),
-                                          bias=None if bias is None else bias.to(dt), temperature=float(temperature),
-                                          backend=getattr(self, "_rlvr_backend", "auto"))
-    out = CausalLMOutputForPPO(log_probs=logp, entropy=ent, past_key_values=getattr(outputs, "past_key_values", None),
-                               hidden_states=getattr(outputs, "hidden_states", None),
-                               attentions=getattr(outputs, "attentions", None))
+        logp, ent = fused_linear_logprobs(
+            hidden.to(dt),
+            weight.to(dt),
+            rolled.long(),
+            bias=None if bias is None else bias.to(dt),
+            temperature=float(temperature),
+            backend=getattr(self, "_rlvr_backend", "auto"),
+        )
+    out = CausalLMOutputForPPO(
+        log_probs=logp,
+        entropy=ent,
+        past_key_values=getattr(outputs, "past_key_values", None),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
+    )
     return out if return_dict is not False else out.to_tuple()
 
 
@@ -94,8 +134,10 @@ def patch_forward_with_rlvr(model, *, backend: str = "auto"):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     if mtype in _UNSUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(f"the rlvr fused forward handles text causal LMs; {mtype!r} has its own multimodal "
-                                  "forward in verl (use fused_kernel_options.impl_backend=triton|torch for it)")
+        raise NotImplementedError(
+            f"the rlvr fused forward handles text causal LMs; {mtype!r} has its own multimodal "
+            "forward in verl (use fused_kernel_options.impl_backend=triton|torch for it)"
+        )
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError("patch_forward_with_rlvr needs a causal LM with an lm_head (get_output_embeddings())")
     model.forward = types.MethodType(_rlvr_forward, model)
@@ -132,10 +174,15 @@ def _check_forward_backend(backend, model_config, engine_name: str) -> None:
             f"{setting} is not supported by verl's {backend!r} engine ({engine_name}), which never reads "
             f"impl_backend (the Megatron engine runs its own fused forward) and would silently ignore it. The rlvr "
             f"fused forward needs actor_rollout_ref.actor.strategy=fsdp or fsdp2; on {backend!r} drop the override "
-            f"(or use verl's own impl_backend)")
-    logger.warning("rlvr_kernels: %s has no effect on verl's %r engine (%s), which never reads impl_backend "
-                   "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2",
-                   setting, backend, engine_name)
+            f"(or use verl's own impl_backend)"
+        )
+    logger.warning(
+        "rlvr_kernels: %s has no effect on verl's %r engine (%s), which never reads impl_backend "
+        "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2",
+        setting,
+        backend,
+        engine_name,
+    )
 
 
 def wrap_engine_new(orig):

@@ -16,6 +16,7 @@ Installation: :func:`install_hooks` registers each entry of :data:`_HOOKS` with 
 (``wrapt.register_post_import_hook``: run when the module is first imported, or at once when it already is). A hook
 that fails is logged and never breaks verl's own import.
 """
+
 from __future__ import annotations
 
 import functools
@@ -113,9 +114,12 @@ def step_from_worker(worker, data) -> dict:
     n = _scheduler_updates(getattr(worker, "engine", None))
     if n is not None:
         if warn_once("lr_scheduler_step"):
-            logger.warning("rlvr_kernels: the batch carries no %s (the trainer process did not load "
-                           "rlvr_kernels.integrations.verl); using the actor LR scheduler's update count + 1 as the "
-                           "step (off by trainer.critic_warmup when that is set)", STEP_KEY)
+            logger.warning(
+                "rlvr_kernels: the batch carries no %s (the trainer process did not load "
+                "rlvr_kernels.integrations.verl); using the actor LR scheduler's update count + 1 as the "
+                "step (off by trainer.critic_warmup when that is set)",
+                STEP_KEY,
+            )
         return {"step": n + 1, "source": "lr_scheduler"}
     return {}
 
@@ -175,8 +179,10 @@ def cut_batch(data, config, ctx) -> Optional[float]:
         elif _same_layout(lm, rm):
             _apply_keep(data, "loss_mask", keep)
         else:
-            raise RuntimeError(f"{spec.name}: loss_mask does not have the layout of response_mask; cannot apply "
-                               "the cut-off consistently (unsupported verl batch layout)")
+            raise RuntimeError(
+                f"{spec.name}: loss_mask does not have the layout of response_mask; cannot apply "
+                "the cut-off consistently (unsupported verl batch layout)"
+            )
     return q
 
 
@@ -194,8 +200,11 @@ def _request_entropy(data, config) -> None:
 
     tu.assign_non_tensor(data, calculate_entropy=True)
     if warn_once("calculate_entropy"):
-        logger.info("rlvr_kernels: %s needs the per-token entropy: calculate_entropy switched on for the actor "
-                    "update (actor_rollout_ref.actor.calculate_entropy=True does the same)", spec.name)
+        logger.info(
+            "rlvr_kernels: %s needs the per-token entropy: calculate_entropy switched on for the actor "
+            "update (actor_rollout_ref.actor.calculate_entropy=True does the same)",
+            spec.name,
+        )
 
 
 def wrap_train_mini_batch(orig):
@@ -266,8 +275,11 @@ def _wrap_actor_post_init(orig):
 def _patch_attr(owner, name: str, wrap: Callable) -> None:
     cur = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
     if cur is None:
-        logger.warning("rlvr_kernels: %s.%s not found; hook not installed (unsupported verl version?)",
-                       getattr(owner, "__name__", owner), name)
+        logger.warning(
+            "rlvr_kernels: %s.%s not found; hook not installed (unsupported verl version?)",
+            getattr(owner, "__name__", owner),
+            name,
+        )
         return
     new = wrap(cur)
     if new is not cur:

@@ -8,6 +8,7 @@ rollout_is_weights)`` and returns ``(loss, metrics)``. What it computes comes fr
 one (``reference.loss.normalizer`` with verl's ``global_batch_info``). Inputs that verl does not pass (the step,
 the entropy, DelTA coefficients, rollout log-probs) come from :mod:`.context`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -37,8 +38,9 @@ _STEP_HELP = (
     "(VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, see the README) so that its hooks pass "
     "global_steps with the batch, or call rlvr_kernels.integrations.verl.set_training_step(k) in a custom loop"
 )
-_HOOK_HELP = ("load this module in the workers: VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, "
-              "RLVR_VERL_HOOKS unset")
+_HOOK_HELP = (
+    "load this module in the workers: VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl, RLVR_VERL_HOOKS unset"
+)
 
 
 def resolve_total_steps(config, opts: Options, ctx: dict) -> Optional[int]:
@@ -48,8 +50,11 @@ def resolve_total_steps(config, opts: Options, ctx: dict) -> Optional[int]:
         return int(ctx["total_steps"])
     optim = cfg_value(config, "optim", None)
     if optim is not None:
-        t = (optim.get("total_training_steps", None) if hasattr(optim, "get")
-             else getattr(optim, "total_training_steps", None))
+        t = (
+            optim.get("total_training_steps", None)
+            if hasattr(optim, "get")
+            else getattr(optim, "total_training_steps", None)
+        )
         if t is not None and int(t) > 0:
             return int(t)
     return None
@@ -64,8 +69,10 @@ def _schedule_value(spec: LossSpec, config, opts: Options, ctx: dict):
         raise RuntimeError(f"{spec.name}: {_STEP_HELP}")
     total = resolve_total_steps(config, opts, ctx)
     if total is None:
-        raise RuntimeError(f"{spec.name}: the schedule needs the total number of training steps; set "
-                           "policy_loss.rlvr.total_steps (verl sets actor.optim.total_training_steps itself)")
+        raise RuntimeError(
+            f"{spec.name}: the schedule needs the total number of training steps; set "
+            "policy_loss.rlvr.total_steps (verl sets actor.optim.total_training_steps itself)"
+        )
     sched = M.make_schedule(opts, total)
     return float(sched(step)), step, sched
 
@@ -82,8 +89,9 @@ def _thresholds(region: M.TrustRegion, low: float, high: float, clip_c: float, o
     return {}
 
 
-def loss_config(spec: LossSpec, config, opts: Options, loss_agg_mode: str,
-                sched: Optional[TemporalSchedule]) -> _loss.LossConfig:
+def loss_config(
+    spec: LossSpec, config, opts: Options, loss_agg_mode: str, sched: Optional[TemporalSchedule]
+) -> _loss.LossConfig:
     """The :class:`rlvr_kernels.LossConfig` of one call: verl's clip keys, the options the loss's methods read."""
     low = cfg_value(config, "clip_ratio_low", None)
     high = cfg_value(config, "clip_ratio_high", None)
@@ -91,8 +99,15 @@ def loss_config(spec: LossSpec, config, opts: Options, loss_agg_mode: str,
     low = base if low is None else low
     high = base if high is None else high
     clip_c = cfg_value(config, "clip_ratio_c", 3.0)
-    kw: dict = dict(beta=0.0, loss_type=spec.loss_type, epsilon_low=float(low), epsilon_high=float(high),
-                    backend=opts.backend, fused=False, log_ratio_clip=20.0)  # verl clamps the log-ratio at +-20
+    kw: dict = dict(
+        beta=0.0,
+        loss_type=spec.loss_type,
+        epsilon_low=float(low),
+        epsilon_high=float(high),
+        backend=opts.backend,
+        fused=False,
+        log_ratio_clip=20.0,
+    )  # verl clamps the log-ratio at +-20
     kw.update(_thresholds(spec.region, low, high, clip_c, opts))
     kw.update({n: getattr(opts, n) for n in spec.region.options if n in LOSS_METHOD_OPTIONS and n != "ratio_cap"})
     kw["aggregation"] = loss_agg_mode
@@ -110,9 +125,14 @@ def loss_config(spec: LossSpec, config, opts: Options, loss_agg_mode: str,
 def _normaliser(cfg, active: torch.Tensor, T: int, gbi: dict) -> torch.Tensor:
     """verl's ``agg_loss`` divisor (``cfg.aggregation`` is verl's mode) for the active-token mask ``active [bs, T]``
     and ``global_batch_info``."""
-    return _ref_loss.normalizer(cfg, active.sum(-1), T, batch_num_tokens=gbi.get("batch_num_tokens", None),
-                                global_batch_size=gbi.get("global_batch_size", None),
-                                dp_size=int(gbi.get("dp_size", 1) or 1))
+    return _ref_loss.normalizer(
+        cfg,
+        active.sum(-1),
+        T,
+        batch_num_tokens=gbi.get("batch_num_tokens", None),
+        global_batch_size=gbi.get("global_batch_size", None),
+        dp_size=int(gbi.get("dp_size", 1) or 1),
+    )
 
 
 def _static_mask(spec: LossSpec, cfg, mask, q, ctx, gbi, loss_agg_mode):
@@ -128,7 +148,8 @@ def _static_mask(spec: LossSpec, cfg, mask, q, ctx, gbi, loss_agg_mode):
         raise RuntimeError(
             f"{spec.name} with loss_agg_mode=token-mean inside verl needs the worker hook: verl's batch_num_tokens "
             "counts the tokens before the cut-off, so the loss would shrink with q. Load this module in the workers "
-            "(VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl) and keep RLVR_VERL_HOOKS unset")
+            "(VERL_USE_EXTERNAL_MODULES=rlvr_kernels.integrations.verl) and keep RLVR_VERL_HOOKS unset"
+        )
     return spec.rule.static_mask(cfg, mask, q)
 
 
@@ -142,35 +163,54 @@ def _read_inputs(spec: LossSpec, opts: Options, ctx: dict, log_prob: torch.Tenso
                 f"{spec.name} needs the current policy's per-token entropy, which verl computes only when asked. "
                 f"The worker hook of this module asks for it automatically ({_HOOK_HELP}); otherwise add the "
                 "override actor_rollout_ref.actor.calculate_entropy=True and pass the entropy with "
-                "rlvr_kernels.integrations.verl.loss_context(entropy=...)")
+                "rlvr_kernels.integrations.verl.loss_context(entropy=...)"
+            )
     if "coefficients" in spec.rule.needs:
         coef = response_tensor(ctx, DELTA_COEF_KEY, log_prob)
         if coef is None:
             raise ValueError(
                 f"{spec.name} needs DelTA coefficients: inside verl the worker hook computes the batch field "
                 f"{DELTA_COEF_KEY!r} at the start of each actor update ({_HOOK_HELP}); otherwise set "
-                "that [bs, response_len] batch field or loss_context(delta_coefficients=...); see rlvr_kernels.delta")
+                "that [bs, response_len] batch field or loss_context(delta_coefficients=...); see rlvr_kernels.delta"
+            )
     if spec.region.needs_anchor and opts.anchor == "rollout":
         mu = response_tensor(ctx, ROLLOUT_LOGP_KEY, log_prob)
         if mu is None:
-            raise ValueError(f"{spec.name} with policy_loss.rlvr.anchor=rollout needs the batch field "
-                             f"{ROLLOUT_LOGP_KEY!r} (rollout.calculate_log_probs=True) or "
-                             "loss_context(rollout_log_probs=)")
+            raise ValueError(
+                f"{spec.name} with policy_loss.rlvr.anchor=rollout needs the batch field "
+                f"{ROLLOUT_LOGP_KEY!r} (rollout.calculate_log_probs=True) or "
+                "loss_context(rollout_log_probs=)"
+            )
     return entropy, coef, mu
 
 
-def policy_loss(spec: LossSpec, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-                config=None, rollout_is_weights=None):
+def policy_loss(
+    spec: LossSpec,
+    old_log_prob,
+    log_prob,
+    advantages,
+    response_mask,
+    loss_agg_mode="token-mean",
+    config=None,
+    rollout_is_weights=None,
+):
     if config is None:
         raise ValueError(f"{spec.name}: config (verl's ActorConfig) is required")
     if not (hasattr(config, "clip_ratio") or (hasattr(config, "get") and config.get("clip_ratio", None) is not None)):
-        raise TypeError(f"{spec.name}: config must be verl's ActorConfig (actor_rollout_ref.actor), "
-                        f"got {type(config).__name__}")
-    if log_prob.dim() != 2 or tuple(old_log_prob.shape) != tuple(log_prob.shape) \
-            or tuple(advantages.shape) != tuple(log_prob.shape) or tuple(response_mask.shape) != tuple(log_prob.shape):
-        raise ValueError(f"{spec.name}: old_log_prob, log_prob, advantages and response_mask must all be "
-                         f"[bs, response_len]; got {tuple(old_log_prob.shape)}, {tuple(log_prob.shape)}, "
-                         f"{tuple(advantages.shape)}, {tuple(response_mask.shape)}")
+        raise TypeError(
+            f"{spec.name}: config must be verl's ActorConfig (actor_rollout_ref.actor), got {type(config).__name__}"
+        )
+    if (
+        log_prob.dim() != 2
+        or tuple(old_log_prob.shape) != tuple(log_prob.shape)
+        or tuple(advantages.shape) != tuple(log_prob.shape)
+        or tuple(response_mask.shape) != tuple(log_prob.shape)
+    ):
+        raise ValueError(
+            f"{spec.name}: old_log_prob, log_prob, advantages and response_mask must all be "
+            f"[bs, response_len]; got {tuple(old_log_prob.shape)}, {tuple(log_prob.shape)}, "
+            f"{tuple(advantages.shape)}, {tuple(response_mask.shape)}"
+        )
     if loss_agg_mode not in _ref_loss.VERL_AGGREGATIONS:
         raise ValueError(f"{spec.name}: unsupported loss_agg_mode {loss_agg_mode!r}")
     opts = options_of(config)
@@ -180,9 +220,18 @@ def policy_loss(spec: LossSpec, old_log_prob, log_prob, advantages, response_mas
     entropy, coef, mu = _read_inputs(spec, opts, ctx, log_prob)
     # one check (one host sync) of every input on the loss tokens, before any of the math, as RLVRLoss does;
     # padding (response_mask == 0) may hold anything and is never read
-    _check_finite(spec.name, valid_b, (("old_log_prob", old_log_prob), ("advantages", advantages),
-                                       ("rollout_is_weights", rollout_is_weights), ("entropy", entropy),
-                                       (DELTA_COEF_KEY, coef), (ROLLOUT_LOGP_KEY, mu)))
+    _check_finite(
+        spec.name,
+        valid_b,
+        (
+            ("old_log_prob", old_log_prob),
+            ("advantages", advantages),
+            ("rollout_is_weights", rollout_is_weights),
+            ("entropy", entropy),
+            (DELTA_COEF_KEY, coef),
+            (ROLLOUT_LOGP_KEY, mu),
+        ),
+    )
     q, step, sched = _schedule_value(spec, config, opts, ctx)
     cfg = loss_config(spec, config, opts, loss_agg_mode, sched)
     B, T = log_prob.shape
@@ -217,8 +266,10 @@ def _check_finite(loss_name: str, valid: torch.Tensor, named) -> None:
     named = [(n, t) for n, t in named if t is not None]
     for (name, _), bad in zip(named, _nonfinite_flags(valid, named)):
         if bad:
-            raise ValueError(f"{loss_name}: {name} has non-finite values on loss tokens (response_mask == 1); "
-                             "padding may hold anything, the tokens the loss reads may not")
+            raise ValueError(
+                f"{loss_name}: {name} has non-finite values on loss tokens (response_mask == 1); "
+                "padding may hold anything, the tokens the loss reads may not"
+            )
 
 
 def _metrics(sums, valid, mask, logp, old, q, step, coef) -> dict:
@@ -249,16 +300,25 @@ def _metrics(sums, valid, mask, logp, old, q, step, coef) -> dict:
 
 
 def _make_loss(spec: LossSpec) -> Callable:
-    def loss_fn(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
-                response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
-                rollout_is_weights: Optional[torch.Tensor] = None):
-        return policy_loss(spec, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                           rollout_is_weights)
+    def loss_fn(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config=None,
+        rollout_is_weights: Optional[torch.Tensor] = None,
+    ):
+        return policy_loss(
+            spec, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
 
     loss_fn.__name__ = loss_fn.__qualname__ = spec.name
-    loss_fn.__doc__ = (f"verl policy loss {spec.name!r}: trust region {spec.trust!r}, credit rule "
-                       f"{spec.credit or 'none'!r} (rlvr_kernels token math). verl's signature; returns "
-                       "(loss, metrics).")
+    loss_fn.__doc__ = (
+        f"verl policy loss {spec.name!r}: trust region {spec.trust!r}, credit rule "
+        f"{spec.credit or 'none'!r} (rlvr_kernels token math). verl's signature; returns "
+        "(loss, metrics)."
+    )
     loss_fn.rlvr_spec = spec
     return loss_fn
 

@@ -7,6 +7,7 @@ region. The ``policy_loss.rlvr`` keys are the catalogue's method options (``meth
 defaults and checks as ``RLVRLoss`` and TRL's config) plus the verl-only keys of :data:`VERL_OPTION_DEFAULTS`.
 One verl-only meaning: ``ratio_cap=None`` is verl's ``clip_ratio_c`` and ``ratio_cap="none"`` no cap.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,12 +44,20 @@ VERL_OPTION_DEFAULTS: dict[str, Any] = {
 #: Every ``policy_loss.rlvr`` key and its default.
 RLVR_OPTION_DEFAULTS: dict[str, Any] = {**M.option_defaults(), **VERL_OPTION_DEFAULTS}
 
-_TYPES = {"total_steps": Optional[int], "anchor": str, "delta_coef_all_reduce": bool,
-          "delta_coef_hidden_cache": str, "backend": str, "ratio_cap": Union[float, str, None]}
+_TYPES = {
+    "total_steps": Optional[int],
+    "anchor": str,
+    "delta_coef_all_reduce": bool,
+    "delta_coef_hidden_cache": str,
+    "backend": str,
+    "ratio_cap": Union[float, str, None],
+}
 Options = dataclasses.make_dataclass("Options", [(n, _TYPES.get(n, Any)) for n in RLVR_OPTION_DEFAULTS], frozen=True)
 Options.__module__ = __name__
-Options.__doc__ = ("The validated ``policy_loss.rlvr`` options of an actor config (every key of "
-                   "``RLVR_OPTION_DEFAULTS``, defaults filled in), as :func:`options_of` returns them.")
+Options.__doc__ = (
+    "The validated ``policy_loss.rlvr`` options of an actor config (every key of "
+    "``RLVR_OPTION_DEFAULTS``, defaults filled in), as :func:`options_of` returns them."
+)
 
 
 class OptionTypeError(TypeError, ValueError):
@@ -94,8 +103,10 @@ class LossSpec:
             return self.rule.uses_schedule(flag)
         except ValueError as exc:
             if flag:
-                raise ValueError(f"{self.name}: policy_loss.rlvr.schedule=true applies only to the losses of a credit "
-                                 f"rule with a scheduled variant ({exc})") from None
+                raise ValueError(
+                    f"{self.name}: policy_loss.rlvr.schedule=true applies only to the losses of a credit "
+                    f"rule with a scheduled variant ({exc})"
+                ) from None
             raise ValueError(f"{self.name}: policy_loss.rlvr.schedule=false is not allowed ({exc})") from None
 
 
@@ -124,8 +135,10 @@ def check_loss_mode(loss_mode) -> None:
         return
     close = difflib.get_close_matches(loss_mode, LOSS_NAMES, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown policy loss actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: {hint}"
-                     f"the rlvr_* losses are {', '.join(LOSS_NAMES)}")
+    raise ValueError(
+        f"unknown policy loss actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: {hint}"
+        f"the rlvr_* losses are {', '.join(LOSS_NAMES)}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,8 +176,9 @@ def _check_verl_only(opts: dict) -> dict:
         "total_steps": C.optional_integer(PREFIX + "total_steps", opts["total_steps"], low=1),
         "anchor": C.choice(PREFIX + "anchor", opts["anchor"], ANCHORS),
         "delta_coef_all_reduce": C.flag(PREFIX + "delta_coef_all_reduce", opts["delta_coef_all_reduce"]),
-        "delta_coef_hidden_cache": C.choice(PREFIX + "delta_coef_hidden_cache", "none" if cache is None else cache,
-                                            DELTA_HIDDEN_CACHES),
+        "delta_coef_hidden_cache": C.choice(
+            PREFIX + "delta_coef_hidden_cache", "none" if cache is None else cache, DELTA_HIDDEN_CACHES
+        ),
         "backend": C.choice(PREFIX + "backend", opts["backend"], BACKENDS),
     }
 
@@ -173,8 +187,10 @@ def _ratio_cap(value):
     """verl's spelling: None = verl's ``clip_ratio_c``, ``"none"`` = no cap; a number goes to the catalogue."""
     if isinstance(value, str):
         if value.lower() != "none":
-            raise ValueError(f"{PREFIX}ratio_cap must be a positive number, null (verl's clip_ratio_c) or 'none' "
-                             f"(no cap), got {value!r}")
+            raise ValueError(
+                f"{PREFIX}ratio_cap must be a positive number, null (verl's clip_ratio_c) or 'none' "
+                f"(no cap), got {value!r}"
+            )
         return "none"
     return M.check_option("ratio_cap", value, prefix=PREFIX)
 
@@ -228,7 +244,10 @@ class RLVRPolicyLossConfig(PolicyLossConfig):
         if parent is not None:
             parent()
         check_loss_mode(self.loss_mode)
-        check_rlvr_options(self.rlvr)
+        opts = check_rlvr_options(self.rlvr)
+        spec = SPECS.get(self.loss_mode)
+        if spec is not None:  # schedule=true on a loss without a scheduled variant: refused now, not at the update
+            spec.uses_schedule(opts["schedule"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
