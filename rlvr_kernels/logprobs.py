@@ -1,23 +1,24 @@
 """Per-token log-probs and entropies: ``fused_linear_logprobs`` (hidden states x lm_head) and ``logprobs_from_logits``.
 
-Both are autograd-aware. On the Triton backend the linear form never materialises the ``[N, V]`` logits: the forward
-is one vocab pass that saves 8 bytes per token (lse, entropy); the backward recomputes logit tiles chunk by chunk
-of the vocabulary, writes ``dz`` for one chunk into a buffer of at most ``BACKWARD_CHUNK_BYTES`` and turns it into dX,
-dW and db with GEMMs. dW is written once per vocabulary chunk by one GEMM and dX is accumulated over chunks in a
-fixed order, so the backward is deterministic (no atomics). The torch backend is the plain-torch reference in
-``rlvr_kernels.reference.logprobs``, chunked over tokens. Design notes: ``docs/design/vocab-pass.md``.
+Both are autograd-aware. On the Triton backend the linear form never materialises the ``[N, V]`` logits: every GEMM
+runs on cuBLAS over a bounded chunk of logits (``rlvr_kernels/_gemm.py``: 1 GiB by default, the user setting
+``RLVR_KERNELS_CHUNK_BYTES``) and Triton row passes fold each chunk into the statistics or into ``dz``. Only the rows
+whose target is not ``ignore_index`` enter the GEMMs. The forward saves 8 bytes per counted token (lse, entropy); the
+backward recomputes the logits one block of vocabulary columns at a time and turns ``dz`` into dX, dW and db with
+GEMMs: dW is written once per block by one GEMM (fp32 accumulation inside it, none across blocks) and dX accumulates
+over blocks in fp32 in a fixed order, so the backward is deterministic (no atomics). The torch backend is the
+plain-torch reference in ``rlvr_kernels.reference.logprobs``, chunked over tokens.
+Design notes: ``docs/design/vocab-pass.md``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlvr_kernels import _checks
+from rlvr_kernels import _checks, _gemm
 from rlvr_kernels._backend import autocast_inputs, first_order_backward, no_autocast, resolve_backend
 from rlvr_kernels.reference import logprobs as ref
 
-# Upper bound on the dz buffer of one backward vocabulary chunk (Triton backend).
-BACKWARD_CHUNK_BYTES = 512 << 20
 # Rows x K x H elements per chunk when gathering extra ids (CPPO's Top-K divergences).
 _GATHER_CHUNK_ELEMENTS = 1 << 24
 
@@ -136,28 +137,56 @@ def _gathered_onehot_grads(x, w, ids, gg, inv_temp, dx, dw, db) -> None:
             db.index_add_(0, i.reshape(-1), g.reshape(-1))
 
 
+def _valid_rows(ignored: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows that count (target not ``ignore_index``), or None when every row counts (one host sync).
+    The GEMMs run on those rows only: padding and prompt tokens cost nothing."""
+    n_ignored = int(ignored.sum())
+    if n_ignored == 0:
+        return None
+    return (~ignored).nonzero().squeeze(1)
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
-    """Triton path of :func:`fused_linear_logprobs` on flattened ``[N, H]`` inputs."""
+    """Triton-backend path of :func:`fused_linear_logprobs` on flattened ``[N, H]`` inputs.
+
+    Forward: blocks of rows whose fp32 ``[rows, V]`` logits fit the chunk budget; per block one GEMM (cuBLAS, fp32
+    result) and one Triton row pass (``logits_forward``). Saved: the rows that count and their ``lse`` and entropy.
+    Backward: blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row
+    pass writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and
+    ``dW_c = dz^T X`` (one GEMM per block, all rows: no accumulation of dW across blocks) and ``db_c = sum dz``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, gather_ids, temperature, ignore_index):
         from rlvr_kernels.kernels import logprobs as K
 
         inv_temp = 1.0 / temperature
-        # rows whose target is ignore_index are read as zeros (NaN/inf padding stays out of every result)
-        lse, ent, zt = K.merge_split_stats(
-            *K.linear_stats_forward(hidden, weight, bias, targets, inv_temp, ignore_index=ignore_index)
-        )
+        n, v = hidden.shape[0], weight.shape[0]
         ignored = targets == ignore_index
-        ref.check_finite_rows(lse, ~ignored, "fused_linear_logprobs")
-        logp = torch.where(ignored, 0.0, zt - lse)
-        ent_out = torch.where(ignored, 0.0, ent)
+        rows = _valid_rows(ignored)
+        x = hidden if rows is None else hidden.index_select(0, rows)
+        t = targets if rows is None else targets.index_select(0, rows)
+        nv = x.shape[0]
+        lp = torch.empty(nv, device=hidden.device, dtype=torch.float32)
+        ent = torch.empty_like(lp)
+        lse = torch.empty_like(lp)
+        step = max(1, _gemm.chunk_bytes(hidden.device) // max(1, v * 4))
+        for r0 in range(0, nv, step):
+            r1 = min(nv, r0 + step)
+            z = _gemm.logits_fp32(x[r0:r1], weight, bias)
+            lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
+            del z
+        ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
+        logp, ent_out = lp, ent
+        if rows is not None:
+            logp = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, lp)
+            ent_out = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, ent)
         if gather_ids is not None:
-            zg = _gathered_logits(hidden, weight, bias, gather_ids, inv_temp)
-            gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse.unsqueeze(1))
+            lse_all = lse if rows is None else torch.zeros_like(logp).index_copy_(0, rows, lse)
+            zg = _gathered_logits(ref.inert_rows(hidden, ignored), weight, bias, gather_ids, inv_temp)
+            gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse_all.unsqueeze(1))
         else:
-            gathered = logp.new_zeros((hidden.shape[0], 0))
-        ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, lse, ent)
+            gathered = logp.new_zeros((n, 0))
+        ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, rows, lse, ent)
         ctx.inv_temp = inv_temp
         ctx.ignore_index = ignore_index
         ctx.set_materialize_grads(False)
@@ -168,49 +197,54 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent, g_gath):
         from rlvr_kernels.kernels import logprobs as K
 
-        x, w, b, tgt, ids, lse, ent = ctx.saved_tensors
-        # NaN/inf hidden states of ignored rows would reach dW through 0 * NaN in the GEMMs
-        x = ref.inert_rows(x, tgt == ctx.ignore_index)
+        hidden, w, b, tgt, ids, rows, lse, ent = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, h = x.shape
+        n, h = hidden.shape
         v = w.shape[0]
         gl, gh, gg, cp = ref.upstream_coefficients(tgt, ctx.ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
-        cols = K.backward_chunk_columns(n, v, 4 if x.dtype == torch.float16 else x.element_size(), BACKWARD_CHUNK_BYTES)
-        single = cols >= v
-        # fp16 dz would underflow small gradients: keep it in fp32 and upcast the weight chunk for the GEMMs.
-        buf_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-        acc_dtype = x.dtype if (single or x.dtype == torch.float32) and buf_dtype == x.dtype else torch.float32
-        dx = torch.zeros((n, h), device=x.device, dtype=acc_dtype) if need_x else None
-        dw = torch.empty_like(w) if need_w else None
+        x, t = hidden, tgt
+        if rows is not None:
+            x, t, gl, cp = (u.index_select(0, rows) for u in (hidden, tgt, gl, cp))
+            gh = None if gh is None else gh.index_select(0, rows)
+        nv = x.shape[0]
+        # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients (fp32, weight chunk upcast)
+        dz_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        xm = x if dz_dtype == x.dtype else x.to(dz_dtype)
+        per_logit = 4 + (0 if dz_dtype == torch.float32 else torch.tensor([], dtype=dz_dtype).element_size())
+        cols = K.backward_chunk_columns(nv, v, per_logit, _gemm.chunk_bytes(x.device))
+        dx_v = torch.zeros((nv, h), device=x.device, dtype=torch.float32) if need_x else None
+        dw = torch.zeros_like(w) if need_w else None
         db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_b else None
-        if n and (need_x or need_w or need_b):
-            buf = torch.empty((n, cols), device=x.device, dtype=buf_dtype)
-            xm = x if buf_dtype == x.dtype else x.to(buf_dtype)
+        if nv and (need_x or need_w or need_b):
             for v0 in range(0, v, cols):
                 v1 = min(v, v0 + cols)
-                dz = buf[:, : v1 - v0]
-                K.linear_dlogits(
-                    x, w, b, tgt, lse, ent, gl, gh, cp, ctx.inv_temp, v0, v1, dz, ignore_index=ctx.ignore_index
+                z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
+                out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
+                dz = K.logits_backward(
+                    z, t, lse, ent, gl, gh, ctx.inv_temp, ctx.ignore_index, out=out, c_p=cp, col_offset=v0
                 )
-                wc = w[v0:v1] if buf_dtype == w.dtype else w[v0:v1].to(buf_dtype)
+                del z
+                wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
                 if need_x:
-                    if dx.dtype == buf_dtype:
-                        dx.addmm_(dz, wc)
-                    else:
-                        dx += (dz @ wc).to(dx.dtype)
+                    _gemm.addmm_fp32_(dx_v, dz, wc)
                 if need_w:
-                    if dw.dtype == buf_dtype:
-                        torch.mm(dz.T, xm, out=dw[v0:v1])
-                    else:
-                        dw[v0:v1] = (dz.T @ xm).to(dw.dtype)
+                    _gemm.mm_into(dw[v0:v1], dz.T, xm)
                 if need_b:
                     db[v0:v1] = dz.sum(0, dtype=torch.float32)
-        elif need_w:
-            dw.zero_()
+                del dz, out
+        dx = None
+        if need_x:
+            dx = (
+                dx_v
+                if rows is None
+                else torch.zeros((n, h), device=x.device, dtype=torch.float32).index_copy_(0, rows, dx_v)
+            )
         if gg is not None and n:
-            _gathered_onehot_grads(x, w, ids, gg, ctx.inv_temp, dx, dw, db)
+            _gathered_onehot_grads(
+                ref.inert_rows(hidden, tgt == ctx.ignore_index), w, ids, gg, ctx.inv_temp, dx, dw, db
+            )
         return (
-            None if dx is None else dx.to(x.dtype),
+            None if dx is None else dx.to(hidden.dtype),
             dw,
             None if db is None else db.to(b.dtype),
             None,

@@ -36,7 +36,7 @@ def _load(name: str, path: pathlib.Path):
 
 update_readme = _load("rlvr_bench_update_readme", BENCH / "update_readme.py")  # the thin wrapper kept for old commands
 
-SMOKE_OPS = "logprobs_fwd,logprobs_fwd_bwd,loss_fused,token_pass,loss_grpo,loss_cppo"
+SMOKE_OPS = "logprobs_fwd,logprobs_fwd_bwd,loss_fused,loss_ragged,token_pass,loss_grpo,loss_cppo"
 SMOKE_IMPLS = "cublas_gemm,rlvr_kernels,torch_full_logits,verl_triton,no_such_impl"
 
 
@@ -73,6 +73,21 @@ def test_records_schema(smoke_run):
             assert (op, impl) in seen
     assert {r["case"] for r in records if r["op"] == "token_pass"} == set(bc.TOKEN_CASES)
     assert all(r["gemms"] == bc.GEMMS[r["op"]] for r in records if r["impl"] == "cublas_gemm")
+
+
+def test_ragged_batch_reports_time_per_valid_token(smoke_run):
+    """The fused loss on a batch of realistic length spread: its own table, with the valid-token count and the time
+    per valid token (rlvr_kernels skips the padding; its roofline is the GEMMs over every position)."""
+    out, records = smoke_run
+    ragged = [r for r in records if r["op"] == bc.RAGGED_OP and "error" not in r]
+    assert {r["impl"] for r in ragged} >= {"rlvr_kernels", "cublas_gemm"}
+    p = ragged[0]
+    lengths = bc.ragged_lengths(p["N"] // p["T"], p["T"])
+    assert min(lengths) == max(1, p["T"] // 4) and max(lengths) == p["T"]
+    assert bc.valid_tokens(p) == sum(lengths) < p["N"]
+    md = (out / "results.md").read_text()
+    assert "Fused loss on a ragged batch" in md and "us per valid token" in md
+    assert f"{bc.valid_tokens(p)} of {p['N']} positions are loss tokens" in md
 
 
 def test_ratios(smoke_run):

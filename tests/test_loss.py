@@ -200,7 +200,7 @@ def test_fused_path_splits_rows_for_token_local_losses(monkeypatch, cfg, backend
     )
     want = run(RLVRLoss(fused=False, backend=backend, temperature=0.9, **cfg), x, w, ids, mask, adv, **kw)
     budget = 3 * V * 4
-    monkeypatch.setattr(L.fused, "FUSED_CHUNK_BYTES_CPU", budget)
+    monkeypatch.setenv("RLVR_KERNELS_CHUNK_BYTES", str(budget))
     seen = []
     real = L.fused.chunks
 

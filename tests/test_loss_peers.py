@@ -137,7 +137,7 @@ def test_auto_takes_the_composable_path_for_rows_over_the_chunk_budget(monkeypat
     x, w, ids, mask, adv, old = make(seed=4)
     kw = dict(beta=0.0, loss_type="grpo", importance_sampling_level="sequence", backend="torch")
     ref, _ = RLVRLoss(fused=True, **kw)(x.requires_grad_(), w, ids, mask.float(), adv, old_per_token_logps=old)
-    monkeypatch.setattr(L.fused, "FUSED_CHUNK_BYTES_CPU", T * V * 4 - 1)
+    monkeypatch.setenv("RLVR_KERNELS_CHUNK_BYTES", str(T * V * 4 - 1))
 
     def boom(*a, **k):
         raise AssertionError("the fused path ran")

@@ -33,6 +33,7 @@ LOGPROB_IMPLS = (
     "torch_full_logits",
     "torch_compile",
     "trl_unfused",
+    "trl_chunked",
     "liger_flsce",
     "verl_triton",
     "verl_torch",
@@ -44,6 +45,7 @@ LOSS_FUSED_IMPLS = (
     "torch_full_logits",
     "torch_compile",
     "trl_unfused",
+    "trl_chunked",
     "liger_grpo",
     "liger_flsce",
     "verl_triton",
@@ -51,7 +53,23 @@ LOSS_FUSED_IMPLS = (
 )
 TOKEN_CASES = ("percentile", "tp_mask", "forking", "entropy_adv", "d3s", "cppo_mask", "delta_coef")
 # GEMM-equivalents each op is bounded by: its cublas_gemm row runs that many [N,H]x[H,V]-sized GEMMs
-GEMMS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 4, "loss_fused": 3}
+GEMMS = {"logprobs_fwd": 1, "logprobs_fwd_bwd": 4, "loss_fused": 3, "loss_ragged": 3}
+# The fused loss on a batch of realistic length spread (rows of T/4 ... T loss tokens, the rest padding): time per
+# valid token; its roofline is the 3 GEMMs over every position, the work of an implementation that skips nothing.
+RAGGED_OP = "loss_ragged"
+
+
+def ragged_lengths(B: int, T: int) -> list:
+    """Loss tokens of each row of the ragged batch: evenly spread from T/4 to T (about 37% padding)."""
+    lo = max(1, T // 4)
+    return [lo + (i * (T - lo)) // max(1, B - 1) for i in range(B)]
+
+
+def valid_tokens(p: dict) -> int:
+    """Positions of a point that take part in the loss (every one but in the ragged batch)."""
+    B = p["N"] // p["T"]
+    return sum(ragged_lengths(B, p["T"])) if p["op"] == RAGGED_OP else p["N"]
+
 
 GEMM_IMPL = "cublas_gemm"  # the roofline rows' implementation id (a record field; see impl_label for its name)
 # other names the command line accepts for an implementation
@@ -143,6 +161,7 @@ LOSS_VARIANT_IMPLS = ("rlvr_kernels", "liger_grpo")
 # Modules each implementation imports (preloaded by the CPU fork server so that a point does not pay for them).
 PEER_MODULES = {
     "trl_unfused": ("trl.trainer.utils",),
+    "trl_chunked": ("trl.kernels.chunked_logprob",),
     "liger_flsce": ("liger_kernel.ops.fused_linear_scaled_cross_entropy",),
     "liger_grpo": ("liger_kernel.chunked_loss",),
     "verl_torch": ("verl.utils.experimental.torch_functional",),
@@ -198,6 +217,9 @@ class Inputs:
         self.w = (torch.randn(v, h, device=device, generator=gen) / math.sqrt(h)).to(dtype)
         self.t = torch.randint(0, v, (B, T), device=device, generator=gen)
         self.mask = torch.ones(B, T, device=device)
+        if p.get("op") == RAGGED_OP:
+            lengths = torch.tensor(ragged_lengths(B, T), device=device)
+            self.mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).float()
         self.adv = torch.randn(B, device=device, generator=gen)
         self.old = -torch.rand(B, T, device=device, generator=gen) * 8.0 - 2.0
         self.ref = self.old + 0.05 * torch.randn(B, T, device=device, generator=gen)
@@ -268,6 +290,15 @@ def _lp_fn(impl: str, inp: Inputs, device: str):
             return utils.selective_log_softmax(logits, inp.t).view(-1), utils.entropy_from_logits(logits).view(-1)
 
         return trl
+    if impl == "trl_chunked":
+        # TRL 1.16's own fused head (GRPOTrainer's add_fused_lm_head): chunked log-probs and entropy, fp32 dW
+        mod = _import("trl.kernels.chunked_logprob")
+        fn, chunk = mod.ChunkedLogProbFunction, mod.TOKEN_CHUNK_SIZE
+
+        def trl_chunked():
+            return fn.apply(x2d, w, None, t, 1.0, chunk, None, 1.0, ("entropy",))[:2]
+
+        return trl_chunked
     if impl == "liger_flsce":
         mod = _import("liger_kernel.ops.fused_linear_scaled_cross_entropy")
         fn = mod.LigerFusedLinearScaledCrossEntropyFunction
@@ -536,7 +567,7 @@ def build(p: dict, device: str):
     op = p["op"]
     if op in LOGPROB_OPS:
         return _build_logprobs(p, device)
-    if op == "loss_fused":
+    if op in ("loss_fused", RAGGED_OP):
         return _build_loss_fused(p, device)
     if op == "token_pass":
         return _build_token_pass(p, device)

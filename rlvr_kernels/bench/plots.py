@@ -16,6 +16,7 @@ STYLE = {  # impl -> (colour, line style); the same in every plot
     "torch_full_logits": ("tab:blue", "-"),
     "torch_compile": ("tab:cyan", "-"),
     "trl_unfused": ("tab:green", "-"),
+    "trl_chunked": ("tab:olive", "-"),
     "liger_flsce": ("tab:orange", "-"),
     "liger_grpo": ("tab:brown", "-"),
     "verl_triton": ("tab:purple", "-"),

@@ -11,7 +11,7 @@ import csv
 import json
 import os
 
-from rlvr_kernels.bench.cases import GEMM_IMPL, impl_label
+from rlvr_kernels.bench.cases import GEMM_IMPL, RAGGED_OP, impl_label, ragged_lengths, valid_tokens
 
 MAIN_FIELDS = [
     "op",
@@ -50,6 +50,7 @@ OP_TITLES = {
     "logprobs_fwd_bwd": "composable forward + backward of sum(logp) + sum(entropy); roofline 4 GEMMs",
     "loss_fused": "DAPO loss from hidden states, forward + backward; roofline 3 GEMMs",
     "token_pass": "token-level ops on [B, T] inputs",
+    RAGGED_OP: "the DAPO loss on a batch of rows with T/4 ... T loss tokens (the rest padding); time per valid token",
 }
 # Files a run writes into its folder (``--overwrite`` removes these, and only these, before writing).
 OUTPUT_FILES = ("results.json", "results.csv", "results.md", "meta.json") + tuple(
@@ -196,7 +197,33 @@ def summary_markdown(records: list, meta: dict | None, *, heading: str = "###") 
                     f"| {name} | {label(r)} | {fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | "
                     f"{'' if pct is None else f'{100 * pct:.1f}'} |"
                 )
-    losses = [r for r in _at(records, ref, N=n0) if r["op"].startswith("loss_") and r["op"] != "loss_fused"]
+    ragged = list(_at(records, ref, op=RAGGED_OP, N=n0))
+    if ragged:
+        T = ragged[0]["T"]
+        valid = valid_tokens(ragged[0])
+        lengths = ragged_lengths(n0 // T, T)
+        lines += [
+            "",
+            f"{heading} Fused loss on a ragged batch at {shape}: {valid} of {n0} positions are loss tokens "
+            f"(rows of {min(lengths)} ... {max(lengths)} of T={T})",
+            "",
+            "| impl | ms (median) | IQR (ms) | us per valid token | x 3 GEMMs over all positions | peak MiB | "
+            "ours / this (time) | ours / this (memory) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ragged:
+            if "error" in r:
+                lines.append(f"| {label(r)} | not run: {_cell(r['error'])} | | | | | | |")
+                continue
+            impl = f"**{r['impl']}**" if r["impl"] == "rlvr_kernels" else label(r)
+            lines.append(
+                f"| {impl} | {fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | {1000.0 * r['ms_median'] / max(1, valid):.3g} "
+                f"| {fmt_ratio(r.get('ratio_vs_gemm'))} | {fmt_mib(r['peak_mem_mib'])} | "
+                f"{fmt_ratio(r.get('ours_time_ratio'))} | {fmt_ratio(r.get('ours_mem_ratio'))} |"
+            )
+    losses = [
+        r for r in _at(records, ref, N=n0) if r["op"].startswith("loss_") and r["op"] not in ("loss_fused", RAGGED_OP)
+    ]
     if losses:
         lines += [
             "",

@@ -119,6 +119,10 @@ def plan(device: str, mode: str, *, ops=None, impls=None, dtypes=None) -> tuple[
                     if impl == "torch_compile" and mode == "quick" and device == "cpu" and not ref_shape:
                         continue
                     add(op, impl, n, h, v, dtype)
+        for impl in bc.LOSS_FUSED_IMPLS:  # the ragged batch at the reference shape
+            if impl == "torch_compile" and mode == "quick" and device == "cpu":
+                continue
+            add(bc.RAGGED_OP, impl, n0, h0, v0, dtype)
         token_impls = ("rlvr_kernels", "torch_reference") if device == "cuda" else ("rlvr_kernels",)
         for n in cfg["n_sweep"]:
             for case in bc.TOKEN_CASES:

@@ -14,19 +14,17 @@ from typing import Optional
 
 import torch
 
+from rlvr_kernels import _gemm
 from rlvr_kernels import methods as M
 from rlvr_kernels._backend import first_order_backward, resolve_backend
 from rlvr_kernels.loss.token_pass import TokenSums, token_pass
 from rlvr_kernels.reference import logprobs as ref_lp
 
-# Bytes of one fused-path logits block (fp32 [rows, V]); on CPU a smaller block keeps the reference path lean.
-FUSED_CHUNK_BYTES = 1 << 30
-FUSED_CHUNK_BYTES_CPU = 1 << 24
-
 
 def chunk_budget(device: torch.device) -> int:
-    """Bytes of the fp32 ``[rows * T, V]`` logits block the fused path holds at a time."""
-    return FUSED_CHUNK_BYTES if device.type == "cuda" else FUSED_CHUNK_BYTES_CPU
+    """Bytes of the fp32 ``[rows * T, V]`` logits block the fused path holds at a time (the package's chunk budget,
+    ``rlvr_kernels._gemm.chunk_bytes``: 1 GiB on CUDA, 16 MiB on CPU, ``RLVR_KERNELS_CHUNK_BYTES`` to change it)."""
+    return _gemm.chunk_bytes(device)
 
 
 def chunks(cfg, B: int, T: int, V: int, device: torch.device) -> list[tuple[slice, slice]]:
@@ -76,58 +74,73 @@ def fused_pass(
     need_b = need_b and b is not None
     cdt = w.dtype if use_triton else ref_lp.compute_dtype(x, w, b)
     w_mm = w if use_triton else w.to(cdt)
+    # dz in the GEMM dtype (fp16: fp32, small gradients would underflow)
+    dz_dtype = torch.float32 if (use_triton and w.dtype == torch.float16) else cdt
+    plan = chunks(cfg, B, T, V, x.device)
     dx = torch.zeros((B, T, H), device=x.device, dtype=x.dtype) if need_x else None
-    dw = torch.zeros(w.shape, device=w.device, dtype=w_mm.dtype) if need_w else None
+    # dW sums over the chunks: in fp32 when there are several (bf16 sums across chunks bias the update)
+    dw_dtype = torch.float32 if (len(plan) > 1 and w_mm.dtype in (torch.bfloat16, torch.float16)) else w_mm.dtype
+    dw = torch.zeros(w.shape, device=w.device, dtype=dw_dtype) if need_w else None
     db = torch.zeros(V, device=w.device, dtype=torch.float32) if need_b else None
     loss = x.new_zeros((), dtype=torch.float32)
     sums = TokenSums.empty(B, x.device)
     active_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)
     lse_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)  # checked once, after the last chunk
-    for sl, cols in chunks(cfg, B, T, V, x.device):
+    for sl, cols in plan:
         rows = batch.rows(sl, cols)
         nr, nc = rows.mask.shape
-        tc = rows.ids.reshape(-1)
-        # padding rows (ignore_index) read as zeros: NaN/inf there reaches neither the logits nor dW
-        ignored = tc == cfg.ignore_index
-        xc = torch.where(
-            ignored.unsqueeze(1), torch.zeros((), dtype=cdt, device=x.device), x[sl, cols].reshape(-1, H).to(cdt)
-        )
+        tc_all = rows.ids.reshape(-1)
+        # only the rows that count enter the GEMMs (padding and prompt tokens cost nothing, and NaN/inf there reaches
+        # neither the logits nor dW); the others get logp = entropy = 0
+        keep = (tc_all != cfg.ignore_index).nonzero().squeeze(1)
+        tc = tc_all.index_select(0, keep)
+        xc = x[sl, cols].reshape(-1, H).index_select(0, keep).to(cdt)
         if use_triton:
             from rlvr_kernels.kernels import logprobs as K
 
-            z = _logits_fp32(xc, w, b)
-            lp, ent, lse = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
+            z = _gemm.logits_fp32(xc, w, b)
+            lp_k, ent_k, lse_k = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
         else:
             z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
-            lp, ent, lse, _, (logz, probs) = ref_lp.scaled_logit_stats(
+            lp_k, ent_k, lse_k, _, (logz, probs) = ref_lp.scaled_logit_stats(
                 z, tc, ignore_index=cfg.ignore_index, probs=True
             )  # logz is z
+        lp = _scatter_rows(lp_k, keep, nr * nc)
+        ent = _scatter_rows(ent_k, keep, nr * nc)
         # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
         lp_leaf = lp.view(nr, nc).float().requires_grad_()
         ent_leaf = ent.view(nr, nc).float().requires_grad_()
         with torch.enable_grad():
             chunk_loss, chunk_sums, active = token_pass(cfg, lp_leaf, ent_leaf, rows, q, norm, ent_norm)
             g_lp, g_ent = torch.autograd.grad(chunk_loss, [lp_leaf, ent_leaf], allow_unused=True)
-        g_lp = g_lp.reshape(-1).contiguous() if g_lp is not None else torch.zeros_like(lp, dtype=torch.float32)
-        g_ent = g_ent.reshape(-1).contiguous() if g_ent is not None else None
+        g_lp = g_lp.reshape(-1).index_select(0, keep) if g_lp is not None else torch.zeros_like(lp_k)
+        g_ent = g_ent.reshape(-1).index_select(0, keep) if g_ent is not None else None
         if use_triton:
-            dz = K.logits_backward(z, tc, lse, ent, g_lp, g_ent, inv_temp, cfg.ignore_index, out=z).to(w.dtype)
+            out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
+            dz = K.logits_backward(z, tc, lse_k, ent_k, g_lp, g_ent, inv_temp, cfg.ignore_index, out=out)
         else:
             gl, gh, _, cp = ref_lp.upstream_coefficients(tc, cfg.ignore_index, g_lp, g_ent, None, None, cdt)
-            dz = ref_lp.dlogits_from_probs(logz, probs, ent, tc, gl, gh, cp)
+            dz = ref_lp.dlogits_from_probs(logz, probs, ent_k, tc, gl, gh, cp)
             del logz, probs
             dz *= inv_temp
+        del z
         loss += chunk_loss.detach().float()
         active_all[sl, cols] = active.detach()
-        lse_all[sl, cols] = lse.view(nr, nc)
+        lse_all[sl, cols] = _scatter_rows(lse_k, keep, nr * nc).view(nr, nc)
         sums = sums.add(chunk_sums, sl, B)
+        w_dz = w_mm if dz.dtype == w_mm.dtype else w_mm.to(dz.dtype)
         if need_x:
-            dx[sl, cols] = (dz @ w_mm).view(nr, nc, H).to(x.dtype)
+            dx_c = _scatter_rows(_gemm.mm_fp32(dz, w_dz), keep, nr * nc)
+            dx[sl, cols] = dx_c.view(nr, nc, H).to(x.dtype)
         if need_w:
-            dw.addmm_(dz.T, xc)
+            xd = xc if xc.dtype == dz.dtype else xc.to(dz.dtype)
+            if dw.dtype == torch.float32:
+                _gemm.addmm_fp32_(dw, dz.T, xd)
+            else:  # one chunk, or every operand in dw's dtype
+                dw.addmm_(dz.T, xd)
         if need_b:
             db += dz.sum(0, dtype=torch.float32)
-        del z, dz
+        del dz
     # one host sync for the whole batch (not one per chunk): a row that counts has finite logits
     ref_lp.check_finite_rows(lse_all.view(-1), batch.ids.reshape(-1) != cfg.ignore_index, "RLVRLoss")
     grads = (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype))
@@ -154,15 +167,9 @@ class PrecomputedGradLoss(torch.autograd.Function):
         return None, scale(dx), scale(dw), scale(db), None
 
 
-def _logits_fp32(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 ``x @ w.T (+ b)`` (one GEMM; bf16/fp16 inputs accumulate in fp32 and are stored in fp32)."""
-    if x.dtype == torch.float32:
-        z = x @ w.T
-    else:
-        try:
-            z = torch.mm(x, w.T, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            z = (x @ w.T).float()
-    if b is not None:
-        z += b.float()
-    return z
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` (``[k, ...]``, one per row in ``rows``) placed into ``n`` zero rows."""
+    if values.shape[0] == n:
+        return values
+    out = torch.zeros((n,) + tuple(values.shape[1:]), device=values.device, dtype=values.dtype)
+    return out.index_copy_(0, rows, values)
