@@ -303,3 +303,23 @@ def test_rlvr_loss_bf16_autocast_nan_padding_on_gpu(fused):
     torch.testing.assert_close(l1, l0)
     torch.testing.assert_close(gx1, gx0)
     torch.testing.assert_close(gw1, gw0)
+
+
+def test_gemm_helpers_on_cuda_accumulate_in_fp32():
+    """The CUDA-only branches of rlvr_kernels._gemm (mm with out_dtype=fp32, addmm.dtype_out into an fp32
+    accumulator, mm straight into a bf16 output) against float64."""
+    from rlvr_kernels import _gemm
+
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    a = torch.randn(300, 1000, device=DEV, generator=gen).bfloat16()
+    b = torch.randn(1000, 260, device=DEV, generator=gen).bfloat16()
+    exact = a.double() @ b.double()
+    z = _gemm.mm_fp32(a, b)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z.double(), exact, atol=1e-3, rtol=1e-4)
+    acc = torch.ones(300, 260, device=DEV)
+    _gemm.addmm_fp32_(acc, a, b)
+    torch.testing.assert_close(acc.double(), exact + 1, atol=1e-3, rtol=1e-4)
+    out = torch.empty(300, 260, device=DEV, dtype=torch.bfloat16)
+    _gemm.mm_into(out, a, b)
+    torch.testing.assert_close(out.double(), exact, atol=0.2, rtol=2**-7)

@@ -149,8 +149,10 @@ def fused_pass(
 
 class PrecomputedGradLoss(torch.autograd.Function):
     """``loss`` as a function of ``(x, w, b)`` whose gradients were computed in the forward (:func:`fused_pass`):
-    backward scales them by the upstream gradient. The gradients are kept until the graph is freed, so a second
-    backward (``retain_graph=True``) gets the same ones."""
+    backward scales them by the upstream gradient. An upstream gradient of exactly 1 (``loss.backward()``) hands the
+    stored gradients over as they are, without a scaled copy (one host read of the scalar). The gradients are kept
+    until the graph is freed, so a second backward (``retain_graph=True``) gets the same ones; that is also why they
+    are never scaled in place (autograd never writes into the gradients it is handed)."""
 
     @staticmethod
     def forward(ctx, loss, x, w, b, grads):
@@ -160,10 +162,13 @@ class PrecomputedGradLoss(torch.autograd.Function):
     @staticmethod
     @first_order_backward
     def backward(ctx, g_loss):
+        dx, dw, db = ctx.grads
+        if bool(g_loss == 1):
+            return None, dx, dw, db, None
+
         def scale(t):
             return None if t is None else t * g_loss.to(t.dtype)
 
-        dx, dw, db = ctx.grads
         return None, scale(dx), scale(dw), scale(db), None
 
 
