@@ -92,7 +92,6 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
     _check_temperature(temperature)
     _checks.integer("ignore_index", ignore_index)
-    _check_ids_range(targets, weight.shape[0], "targets", ignore_index)
     if gather_ids is not None:
         _check_int_tensor(gather_ids, "gather_ids")
         if gather_ids.dim() != targets.dim() + 1 or tuple(gather_ids.shape[:-1]) != tuple(targets.shape):
@@ -102,7 +101,6 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             )
         if gather_ids.device != hidden.device:
             raise ValueError(f"gather_ids is on {gather_ids.device} but hidden is on {hidden.device}")
-        _check_ids_range(gather_ids, weight.shape[0], "gather_ids")
 
 
 def _gathered_logits(x, w, b, ids, inv_temp) -> torch.Tensor:
@@ -146,112 +144,279 @@ def _valid_rows(ignored: torch.Tensor) -> torch.Tensor | None:
     return (~ignored).nonzero().squeeze(1)
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
-    """Triton-backend path of :func:`fused_linear_logprobs` on flattened ``[N, H]`` inputs.
+def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index):
+    """Triton-backend forward on flattened ``[N, H]`` inputs: ``(logp, entropy, gathered, lse)``, fp32, each ``[N]``
+    (``gathered [N, K]``), zero on ignored rows.
 
-    Forward: blocks of rows whose fp32 ``[rows, V]`` logits fit the chunk budget; per block one GEMM (cuBLAS, fp32
-    result) and one Triton row pass (``logits_forward``). Saved: the rows that count and their ``lse`` and entropy.
-    Backward: blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row
-    pass writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and
-    ``dW_c = dz^T X`` (one GEMM per block, all rows: no accumulation of dW across blocks) and ``db_c = sum dz``."""
+    Blocks of rows whose fp32 ``[rows, V]`` logits fit the chunk budget; per block one GEMM (cuBLAS, fp32 result) and
+    one Triton row pass (``logits_forward``). Only the rows that count enter the GEMMs."""
+    from rlvr_kernels.kernels import logprobs as K
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, gather_ids, temperature, ignore_index):
-        from rlvr_kernels.kernels import logprobs as K
-
-        inv_temp = 1.0 / temperature
-        n, v = hidden.shape[0], weight.shape[0]
-        ignored = targets == ignore_index
-        rows = _valid_rows(ignored)
-        x = hidden if rows is None else hidden.index_select(0, rows)
-        t = targets if rows is None else targets.index_select(0, rows)
-        nv = x.shape[0]
-        lp = torch.empty(nv, device=hidden.device, dtype=torch.float32)
-        ent = torch.empty_like(lp)
-        lse = torch.empty_like(lp)
-        step = max(1, _gemm.chunk_bytes(hidden.device) // max(1, v * 4))
-        for r0 in range(0, nv, step):
-            r1 = min(nv, r0 + step)
-            z = _gemm.logits_fp32(x[r0:r1], weight, bias)
-            lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
-            del z
-        ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
-        logp, ent_out = lp, ent
-        if rows is not None:
-            logp = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, lp)
-            ent_out = torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, ent)
-        if gather_ids is not None:
-            lse_all = lse if rows is None else torch.zeros_like(logp).index_copy_(0, rows, lse)
-            zg = _gathered_logits(ref.inert_rows(hidden, ignored), weight, bias, gather_ids, inv_temp)
-            gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse_all.unsqueeze(1))
-        else:
-            gathered = logp.new_zeros((n, 0))
-        ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, rows, lse, ent)
-        ctx.inv_temp = inv_temp
-        ctx.ignore_index = ignore_index
-        ctx.set_materialize_grads(False)
-        return logp, ent_out, gathered
-
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, g_logp, g_ent, g_gath):
-        from rlvr_kernels.kernels import logprobs as K
-
-        hidden, w, b, tgt, ids, rows, lse, ent = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, h = hidden.shape
-        v = w.shape[0]
-        gl, gh, gg, cp = ref.upstream_coefficients(tgt, ctx.ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
-        x, t = hidden, tgt
-        if rows is not None:
-            x, t, gl, cp = (u.index_select(0, rows) for u in (hidden, tgt, gl, cp))
-            gh = None if gh is None else gh.index_select(0, rows)
-        nv = x.shape[0]
-        # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients (fp32, weight chunk upcast)
-        dz_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-        xm = x if dz_dtype == x.dtype else x.to(dz_dtype)
-        per_logit = 4 + (0 if dz_dtype == torch.float32 else torch.tensor([], dtype=dz_dtype).element_size())
-        cols = K.backward_chunk_columns(nv, v, per_logit, _gemm.chunk_bytes(x.device))
-        dx_v = torch.zeros((nv, h), device=x.device, dtype=torch.float32) if need_x else None
-        dw = torch.zeros_like(w) if need_w else None
-        db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_b else None
-        if nv and (need_x or need_w or need_b):
-            for v0 in range(0, v, cols):
-                v1 = min(v, v0 + cols)
-                z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
-                out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
-                dz = K.logits_backward(
-                    z, t, lse, ent, gl, gh, ctx.inv_temp, ctx.ignore_index, out=out, c_p=cp, col_offset=v0
-                )
-                del z
-                wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
-                if need_x:
-                    _gemm.addmm_fp32_(dx_v, dz, wc)
-                if need_w:
-                    _gemm.mm_into(dw[v0:v1], dz.T, xm)
-                if need_b:
-                    db[v0:v1] = dz.sum(0, dtype=torch.float32)
-                del dz, out
-        dx = None
-        if need_x:
-            dx = (
-                dx_v
-                if rows is None
-                else torch.zeros((n, h), device=x.device, dtype=torch.float32).index_copy_(0, rows, dx_v)
-            )
-        if gg is not None and n:
-            _gathered_onehot_grads(
-                ref.inert_rows(hidden, tgt == ctx.ignore_index), w, ids, gg, ctx.inv_temp, dx, dw, db
-            )
-        return (
-            None if dx is None else dx.to(hidden.dtype),
-            dw,
-            None if db is None else db.to(b.dtype),
-            None,
-            None,
-            None,
-            None,
+    n, v = hidden.shape[0], weight.shape[0]
+    ignored = targets == ignore_index
+    rows = _valid_rows(ignored)
+    x = hidden if rows is None else hidden.index_select(0, rows)
+    t = targets if rows is None else targets.index_select(0, rows)
+    nv = x.shape[0]
+    lp = torch.empty(nv, device=hidden.device, dtype=torch.float32)
+    ent = torch.empty_like(lp)
+    lse = torch.empty_like(lp)
+    step = max(1, _gemm.chunk_bytes(hidden.device) // max(1, v * 4))
+    for r0 in range(0, nv, step):
+        r1 = min(nv, r0 + step)
+        z = _gemm.logits_fp32(x[r0:r1], weight, bias)
+        lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
+        del z
+    ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
+    if rows is not None:
+        lp, ent, lse = (
+            torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, u) for u in (lp, ent, lse)
         )
+    if gather_ids is not None:
+        zg = _gathered_logits(ref.inert_rows(hidden, ignored), weight, bias, gather_ids, inv_temp)
+        gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse.unsqueeze(1))
+    else:
+        gathered = lp.new_zeros((n, 0))
+    return lp, ent, gathered, lse
+
+
+def _triton_linear_backward(hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, need):
+    """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no).
+
+    Blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row pass
+    writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and ``dW_c = dz^T X``
+    (one GEMM per block, all rows: no accumulation of dW across blocks) and ``db_c = sum dz``."""
+    from rlvr_kernels.kernels import logprobs as K
+
+    need_x, need_w, need_b = need
+    n, h = hidden.shape
+    v = w.shape[0]
+    gl, gh, gg, cp = ref.upstream_coefficients(tgt, ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
+    rows = _valid_rows(tgt == ignore_index)
+    x, t = hidden, tgt
+    if rows is not None:
+        x, t, gl, cp, lse, ent = (u.index_select(0, rows) for u in (hidden, tgt, gl, cp, lse, ent))
+        gh = None if gh is None else gh.index_select(0, rows)
+    nv = x.shape[0]
+    # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients (fp32, weight chunk upcast)
+    dz_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    xm = x if dz_dtype == x.dtype else x.to(dz_dtype)
+    per_logit = 4 + (0 if dz_dtype == torch.float32 else torch.finfo(dz_dtype).bits // 8)
+    cols = K.backward_chunk_columns(nv, v, per_logit, _gemm.chunk_bytes(x.device))
+    dx_v = torch.zeros((nv, h), device=x.device, dtype=torch.float32) if need_x else None
+    dw = torch.zeros_like(w) if need_w else None
+    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_b else None
+    if nv and (need_x or need_w or need_b):
+        for v0 in range(0, v, cols):
+            v1 = min(v, v0 + cols)
+            z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
+            out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
+            dz = K.logits_backward(z, t, lse, ent, gl, gh, inv_temp, ignore_index, out=out, c_p=cp, col_offset=v0)
+            del z
+            wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
+            if need_x:
+                _gemm.addmm_fp32_(dx_v, dz, wc)
+            if need_w:
+                _gemm.mm_into(dw[v0:v1], dz.T, xm)
+            if need_b:
+                db[v0:v1] = dz.sum(0, dtype=torch.float32)
+            del dz, out
+    dx = None
+    if need_x:
+        dx = (
+            dx_v
+            if rows is None
+            else torch.zeros((n, h), device=x.device, dtype=torch.float32).index_copy_(0, rows, dx_v)
+        )
+    if gg is not None and n:
+        _gathered_onehot_grads(ref.inert_rows(hidden, tgt == ignore_index), w, ids, gg, inv_temp, dx, dw, db)
+    return (
+        None if dx is None else dx.to(hidden.dtype),
+        dw,
+        None if db is None else db.to(b.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The linear form as a PyTorch custom op (torch.library): opaque to torch.compile (no graph break, whatever host
+# reads the kernels make), with a fake implementation for tracing and its autograd registered.
+
+
+def _out_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.custom_op("rlvr_kernels::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    gather_ids: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``, ``targets [N]``, ``gather_ids [N, K]`` ->
+    ``(logp [N], entropy [N], gathered [N, K], lse [N])`` (fp32; float64 for float64 inputs on the torch backend).
+    Checks the ids' range (a host read) before any kernel runs."""
+    v = weight.shape[0]
+    _check_ids_range(targets, v, "targets", ignore_index)
+    if gather_ids is not None:
+        _check_ids_range(gather_ids, v, "gather_ids")
+    which = resolve_backend(backend, hidden.device)
+    if which == "triton" and hidden.dtype == torch.float64:
+        raise TypeError(
+            "backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64"
+        )
+    with no_autocast(hidden.device):
+        if which == "triton" and hidden.shape[0] > 0:
+            return _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index)
+        cdt = ref.compute_dtype(hidden, weight, bias)
+        w = weight.to(cdt)
+        b = None if bias is None else bias.to(cdt)
+        return ref.chunked_linear_forward(
+            hidden, w, b, targets, gather_ids, inv_temp, ignore_index, ref.default_chunk(v)
+        )
+
+
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend):
+    n = hidden.shape[0]
+    k = 0 if gather_ids is None else gather_ids.shape[1]
+    dt = _out_dtype(hidden, weight, bias)
+    return (
+        hidden.new_empty(n, dtype=dt),
+        hidden.new_empty(n, dtype=dt),
+        hidden.new_empty((n, k), dtype=dt),
+        hidden.new_empty(n, dtype=dt),
+    )
+
+
+@torch.library.custom_op("rlvr_kernels::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    gather_ids: torch.Tensor | None,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    g_gath: torch.Tensor | None,
+    inv_temp: float,
+    ignore_index: int,
+    backend: str,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor where ``need`` says no."""
+    which = resolve_backend(backend, hidden.device)
+    with no_autocast(hidden.device):
+        if which == "triton" and hidden.shape[0] > 0:
+            dx, dw, db = _triton_linear_backward(
+                hidden,
+                weight,
+                bias,
+                targets,
+                gather_ids,
+                lse,
+                entropy,
+                g_logp,
+                g_ent,
+                g_gath,
+                inv_temp,
+                ignore_index,
+                need,
+            )
+        else:
+            cdt = ref.compute_dtype(hidden, weight, bias)
+            w = weight.to(cdt)
+            b = None if bias is None else bias.to(cdt)
+            dx, dw, db = ref.chunked_linear_backward(
+                hidden,
+                w,
+                b,
+                targets,
+                gather_ids,
+                lse,
+                entropy,
+                g_logp,
+                g_ent,
+                g_gath,
+                inv_temp,
+                ignore_index,
+                ref.default_chunk(weight.shape[0]),
+                need,
+            )
+    empty = hidden.new_empty(0)
+    return (
+        empty if dx is None else dx.to(hidden.dtype),
+        empty.clone() if dw is None else dw.to(weight.dtype),
+        empty.clone() if (db is None or bias is None) else db.to(bias.dtype),
+    )
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(
+    hidden,
+    weight,
+    bias,
+    targets,
+    gather_ids,
+    lse,
+    entropy,
+    g_logp,
+    g_ent,
+    g_gath,
+    inv_temp,
+    ignore_index,
+    backend,
+    need,
+):
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if need[0] else empty,
+        torch.empty_like(weight) if need[1] else empty.clone(),
+        torch.empty_like(bias) if (need[2] and bias is not None) else empty.clone(),
+    )
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend = inputs
+    _, ent, _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, lse, ent)
+    ctx.args = (inv_temp, ignore_index, backend)
+    ctx.set_materialize_grads(False)
+
+
+@first_order_backward
+def _linear_backward(ctx, g_logp, g_ent, g_gath, _g_lse):
+    hidden, weight, bias, targets, gather_ids, lse, ent = ctx.saved_tensors
+    inv_temp, ignore_index, backend = ctx.args
+    need = [bool(f) for f in ctx.needs_input_grad[:3]]
+    if not any(need) or (g_logp is None and g_ent is None and g_gath is None):
+        return None, None, None, None, None, None, None, None
+    dx, dw, db = torch.ops.rlvr_kernels.linear_logprobs_backward(
+        hidden,
+        weight,
+        bias,
+        targets,
+        gather_ids,
+        lse,
+        ent,
+        g_logp,
+        g_ent,
+        g_gath,
+        inv_temp,
+        ignore_index,
+        backend,
+        need,
+    )
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None, None, None)
+
+
+_linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def fused_linear_logprobs(
@@ -312,26 +477,9 @@ def _fused_linear_logprobs(
     x = hidden.reshape(-1, h)
     t = targets.reshape(-1).long()
     ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
-    which = resolve_backend(backend, hidden.device)
-    if which == "triton" and hidden.dtype == torch.float64:
-        raise TypeError(
-            "backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64"
-        )
-    if which == "triton" and x.shape[0] > 0:
-        logp, ent, gathered = _FusedLinearLogprobs.apply(x, weight, bias, t, ids, float(temperature), ignore_index)
-        if gather_ids is None:
-            gathered = None
-    else:
-        logp, ent, gathered = ref.linear_logprobs(
-            x,
-            weight,
-            t,
-            bias=bias,
-            temperature=float(temperature),
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
-            gather_ids=ids,
-        )
+    logp, ent, gathered, _ = torch.ops.rlvr_kernels.linear_logprobs(
+        x, weight, bias, t, ids, 1.0 / float(temperature), int(ignore_index), backend
+    )
     logp = logp.reshape(lead)
     ent = ent.reshape(lead) if return_entropy else None
     if gather_ids is None:
@@ -339,34 +487,102 @@ def _fused_linear_logprobs(
     return logp, ent, gathered.reshape(lead + (gather_ids.shape[-1],))
 
 
-class _LogprobsFromLogits(torch.autograd.Function):
-    """Triton path of :func:`logprobs_from_logits` on ``[N, V]`` logits."""
+@torch.library.custom_op("rlvr_kernels::logprobs_from_logits", mutates_args=())
+def _logits_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    return_entropy: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [N, V]``, ``targets [N]`` -> ``(logp [N], entropy [N], lse [N])`` (fp32; float64 for float64 logits
+    on the torch backend; entropy 0 when not requested on the torch backend, lse only on the Triton one). Checks the
+    ids' range (a host read) before any kernel runs."""
+    _check_ids_range(targets, logits.shape[-1], "targets", ignore_index)
+    which = resolve_backend(backend, logits.device)
+    if which == "triton" and logits.dtype == torch.float64:
+        raise TypeError(
+            "backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64"
+        )
+    with no_autocast(logits.device):
+        if which == "triton" and logits.shape[0] > 0:
+            from rlvr_kernels.kernels import logprobs as K
 
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index):
-        from rlvr_kernels.kernels import logprobs as K
+            z = logits if logits.stride(-1) == 1 else logits.contiguous()
+            logp, ent, lse = K.logits_forward(z, targets, 1.0 / temperature, ignore_index)
+            ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
+            return logp, ent, lse
+        logp, ent = ref.logprobs_from_logits(
+            logits.detach(),
+            targets,
+            temperature=temperature,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
+        ent = torch.zeros_like(logp) if ent is None else ent
+        return logp, ent, torch.zeros_like(logp)
 
-        inv_temp = 1.0 / temperature
-        logp, ent, lse = K.logits_forward(logits, targets, inv_temp, ignore_index)
-        ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
-        ctx.save_for_backward(logits, targets, lse, ent)
-        ctx.inv_temp = inv_temp
-        ctx.ignore_index = ignore_index
-        ctx.set_materialize_grads(False)
-        return logp, ent
 
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, g_logp, g_ent):
-        from rlvr_kernels.kernels import logprobs as K
+@_logits_op.register_fake
+def _(logits, targets, temperature, ignore_index, return_entropy, backend):
+    dt = _out_dtype(logits)
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
 
-        logits, tgt, lse, ent = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
-        gh = g_ent.float().contiguous() if g_ent is not None else None
-        dz = K.logits_backward(logits, tgt, lse, ent, gl, gh, ctx.inv_temp, ctx.ignore_index)
-        return dz, None, None, None
+
+@torch.library.custom_op("rlvr_kernels::logprobs_from_logits_backward", mutates_args=())
+def _logits_backward_op(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """The gradient with respect to ``logits``, in the logits' dtype. Triton: one row pass from the saved ``lse`` and
+    entropy. Torch: the reference's analytic backward, recomputed one ``[chunk, V]`` block at a time."""
+    which = resolve_backend(backend, logits.device)
+    with no_autocast(logits.device):
+        if which == "triton" and logits.shape[0] > 0:
+            from rlvr_kernels.kernels import logprobs as K
+
+            z = logits if logits.stride(-1) == 1 else logits.contiguous()
+            gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
+            gh = g_ent.float().contiguous() if g_ent is not None else None
+            return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index)
+        return ref.logits_backward(logits, targets, entropy, g_logp, g_ent, temperature, ignore_index)
+
+
+@_logits_backward_op.register_fake
+def _(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _logits_setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, _, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(logits, targets, lse, ent)
+    ctx.args = (temperature, ignore_index, backend)
+    ctx.set_materialize_grads(False)
+
+
+@first_order_backward
+def _logits_backward(ctx, g_logp, g_ent, _g_lse):
+    logits, targets, lse, ent = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
+        return None, None, None, None, None, None
+    temperature, ignore_index, backend = ctx.args
+    dz = torch.ops.rlvr_kernels.logprobs_from_logits_backward(
+        logits, targets, lse, ent, g_logp, g_ent, temperature, ignore_index, backend
+    )
+    return dz, None, None, None, None, None
+
+
+_logits_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
 
 
 def logprobs_from_logits(
@@ -403,22 +619,13 @@ def logprobs_from_logits(
     temperature = _check_temperature(temperature)
     _checks.integer("ignore_index", ignore_index)
     v = logits.shape[-1]
-    _check_ids_range(targets, v, "targets", ignore_index)
     lead = tuple(targets.shape)
-    z = logits.reshape(-1, v)
-    t = targets.reshape(-1).long()
-    which = resolve_backend(backend, logits.device)
-    if which == "triton" and logits.dtype == torch.float64:
-        raise TypeError(
-            "backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64"
-        )
-    with no_autocast(logits.device):
-        if which == "triton" and z.shape[0] > 0:
-            if z.stride(-1) != 1:
-                z = z.contiguous()
-            logp, ent = _LogprobsFromLogits.apply(z, t, temperature, ignore_index)
-        else:
-            logp, ent = ref.logprobs_from_logits(
-                z, t, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-            )
+    logp, ent, _ = torch.ops.rlvr_kernels.logprobs_from_logits(
+        logits.reshape(-1, v),
+        targets.reshape(-1).long(),
+        float(temperature),
+        int(ignore_index),
+        bool(return_entropy),
+        backend,
+    )
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

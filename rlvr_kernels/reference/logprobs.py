@@ -89,6 +89,41 @@ def logprobs_from_logits(
     return torch.cat(logps), (torch.cat(ents) if return_entropy else None)
 
 
+def logits_backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    entropy: torch.Tensor,
+    g_logp: torch.Tensor | None,
+    g_ent: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """The analytic gradient of :func:`logprobs_from_logits` with respect to ``logits [N, V]`` (in their dtype),
+    chunked over rows like the forward: ``(g_logp (onehot - p) - g_ent p (log p + H)) / T``; ignored rows get 0
+    whatever their logits hold."""
+    cdt = compute_dtype(logits)
+    n, v = logits.shape
+    out = torch.empty_like(logits)
+    chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
+    for s in range(0, n, chunk):
+        t = targets[s : s + chunk]
+        ignored = (t == ignore_index).unsqueeze(1)
+        z = torch.where(ignored, torch.zeros((), dtype=cdt, device=logits.device), logits[s : s + chunk].to(cdt))
+        z = z / temperature
+        gl, gh, _, cp = upstream_coefficients(
+            t,
+            ignore_index,
+            None if g_logp is None else g_logp[s : s + chunk],
+            None if g_ent is None else g_ent[s : s + chunk],
+            None,
+            None,
+            cdt,
+        )
+        dz = dlogits_from_scaled_logits(z, torch.logsumexp(z, -1), entropy[s : s + chunk].to(cdt), t, gl, gh, cp)
+        out[s : s + chunk] = (dz / temperature).to(logits.dtype)
+    return out
+
+
 def inert_rows(x: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
     """``x [n, H]`` with the ``ignored [n]`` rows set to 0 when one of them holds a non-finite value, else ``x``
     itself (no copy). Padding rows may hold anything (attention kernels leave NaN there); a zero gradient row times
@@ -219,27 +254,69 @@ def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_i
     return gl, gh, gg, cp
 
 
+def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk):
+    """Token-chunked forward: ``x [N, H]``, ``w [V, H]`` and ``b [V]`` already in the compute dtype. Returns
+    ``(logp [N], entropy [N], gathered [N, K], lse [N])``; one ``[chunk, V]`` block live at a time."""
+    n = x.shape[0]
+    cdt = w.dtype
+    logp = x.new_empty(n, dtype=cdt)
+    ent = x.new_empty(n, dtype=cdt)
+    lse = x.new_empty(n, dtype=cdt)
+    k = 0 if gather_ids is None else gather_ids.shape[1]
+    gathered = x.new_empty((n, k), dtype=cdt)
+    for s in range(0, n, chunk):
+        t = targets[s : s + chunk]
+        z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, inv_temp)
+        ids = None if gather_ids is None else gather_ids[s : s + chunk]
+        lp, en, ls, g = scaled_logit_stats(z, t, ignore_index=ignore_index, gather_ids=ids)
+        logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
+        if g is not None:
+            gathered[s : s + chunk] = g
+    check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
+    return logp, ent, gathered, lse
+
+
+def chunked_linear_backward(
+    x, w, b, targets, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, chunk, need
+):
+    """The analytic backward of :func:`chunked_linear_forward`, recomputing each chunk's logits: ``(dx, dw, db)`` in
+    the compute dtype (``w``'s), None where ``need`` (three flags) says no."""
+    need_x, need_w, need_b = need
+    n, cdt = x.shape[0], w.dtype
+    gl, gh, gg, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, ids, cdt)
+    dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
+    dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+    db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ignore_index)
+        z = _scaled_logits(xc, w, b, inv_temp)
+        dz = dlogits_from_scaled_logits(
+            z, lse[s:e], ent[s:e], targets[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e]
+        )
+        if gg is not None:
+            dz.scatter_add_(1, ids[s:e], gg[s:e])
+        dz *= inv_temp
+        if need_x:
+            dx[s:e] = dz @ w
+        if need_w:
+            dw.addmm_(dz.T, xc)
+        if need_b:
+            db += dz.sum(0)
+    return dx, dw, db
+
+
+def default_chunk(v: int) -> int:
+    """Rows per chunk of the reference path: about ``CHUNK_ELEMENTS / V``."""
+    return max(1, CHUNK_ELEMENTS // max(v, 1))
+
+
 class _ChunkedLinearLogprobs(torch.autograd.Function):
     """Token-chunked forward and analytic backward: O(N) saved, one ``[chunk, V]`` block live at a time."""
 
     @staticmethod
     def forward(ctx, x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk):
-        n = x.shape[0]
-        cdt = w.dtype
-        logp = x.new_empty(n, dtype=cdt)
-        ent = x.new_empty(n, dtype=cdt)
-        lse = x.new_empty(n, dtype=cdt)
-        k = 0 if gather_ids is None else gather_ids.shape[1]
-        gathered = x.new_empty((n, k), dtype=cdt)
-        for s in range(0, n, chunk):
-            t = targets[s : s + chunk]
-            z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, inv_temp)
-            ids = None if gather_ids is None else gather_ids[s : s + chunk]
-            lp, en, ls, g = scaled_logit_stats(z, t, ignore_index=ignore_index, gather_ids=ids)
-            logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
-            if g is not None:
-                gathered[s : s + chunk] = g
-        check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
+        logp, ent, gathered, lse = chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk)
         ctx.save_for_backward(x, w, b, targets, gather_ids, lse, ent)
         ctx.inv_temp, ctx.ignore_index, ctx.chunk = inv_temp, ignore_index, chunk
         ctx.set_materialize_grads(False)
@@ -249,28 +326,22 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     @first_order_backward
     def backward(ctx, g_logp, g_ent, g_gath):
         x, w, b, targets, ids, lse, ent = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        n, cdt = x.shape[0], w.dtype
-        gl, gh, gg, cp = upstream_coefficients(targets, ctx.ignore_index, g_logp, g_ent, g_gath, ids, cdt)
-        dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
-        dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
-        db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
-        for s in range(0, n, ctx.chunk):
-            e = min(n, s + ctx.chunk)
-            xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ctx.ignore_index)
-            z = _scaled_logits(xc, w, b, ctx.inv_temp)
-            dz = dlogits_from_scaled_logits(
-                z, lse[s:e], ent[s:e], targets[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e]
-            )
-            if gg is not None:
-                dz.scatter_add_(1, ids[s:e], gg[s:e])
-            dz *= ctx.inv_temp
-            if need_x:
-                dx[s:e] = dz @ w
-            if need_w:
-                dw.addmm_(dz.T, xc)
-            if need_b:
-                db += dz.sum(0)
+        dx, dw, db = chunked_linear_backward(
+            x,
+            w,
+            b,
+            targets,
+            ids,
+            lse,
+            ent,
+            g_logp,
+            g_ent,
+            g_gath,
+            ctx.inv_temp,
+            ctx.ignore_index,
+            ctx.chunk,
+            ctx.needs_input_grad[:3],
+        )
         return dx, dw, db, None, None, None, None, None
 
 
@@ -298,7 +369,7 @@ def linear_logprobs(
     cdt = compute_dtype(hidden, weight, bias)
     w = weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
+    chunk = chunk_size or default_chunk(weight.shape[0])
     logp, ent, gathered = _ChunkedLinearLogprobs.apply(
         hidden, w, b, targets, gather_ids, 1.0 / temperature, ignore_index, chunk
     )
