@@ -211,7 +211,7 @@ def _backend(backend: str, rows: _Rows) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------------------------------
-def trajectory_percentile(
+def _trajectory_percentile(
     mask: torch.Tensor,
     *,
     values: Optional[torch.Tensor] = None,
@@ -258,7 +258,7 @@ def trajectory_percentile(
     return rows.unflat(out)
 
 
-def tp_schedule_mask(
+def _tp_schedule_mask(
     mask: torch.Tensor,
     q,
     *,
@@ -296,7 +296,7 @@ def tp_schedule_mask(
     return rows.unflat(kern.range_mask(rows.valid8(), lo, hi, starts, spans, block=block))
 
 
-def forking_token_mask(
+def _forking_token_mask(
     entropy: torch.Tensor,
     mask: torch.Tensor,
     rho,
@@ -408,7 +408,7 @@ def entropy_shaped_advantages(
     return out
 
 
-def d3s_token_mask(
+def _d3s_token_mask(
     advantages: torch.Tensor,
     entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -469,3 +469,177 @@ def d3s_token_mask(
         spans = torch.full((1,), n, dtype=torch.int64, device=rows.device)
         k = ref.topk_budget(rows.valid.sum(dtype=torch.int64).reshape(1), rho)
     return rows.unflat(kern.topk_mask(scores, valid8, starts, spans, k, block=block))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The selection ops as PyTorch custom ops (torch.library): opaque to torch.compile, so the host reads of their checks
+# and of their per-row bookkeeping cost no graph break. Their results are masks and ranks: not differentiable.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _tensors_or_none(*xs) -> bool:
+    """Whether the tensor arguments can go through a custom op: tensors (or None) on one device. Anything else takes
+    the plain path, which raises its clear error for them (a custom op would dispatch a stray meta tensor to its fake
+    implementation, or refuse a non-tensor with a less helpful message)."""
+    if not all(x is None or isinstance(x, torch.Tensor) for x in xs):
+        return False
+    return len({x.device for x in xs if x is not None}) <= 1
+
+
+def _opt_block(block_size) -> bool:
+    """``block_size`` checked (its own error) and small enough for the op schema."""
+    _check_block(block_size)
+    return True
+
+
+@torch.library.custom_op("rlvr_kernels::trajectory_percentile", mutates_args=())
+def _percentile_op(
+    mask: torch.Tensor,
+    values: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    backend: str,
+    block_size: Optional[int],
+) -> torch.Tensor:
+    return _trajectory_percentile(mask, values=values, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
+
+
+@_percentile_op.register_fake
+def _(mask, values, cu_seqlens, backend, block_size):
+    return torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+
+
+@torch.library.custom_op("rlvr_kernels::tp_schedule_mask", mutates_args=())
+def _tp_op(
+    mask: torch.Tensor,
+    q: float,
+    cu_seqlens: Optional[torch.Tensor],
+    reverse: bool,
+    backend: str,
+    block_size: Optional[int],
+) -> torch.Tensor:
+    return _tp_schedule_mask(mask, q, cu_seqlens=cu_seqlens, reverse=reverse, backend=backend, block_size=block_size)
+
+
+@_tp_op.register_fake
+def _(mask, q, cu_seqlens, reverse, backend, block_size):
+    return torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+
+
+@torch.library.custom_op("rlvr_kernels::forking_token_mask", mutates_args=())
+def _forking_op(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho: float,
+    cu_seqlens: Optional[torch.Tensor],
+    backend: str,
+    block_size: Optional[int],
+) -> torch.Tensor:
+    return _forking_token_mask(entropy, mask, rho, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
+
+
+@_forking_op.register_fake
+def _(entropy, mask, rho, cu_seqlens, backend, block_size):
+    return torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+
+
+@torch.library.custom_op("rlvr_kernels::d3s_token_mask", mutates_args=())
+def _d3s_op(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho: float,
+    scope: str,
+    cu_seqlens: Optional[torch.Tensor],
+    backend: str,
+    block_size: Optional[int],
+) -> torch.Tensor:
+    return _d3s_token_mask(
+        advantages, entropy, mask, rho, scope=scope, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size
+    )
+
+
+@_d3s_op.register_fake
+def _(advantages, entropy, mask, rho, scope, cu_seqlens, backend, block_size):
+    return torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+
+
+def trajectory_percentile(
+    mask: torch.Tensor,
+    *,
+    values: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    if _tensors_or_none(mask, values, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+        return torch.ops.rlvr_kernels.trajectory_percentile(mask, values, cu_seqlens, backend, _check_block(block_size))
+    return _trajectory_percentile(mask, values=values, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
+
+
+def tp_schedule_mask(
+    mask: torch.Tensor,
+    q,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    reverse: bool = False,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    if _tensors_or_none(mask, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+        return torch.ops.rlvr_kernels.tp_schedule_mask(
+            mask, C.unit("q", q), cu_seqlens, C.flag("reverse", reverse), backend, _check_block(block_size)
+        )
+    return _tp_schedule_mask(mask, q, cu_seqlens=cu_seqlens, reverse=reverse, backend=backend, block_size=block_size)
+
+
+def forking_token_mask(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    if _tensors_or_none(entropy, mask, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+        return torch.ops.rlvr_kernels.forking_token_mask(
+            entropy, mask, C.unit("rho", rho), cu_seqlens, backend, _check_block(block_size)
+        )
+    return _forking_token_mask(entropy, mask, rho, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
+
+
+def d3s_token_mask(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    rho,
+    *,
+    scope: str = "batch",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    if (
+        _tensors_or_none(advantages, entropy, mask, cu_seqlens)
+        and isinstance(backend, str)
+        and isinstance(scope, str)
+        and _opt_block(block_size)
+    ):
+        return torch.ops.rlvr_kernels.d3s_token_mask(
+            advantages, entropy, mask, C.unit("rho", rho), scope, cu_seqlens, backend, _check_block(block_size)
+        )
+    return _d3s_token_mask(
+        advantages, entropy, mask, rho, scope=scope, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size
+    )
+
+
+for _public, _impl in (
+    (trajectory_percentile, _trajectory_percentile),
+    (tp_schedule_mask, _tp_schedule_mask),
+    (forking_token_mask, _forking_token_mask),
+    (d3s_token_mask, _d3s_token_mask),
+):
+    _public.__doc__ = (_impl.__doc__ or "") + (
+        "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels." + _public.__name__ + "``: "
+        "``torch.compile`` traces it without a graph break (its checks run inside the op).\n"
+    )

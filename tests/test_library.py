@@ -120,3 +120,50 @@ def test_compiled_op_still_checks_values():
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="targets must lie in"):
         torch.compile(f, fullgraph=True)(x)
+
+
+def _token_inputs(seed=6, B=3, T=9):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(T)[None] < torch.tensor([9, 5, 0])[:, None]
+    ent = torch.rand(B, T, generator=g) * 3
+    adv = torch.randn(B, generator=g)
+    vals = torch.randn(B, T, generator=g)
+    return mask, ent, adv, vals
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_token_selection_ops(backend):
+    mask, ent, adv, vals = _token_inputs()
+    ops = torch.ops.rlvr_kernels
+    cases = [
+        (ops.trajectory_percentile.default, (mask, None, None, backend, None)),
+        (ops.trajectory_percentile.default, (mask, vals, None, backend, None)),
+        (ops.tp_schedule_mask.default, (mask, 0.55, None, False, backend, None)),
+        (ops.forking_token_mask.default, (ent, mask, 0.3, None, backend, None)),
+        (ops.d3s_token_mask.default, (adv, ent, mask, 0.4, "batch", None, backend, None)),
+        (ops.d3s_token_mask.default, (adv, ent, mask, 0.4, "sequence", None, backend, None)),
+    ]
+    packed = mask.reshape(-1)[mask.reshape(-1)]  # the packed layout: cu_seqlens over the valid tokens
+    cu = torch.tensor([0, 9, 14, 14], dtype=torch.int32)
+    cases.append((ops.tp_schedule_mask.default, (torch.ones_like(packed), 0.3, cu, True, backend, None)))
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_selection_ops_compile_fullgraph(backend):
+    """The credit masks a loss applies, composed in one compiled function: one graph, the eager result."""
+    from rlvr_kernels import d3s_token_mask, forking_token_mask, tp_schedule_mask, trajectory_percentile
+
+    mask, ent, adv, _ = _token_inputs(7)
+
+    def f(ent, adv):
+        keep = tp_schedule_mask(mask, 0.4, backend=backend)
+        keep = keep & forking_token_mask(ent, mask, 0.5, backend=backend)
+        keep = keep | d3s_token_mask(adv, ent, mask, 0.3, backend=backend)
+        return keep.float() * (1.0 + trajectory_percentile(mask, backend=backend))
+
+    _no_graph_breaks(f, ent, adv)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(ent, adv)
+    torch.testing.assert_close(got, f(ent, adv))
