@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _checks as C
-from rlvr_kernels.credit import _backend, _check_block, _Rows
+from rlvr_kernels.credit import _backend, _check_block, _Rows, _tensors_or_none
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
 
@@ -71,7 +71,7 @@ def _check_topk(rows: _Rows, name: str, x) -> torch.Tensor:
     return x
 
 
-def cppo_mask(
+def _cppo_mask(
     logp: torch.Tensor,
     logp_mu: torch.Tensor,
     advantages: torch.Tensor,
@@ -238,3 +238,170 @@ def cppo_mask(
         n_masked = (valid & ~keep).sum(dtype=torch.int64)
         frac = (n_masked.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)).reshape(())
         return CPPOMask(mask=keep, divergence=D, weight=w, delta_b=db, masked_fraction=frac)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cppo_mask as a PyTorch custom op (torch.library): opaque to torch.compile, so its checks and per-row bookkeeping
+# (host reads) cost no graph break. Its results are detached masks and statistics.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("rlvr_kernels::cppo_mask", mutates_args=())
+def _cppo_op(
+    logp: torch.Tensor,
+    logp_mu: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    delta: float,
+    w_min: float,
+    delta_b: float,
+    budget: str,
+    quantile: float,
+    max_mult: float,
+    quantile_scale: float,
+    horizon: Optional[int],
+    divergence: str,
+    logp_topk: Optional[torch.Tensor],
+    logp_mu_topk: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    backend: str,
+    block_size: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r = _cppo_mask(
+        logp,
+        logp_mu,
+        advantages,
+        mask,
+        delta=delta,
+        w_min=w_min,
+        delta_b=delta_b,
+        budget=budget,
+        quantile=quantile,
+        max_mult=max_mult,
+        quantile_scale=quantile_scale,
+        horizon=horizon,
+        divergence=divergence,
+        logp_topk=logp_topk,
+        logp_mu_topk=logp_mu_topk,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        block_size=block_size,
+    )
+    return r.mask, r.divergence, r.weight, r.delta_b, r.masked_fraction
+
+
+@_cppo_op.register_fake
+def _(
+    logp,
+    logp_mu,
+    advantages,
+    mask,
+    delta,
+    w_min,
+    delta_b,
+    budget,
+    quantile,
+    max_mult,
+    quantile_scale,
+    horizon,
+    divergence,
+    logp_topk,
+    logp_mu_topk,
+    cu_seqlens,
+    backend,
+    block_size,
+):
+    rows = mask.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    f32 = dict(dtype=torch.float32, device=mask.device)
+    return (
+        torch.empty(mask.shape, dtype=torch.bool, device=mask.device),
+        torch.empty(mask.shape, **f32),
+        torch.empty(mask.shape, **f32),
+        torch.empty(rows, **f32),
+        torch.empty((), **f32),
+    )
+
+
+_CPPO_REALS = ("delta", "w_min", "delta_b", "quantile", "max_mult", "quantile_scale")
+
+
+def cppo_mask(
+    logp: torch.Tensor,
+    logp_mu: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    delta: float = 0.15,
+    w_min: float = 0.8,
+    delta_b: float = 0.02,
+    budget: str = "dynamic",
+    quantile: float = 0.9,
+    max_mult: float = 2.0,
+    quantile_scale: float = 1.0,
+    horizon: Optional[int] = None,
+    divergence: str = "binary_tv",
+    logp_topk: Optional[torch.Tensor] = None,
+    logp_mu_topk: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> CPPOMask:
+    kw = dict(
+        delta=delta, w_min=w_min, delta_b=delta_b, quantile=quantile, max_mult=max_mult, quantile_scale=quantile_scale
+    )
+    try:  # plain Python numbers for the op schema; anything else takes the plain path and its own error
+        reals = {name: C.real(name, kw[name]) for name in _CPPO_REALS}
+        ok_horizon = horizon is None or C.integer("horizon", horizon, low=1, high=MAX_HORIZON) is not None
+        block = _check_block(block_size)
+    except (TypeError, ValueError):
+        reals, ok_horizon, block = None, False, None
+    tensors = (logp, logp_mu, advantages, mask, logp_topk, logp_mu_topk, cu_seqlens)
+    if (
+        reals is not None
+        and ok_horizon
+        and _tensors_or_none(*tensors)
+        and all(isinstance(x, str) for x in (budget, divergence, backend))
+    ):
+        detached = [None if t is None else t.detach() for t in tensors]
+        out = torch.ops.rlvr_kernels.cppo_mask(
+            detached[0],
+            detached[1],
+            detached[2],
+            detached[3],
+            reals["delta"],
+            reals["w_min"],
+            reals["delta_b"],
+            budget,
+            reals["quantile"],
+            reals["max_mult"],
+            reals["quantile_scale"],
+            None if horizon is None else int(horizon),
+            divergence,
+            detached[4],
+            detached[5],
+            detached[6],
+            backend,
+            block,
+        )
+        return CPPOMask(*out)
+    return _cppo_mask(
+        logp,
+        logp_mu,
+        advantages,
+        mask,
+        budget=budget,
+        horizon=horizon,
+        divergence=divergence,
+        logp_topk=logp_topk,
+        logp_mu_topk=logp_mu_topk,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        block_size=block_size,
+        **kw,
+    )
+
+
+cppo_mask.__doc__ = (_cppo_mask.__doc__ or "") + (
+    "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels.cppo_mask``: ``torch.compile`` traces it "
+    "without a graph break (its checks run inside the op).\n"
+)
