@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _checks as C
-from rlvr_kernels.credit import _backend, _check_block, _Rows, _tensors_or_none
+from rlvr_kernels.credit import _backend, _check_block, _op_args, _Rows
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
 
@@ -359,7 +359,7 @@ def cppo_mask(
     if (
         reals is not None
         and ok_horizon
-        and _tensors_or_none(*tensors)
+        and _op_args(tensors[:4], tensors[4:])
         and all(isinstance(x, str) for x in (budget, divergence, backend))
     ):
         detached = [None if t is None else t.detach() for t in tensors]

@@ -335,7 +335,7 @@ def _forking_token_mask(
     return rows.unflat(kern.topk_mask(rows.flat(entropy), rows.valid8(), starts, spans, k, block=block))
 
 
-def entropy_shaped_advantages(
+def _entropy_shaped_advantages(
     advantages: torch.Tensor,
     entropy: torch.Tensor,
     mask: torch.Tensor,
@@ -477,11 +477,17 @@ def _d3s_token_mask(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _op_args(required, optional=()) -> bool:
+    """Whether the arguments can go through a custom op: the ``required`` ones tensors, the ``optional`` ones tensors
+    or None, all on one device, none nested (see :func:`_tensors_or_none`)."""
+    return all(isinstance(x, torch.Tensor) for x in required) and _tensors_or_none(*required, *optional)
+
+
 def _tensors_or_none(*xs) -> bool:
     """Whether the tensor arguments can go through a custom op: tensors (or None) on one device. Anything else takes
     the plain path, which raises its clear error for them (a custom op would dispatch a stray meta tensor to its fake
     implementation, or refuse a non-tensor with a less helpful message)."""
-    if not all(x is None or isinstance(x, torch.Tensor) for x in xs):
+    if not all(x is None or (isinstance(x, torch.Tensor) and not x.is_nested) for x in xs):
         return False
     return len({x.device for x in xs if x is not None}) <= 1
 
@@ -571,7 +577,7 @@ def trajectory_percentile(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _tensors_or_none(mask, values, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((mask,), (values, cu_seqlens)) and isinstance(backend, str) and _opt_block(block_size):
         return torch.ops.rlvr_kernels.trajectory_percentile(mask, values, cu_seqlens, backend, _check_block(block_size))
     return _trajectory_percentile(mask, values=values, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
 
@@ -585,7 +591,7 @@ def tp_schedule_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _tensors_or_none(mask, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((mask,), (cu_seqlens,)) and isinstance(backend, str) and _opt_block(block_size):
         return torch.ops.rlvr_kernels.tp_schedule_mask(
             mask, C.unit("q", q), cu_seqlens, C.flag("reverse", reverse), backend, _check_block(block_size)
         )
@@ -601,7 +607,7 @@ def forking_token_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _tensors_or_none(entropy, mask, cu_seqlens) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((entropy, mask), (cu_seqlens,)) and isinstance(backend, str) and _opt_block(block_size):
         return torch.ops.rlvr_kernels.forking_token_mask(
             entropy, mask, C.unit("rho", rho), cu_seqlens, backend, _check_block(block_size)
         )
@@ -620,7 +626,7 @@ def d3s_token_mask(
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
     if (
-        _tensors_or_none(advantages, entropy, mask, cu_seqlens)
+        _op_args((advantages, entropy, mask), (cu_seqlens,))
         and isinstance(backend, str)
         and isinstance(scope, str)
         and _opt_block(block_size)
@@ -633,7 +639,71 @@ def d3s_token_mask(
     )
 
 
+@torch.library.custom_op("rlvr_kernels::entropy_shaped_advantages", mutates_args=())
+def _entropy_adv_op(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    alpha: float,
+    kappa: float,
+    cu_seqlens: Optional[torch.Tensor],
+    backend: str,
+    block_size: Optional[int],
+) -> torch.Tensor:
+    return _entropy_shaped_advantages(
+        advantages,
+        entropy,
+        mask,
+        scale,
+        alpha=alpha,
+        kappa=kappa,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        block_size=block_size,
+    )
+
+
+@_entropy_adv_op.register_fake
+def _(advantages, entropy, mask, scale, alpha, kappa, cu_seqlens, backend, block_size):
+    return torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+
+
+def entropy_shaped_advantages(
+    advantages: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    scale,
+    *,
+    alpha: float = 0.4,
+    kappa: float = 2.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    try:  # plain Python numbers for the op schema; anything else takes the plain path and its own error
+        numbers = (C.unit("scale", scale), C.real("alpha", alpha, low=0.0), C.real("kappa", kappa, low=C.F32_TINY))
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is not None and _op_args((advantages, entropy, mask), (cu_seqlens,)) and isinstance(backend, str):
+        return torch.ops.rlvr_kernels.entropy_shaped_advantages(
+            advantages.detach(), entropy.detach(), mask, *numbers, cu_seqlens, backend, _check_block(block_size)
+        )
+    return _entropy_shaped_advantages(
+        advantages,
+        entropy,
+        mask,
+        scale,
+        alpha=alpha,
+        kappa=kappa,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        block_size=block_size,
+    )
+
+
 for _public, _impl in (
+    (entropy_shaped_advantages, _entropy_shaped_advantages),
     (trajectory_percentile, _trajectory_percentile),
     (tp_schedule_mask, _tp_schedule_mask),
     (forking_token_mask, _forking_token_mask),
@@ -641,5 +711,6 @@ for _public, _impl in (
 ):
     _public.__doc__ = (_impl.__doc__ or "") + (
         "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels." + _public.__name__ + "``: "
-        "``torch.compile`` traces it without a graph break (its checks run inside the op).\n"
+        "``torch.compile`` traces it without a graph break (its checks run inside the op). Its result is not "
+        "differentiable (the inputs enter detached).\n"
     )
