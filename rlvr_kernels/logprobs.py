@@ -3,7 +3,7 @@
 Both are autograd-aware. On the Triton backend the linear form never materialises the ``[N, V]`` logits: every GEMM
 runs on cuBLAS over a bounded chunk of logits (``rlvr_kernels/_gemm.py``: 1 GiB by default, the user setting
 ``RLVR_KERNELS_CHUNK_BYTES``) and Triton row passes fold each chunk into the statistics or into ``dz``. Only the rows
-whose target is not ``ignore_index`` enter the GEMMs. The forward saves 8 bytes per counted token (lse, entropy); the
+whose target is not ``ignore_index`` enter the GEMMs. The forward saves 8 bytes per token (lse, entropy); the
 backward recomputes the logits one block of vocabulary columns at a time and turns ``dz`` into dX, dW and db with
 GEMMs: dW is written once per block by one GEMM (fp32 accumulation inside it, none across blocks) and dX accumulates
 over blocks in fp32 in a fixed order, so the backward is deterministic (no atomics). The torch backend is the
