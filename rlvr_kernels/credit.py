@@ -492,12 +492,6 @@ def _tensors_or_none(*xs) -> bool:
     return len({x.device for x in xs if x is not None}) <= 1
 
 
-def _opt_block(block_size) -> bool:
-    """``block_size`` checked (its own error) and small enough for the op schema."""
-    _check_block(block_size)
-    return True
-
-
 @torch.library.custom_op("rlvr_kernels::trajectory_percentile", mutates_args=())
 def _percentile_op(
     mask: torch.Tensor,
@@ -577,7 +571,7 @@ def trajectory_percentile(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _op_args((mask,), (values, cu_seqlens)) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((mask,), (values, cu_seqlens)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.trajectory_percentile(mask, values, cu_seqlens, backend, _check_block(block_size))
     return _trajectory_percentile(mask, values=values, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
 
@@ -591,7 +585,7 @@ def tp_schedule_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _op_args((mask,), (cu_seqlens,)) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((mask,), (cu_seqlens,)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.tp_schedule_mask(
             mask, C.unit("q", q), cu_seqlens, C.flag("reverse", reverse), backend, _check_block(block_size)
         )
@@ -607,7 +601,7 @@ def forking_token_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if _op_args((entropy, mask), (cu_seqlens,)) and isinstance(backend, str) and _opt_block(block_size):
+    if _op_args((entropy, mask), (cu_seqlens,)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.forking_token_mask(
             entropy, mask, C.unit("rho", rho), cu_seqlens, backend, _check_block(block_size)
         )
@@ -625,12 +619,7 @@ def d3s_token_mask(
     backend: str = "auto",
     block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    if (
-        _op_args((advantages, entropy, mask), (cu_seqlens,))
-        and isinstance(backend, str)
-        and isinstance(scope, str)
-        and _opt_block(block_size)
-    ):
+    if _op_args((advantages, entropy, mask), (cu_seqlens,)) and isinstance(backend, str) and isinstance(scope, str):
         return torch.ops.rlvr_kernels.d3s_token_mask(
             advantages, entropy, mask, C.unit("rho", rho), scope, cu_seqlens, backend, _check_block(block_size)
         )

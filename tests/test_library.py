@@ -257,3 +257,30 @@ def test_entropy_shaped_advantages_op(backend):
     _no_graph_breaks(f, ent)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(ent), f(ent))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_under_bf16_autocast_with_nan_padding(backend):
+    """Users' conditions for the compiled op: bf16 autocast (TRL's default) and NaN left in padded rows by the
+    attention kernel: one graph, the eager values and gradients, finite everywhere, zero gradient on padding."""
+    x, w, _, t, _ = _linear_inputs(11)
+    t[::4] = -100
+    x[::4] = float("nan")
+
+    def f(x, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp, ent = fused_linear_logprobs(x, w, t, backend=backend)
+        return lp.sum() + 0.1 * ent.sum()
+
+    _no_graph_breaks(f, x, w)
+    xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xe, we = x.clone().requires_grad_(), w.clone().requires_grad_()
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(xc, wc)
+    got.backward()
+    want = f(xe, we)
+    want.backward()
+    assert torch.isfinite(got) and torch.isfinite(wc.grad).all() and (xc.grad[::4] == 0).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(wc.grad, we.grad)
