@@ -28,6 +28,10 @@ from rlvr_kernels.schedule import TemporalSchedule
 from rlvr_kernels.cppo import CPPOMask, cppo_mask
 from rlvr_kernels.delta import DeltaEstimator, delta_coefficients
 
+# isort: split
+# --- the installation: versions, backends, native kernels ---
+from rlvr_kernels._info import info
+
 __version__ = "0.1.0"
 
 # Every public name, in the order of the imports above; `from rlvr_kernels import *` gives exactly these.
@@ -58,4 +62,6 @@ __all__ = [
     "cppo_mask",
     "DeltaEstimator",
     "delta_coefficients",
+    # the installation
+    "info",
 ]

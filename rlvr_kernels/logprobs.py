@@ -497,7 +497,7 @@ def _logits_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits [N, V]``, ``targets [N]`` -> ``(logp [N], entropy [N], lse [N])`` (fp32; float64 for float64 logits
-    on the torch backend; entropy 0 when not requested on the torch backend, lse only on the Triton one). Checks the
+    on the torch backend; the entropy is computed either way). Checks the
     ids' range (a host read) before any kernel runs."""
     _check_ids_range(targets, logits.shape[-1], "targets", ignore_index)
     which = resolve_backend(backend, logits.device)
@@ -513,15 +513,10 @@ def _logits_op(
             logp, ent, lse = K.logits_forward(z, targets, 1.0 / temperature, ignore_index)
             ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
             return logp, ent, lse
-        logp, ent = ref.logprobs_from_logits(
-            logits.detach(),
-            targets,
-            temperature=temperature,
-            ignore_index=ignore_index,
-            return_entropy=return_entropy,
+        logp, ent, lse = ref.logprobs_from_logits(
+            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index
         )
-        ent = torch.zeros_like(logp) if ent is None else ent
-        return logp, ent, torch.zeros_like(logp)
+        return logp, ent, lse
 
 
 @_logits_op.register_fake
@@ -554,7 +549,7 @@ def _logits_backward_op(
             gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
             gh = g_ent.float().contiguous() if g_ent is not None else None
             return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index)
-        return ref.logits_backward(logits, targets, entropy, g_logp, g_ent, temperature, ignore_index)
+        return ref.logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index)
 
 
 @_logits_backward_op.register_fake

@@ -41,7 +41,7 @@ def test_logits_kernel_bf16():
     lp, ent = logprobs_from_logits(z, t)
     (lp.sum() + ent.sum()).backward()
     zr = z.detach().float().requires_grad_()
-    lp_r, ent_r = ref.logprobs_from_logits(zr, t)
+    lp_r, ent_r, _ = ref.logprobs_from_logits(zr, t)
     (lp_r.sum() + ent_r.sum()).backward()
     torch.testing.assert_close(lp, lp_r, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ent, ent_r, atol=1e-4, rtol=1e-4)
@@ -72,7 +72,7 @@ DEV = "cuda"
 def _ref_logits_rows(z, t, temperature=1.0):
     """Reference logp, entropy and d(logp.sum() + entropy.sum())/dz for a few rows (fp32)."""
     zr = z.detach().float().requires_grad_()
-    lp, ent = ref.logprobs_from_logits(zr, t, temperature=temperature)
+    lp, ent, _ = ref.logprobs_from_logits(zr, t, temperature=temperature)
     (lp.sum() + ent.sum()).backward()
     return lp.detach(), ent.detach(), zr.grad
 
@@ -189,7 +189,7 @@ def test_strided_targets_and_bias():
     torch.testing.assert_close(lp, lp_r, atol=2e-3, rtol=1e-3)
     z = x.float() @ w.float().T
     lp2, _ = logprobs_from_logits(z, ids[:, 1])
-    lp3, _ = ref.logprobs_from_logits(z, ids[:, 1].contiguous())
+    lp3, _, _ = ref.logprobs_from_logits(z, ids[:, 1].contiguous())
     torch.testing.assert_close(lp2, lp3, atol=1e-5, rtol=1e-5)
 
 

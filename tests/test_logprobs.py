@@ -319,7 +319,9 @@ def test_logits_values_and_grads(backend, dtype):
     torch.testing.assert_close(logp.double(), want_lp.detach(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), want_ent.detach(), atol=2e-5, rtol=1e-5)
     assert zz.grad.dtype == dtype
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # fp32: the gradient carries the rounding of the fp32 log-normaliser (|lse| ~ 20 here, ulp ~ 2e-6); over 20 seeds
+    # the largest error is 7e-6 on the plain-torch path and 5e-6 on the native one
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(zz.grad.double(), zd.grad, atol=tol, rtol=tol)
     assert torch.equal(zz.detach(), z)  # the caller's logits are untouched
 

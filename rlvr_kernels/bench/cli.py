@@ -34,6 +34,7 @@ import shlex
 import sys
 import time
 
+from rlvr_kernels import _info
 from rlvr_kernels.bench import cases as bc
 from rlvr_kernels.bench import report as br
 from rlvr_kernels.bench import runner
@@ -250,6 +251,8 @@ def main(argv=None, *, prog: str | None = None) -> int:
         f"{timing['max_reps']} repeats, {state['torch_num_threads']} torch threads); writing {out}",
         flush=True,
     )
+    # the native CPU kernels are built here, once, not inside a timed child; their state goes into meta.json
+    native = _info.info(build=device == "cpu")["native"]
     timeout = args.point_timeout or (120.0 if mode == "smoke" else 300.0 if mode == "quick" else 900.0)
     results = runner.run_points(
         points, device, timing, start_method=args.start_method, point_timeout=timeout, progress=not args.no_progress
@@ -277,6 +280,7 @@ def main(argv=None, *, prog: str | None = None) -> int:
         platform=platform.platform(),
         python=platform.python_version(),
         versions=versions,
+        native=native,
     )
     runs = [_run_summary(meta)]
     if args.append and os.path.exists(os.path.join(out, "results.json")):

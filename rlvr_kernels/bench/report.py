@@ -295,6 +295,11 @@ below 1 means we are faster (leaner). `not run` rows say why a peer could not ru
 """
 
 
+def native_line(native: dict) -> str:
+    """``vocab_rows loaded, ...``: each csrc extension's state in the run."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(native.items()))
+
+
 def machine_line(meta: dict) -> str:
     """One sentence on the machine and the software of a run."""
     v = meta.get("versions", {})
@@ -314,6 +319,7 @@ def machine_line(meta: dict) -> str:
         + (f", {threads} torch threads" if threads is not None else "")
         + (f", {load_s}" if "loadavg" in meta else "")
         + (f"; {reps}" if reps else "")
+        + (f"; native CPU kernels: {native_line(meta['native'])}" if meta.get("device_kind") == "cpu" else "")
         + f"; torch {v.get('torch')}, triton {v.get('triton')}; {peers}; wall time {meta.get('wall_s', 0):.0f} s)."
     )
 

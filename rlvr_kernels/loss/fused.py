@@ -4,11 +4,13 @@ Per chunk the logits block is computed once; its statistics give log-probs and e
 per-token gradient coefficients through autograd on ``[rows, T]`` tensors only, ``dz`` is formed in place and dX,
 dW, db follow by GEMMs (3 GEMM-equivalents, one chunk buffer; ``docs/design/vocab-pass.md``). Chunks are blocks of
 whole rows, or segments of a row when the configuration is token-local (:func:`rlvr_kernels.methods.token_local`).
-Backward only scales the gradients computed here.
+Backward only scales the gradients computed here. The whole pass is one custom op, ``rlvr_kernels::fused_loss``
+(:func:`fused_loss`), so ``torch.compile(fullgraph=True)`` traces a caller without a graph break.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -17,7 +19,17 @@ import torch
 from rlvr_kernels import _gemm
 from rlvr_kernels import methods as M
 from rlvr_kernels._backend import first_order_backward, resolve_backend
-from rlvr_kernels.loss.token_pass import TokenSums, token_pass
+from rlvr_kernels.cpu import vocab_rows
+from rlvr_kernels.loss.token_pass import (
+    ROW_SUMS,
+    SCALAR_SUMS,
+    Batch,
+    TokenSums,
+    pack_sums,
+    present_sums,
+    token_pass,
+    unpack_sums,
+)
 from rlvr_kernels.reference import logprobs as ref_lp
 
 
@@ -101,10 +113,8 @@ def fused_pass(
             z = _gemm.logits_fp32(xc, w, b)
             lp_k, ent_k, lse_k = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
         else:
-            z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), inv_temp)
-            lp_k, ent_k, lse_k, _, (logz, probs) = ref_lp.scaled_logit_stats(
-                z, tc, ignore_index=cfg.ignore_index, probs=True
-            )  # logz is z
+            z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), 1.0)
+            lp_k, ent_k, lse_k = vocab_rows.row_stats(z, tc, inv_temp, cfg.ignore_index)
         lp = _scatter_rows(lp_k, keep, nr * nc)
         ent = _scatter_rows(ent_k, keep, nr * nc)
         # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
@@ -120,9 +130,7 @@ def fused_pass(
             dz = K.logits_backward(z, tc, lse_k, ent_k, g_lp, g_ent, inv_temp, cfg.ignore_index, out=out)
         else:
             gl, gh, _, cp = ref_lp.upstream_coefficients(tc, cfg.ignore_index, g_lp, g_ent, None, None, cdt)
-            dz = ref_lp.dlogits_from_probs(logz, probs, ent_k, tc, gl, gh, cp)
-            del logz, probs
-            dz *= inv_temp
+            dz = vocab_rows.row_grad_(z, tc, lse_k, ent_k, gl, gh, cp, inv_temp, cfg.ignore_index)
         del z
         loss += chunk_loss.detach().float()
         active_all[sl, cols] = active.detach()
@@ -147,29 +155,159 @@ def fused_pass(
     return FusedResult(loss, grads, sums, active_all)
 
 
-class PrecomputedGradLoss(torch.autograd.Function):
-    """``loss`` as a function of ``(x, w, b)`` whose gradients were computed in the forward (:func:`fused_pass`):
-    backward scales them by the upstream gradient. An upstream gradient of exactly 1 (``loss.backward()``) hands the
-    stored gradients over as they are, without a scaled copy (one host read of the scalar). The gradients are kept
-    until the graph is freed, so a second backward (``retain_graph=True``) gets the same ones; that is also why they
-    are never scaled in place (autograd never writes into the gradients it is handed)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The fused pass as one PyTorch custom op (torch.library): opaque to torch.compile, so its chunk loop, row compaction
+# (nonzero), per-chunk autograd graph and finiteness check (host reads) cost no graph break. The configuration travels
+# as canonical JSON (LossConfig.to_json), the batch as tensors; the gradients are computed in the forward and the
+# registered backward only scales them by the upstream gradient.
 
-    @staticmethod
-    def forward(ctx, loss, x, w, b, grads):
-        ctx.grads = grads
-        return loss.clone()
+_AUTOGRAD_KEYS = (
+    torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradOther)
+    | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradNestedTensor)
+    | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)
+)
 
-    @staticmethod
-    @first_order_backward
-    def backward(ctx, g_loss):
-        dx, dw, db = ctx.grads
-        if bool(g_loss == 1):
-            return None, dx, dw, db, None
 
-        def scale(t):
-            return None if t is None else t * g_loss.to(t.dtype)
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Autograd for the body of a custom op: the dispatcher runs an op's implementation with the autograd keys
+    excluded (below autograd), which would make the token pass's small graph (``torch.autograd.grad`` per chunk)
+    record nothing; this re-includes them for the block (grad mode stays as it is)."""
+    tls = torch._C
+    include, exclude = tls._dispatch_tls_local_include_set(), tls._dispatch_tls_local_exclude_set()
+    with tls._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS):
+        yield
 
-        return None, scale(dx), scale(dw), scale(db), None
+
+def _check_target_ids(ids: torch.Tensor, v: int, ignore_index: int) -> None:
+    """``ids`` (the ignore index outside the loss mask) in ``[0, v)`` on the loss tokens (one host read): the vocabulary
+    kernels index rows by them."""
+    bad = (ids != ignore_index) & ((ids < 0) | (ids >= v))
+    if ids.numel() and bool(bad.any()):
+        raise ValueError(
+            f"selected_token_ids must lie in [0, {v}) on loss tokens (attention_mask != 0); found {int(ids[bad][0])}"
+        )
+
+
+@torch.library.custom_op("rlvr_kernels::fused_loss", mutates_args=())
+def _fused_loss_op(
+    config: str,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    ids: torch.Tensor,
+    valid: torch.Tensor,
+    mask: torch.Tensor,
+    adv: torch.Tensor,
+    old: Optional[torch.Tensor],
+    ref: Optional[torch.Tensor],
+    is_ratio: Optional[torch.Tensor],
+    mu: Optional[torch.Tensor],
+    coef: Optional[torch.Tensor],
+    old_ent: Optional[torch.Tensor],
+    counts: torch.Tensor,
+    q: Optional[torch.Tensor],
+    norm: torch.Tensor,
+    ent_norm: torch.Tensor,
+    need: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fused_pass` of ``config`` (:meth:`LossConfig.to_json`) on the batch tensors (:class:`Batch`'s fields;
+    ``q``: the schedule value, a 0-dim tensor, or None; ``norm`` / ``ent_norm``: fp32 0-dim divisors; ``need``:
+    which of dx, dw, db to compute).
+
+    Returns ``(loss, dx, dw, db, active, scalar_sums, row_sums)``: the fp32 0-dim loss, the gradients in the
+    inputs' dtypes (an empty tensor where not computed), the ``[B, T]`` fp32 mask of the tokens that took part and
+    the metric numerators packed by :func:`rlvr_kernels.loss.token_pass.pack_sums`. Checks the ids' range first."""
+    from rlvr_kernels.loss.config import config_from_json
+
+    cfg = config_from_json(config)
+    _check_target_ids(ids, w.shape[0], cfg.ignore_index)
+    batch = Batch(x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts)
+    qf = None if q is None else float(q)
+    with _autograd_inside_op(), torch.no_grad():
+        res = fused_pass(cfg, x, w, b, batch, qf, norm, ent_norm, tuple(need))
+    got = frozenset(f.name for f in dataclasses.fields(res.sums) if getattr(res.sums, f.name) is not None)
+    if got != present_sums(cfg):
+        raise RuntimeError(f"internal error: the token pass gave the sums {sorted(got)}, not those planned")
+    empty = x.new_empty(0)
+    dx, dw, db = (empty.clone() if g is None else g for g in res.grads)
+    return (res.loss, dx, dw, db, res.active, *pack_sums(res.sums))
+
+
+@_fused_loss_op.register_fake
+def _(config, x, w, b, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts, q, norm, ent_norm, need):
+    f32 = dict(dtype=torch.float32, device=x.device)
+    empty = x.new_empty(0)
+    B, T = mask.shape
+    return (
+        torch.empty((), **f32),
+        torch.empty_like(x) if need[0] else empty,
+        torch.empty_like(w) if need[1] else empty.clone(),
+        torch.empty_like(b) if (need[2] and b is not None) else empty.clone(),
+        torch.empty((B, T), **f32),
+        torch.empty(len(SCALAR_SUMS), **f32),
+        torch.empty((len(ROW_SUMS), B), **f32),
+    )
+
+
+def _fused_setup_context(ctx, inputs, output):
+    _, dx, dw, db = output[:4]
+    ctx.save_for_backward(dx, dw, db)
+
+
+@first_order_backward
+def _fused_backward(ctx, g_loss, *_unused):
+    """The stored gradients times the upstream gradient. In eager mode an upstream gradient of exactly 1
+    (``loss.backward()``) hands them over as they are, without a scaled copy (one host read of the scalar); a compiled
+    backward always scales (no host read). They are kept until the graph is freed, so a second backward
+    (``retain_graph=True``) gets the same ones; that is also why they are never scaled in place."""
+    dx, dw, db = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    as_is = not torch.compiler.is_compiling() and isinstance(g_loss, torch.Tensor) and bool(g_loss == 1)
+
+    def scale(t, i):
+        if not want[i] or t.numel() == 0:
+            return None
+        return t if as_is else t * g_loss.to(t.dtype)
+
+    return (None, scale(dx, 1), scale(dw, 2), scale(db, 3)) + (None,) * 15
+
+
+_fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
+def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
+    """The fused path of :class:`rlvr_kernels.RLVRLoss` through ``rlvr_kernels::fused_loss``: ``(loss, sums,
+    active)`` with ``loss`` differentiable w.r.t. ``x``, ``w``, ``b`` (gradients computed in the forward), the
+    detached metric numerators and the ``[B, T]`` mask of active tokens. ``q``: a float, a 0-dim tensor or None."""
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad]
+    if q is not None and not isinstance(q, torch.Tensor):
+        q = torch.tensor(q, dtype=torch.float64)
+    out = torch.ops.rlvr_kernels.fused_loss(
+        cfg.to_json(),
+        x,
+        w,
+        b,
+        batch.ids,
+        batch.valid,
+        batch.mask,
+        batch.adv,
+        batch.old,
+        batch.ref,
+        batch.is_ratio,
+        batch.mu,
+        batch.coef,
+        batch.old_ent,
+        batch.counts,
+        q,
+        norm,
+        ent_norm,
+        need,
+    )
+    loss, _, _, _, active, scalars, rows = out
+    return loss, unpack_sums(cfg, scalars.detach(), rows.detach()), active.detach()
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,10 +6,11 @@ Math, for scaled logits ``z = (x @ W.T + b) / T`` of one token with target ``y``
     entropy = -sum_v p_v log p_v,  p = softmax(z)
 
 Computed in float32, or float64 when an input is float64. Rows whose target is ``ignore_index`` give 0 for both
-outputs (and no gradient). ``logprobs_from_logits`` differentiates through these ops with autograd; the linear form
-runs over token chunks with the analytic gradient (:func:`dlogits_from_scaled_logits`), recomputing each chunk's
-logits in the backward, so it keeps memory O(N + chunk * V), never O(N * V). Design notes:
-``docs/design/vocab-pass.md``.
+outputs (and no gradient). The per-chunk math is :func:`scaled_logit_stats` and :func:`dlogits_from_scaled_logits`;
+the chunk loops below reach it through the row ops of :mod:`rlvr_kernels.cpu.vocab_rows`, whose CPU kernels are
+native (``csrc/vocab_rows.cpp``) once built and whose implementation elsewhere is that math. The linear form runs over
+token chunks with the analytic gradient, recomputing each chunk's logits in the backward, so it keeps memory
+O(N + chunk * V), never O(N * V). Design notes: ``docs/design/vocab-pass.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from rlvr_kernels._backend import first_order_backward
+from rlvr_kernels.cpu import vocab_rows
 
 # Elements of one [chunk, V] fp32 buffer; the chunked linear path holds a handful of them at once.
 CHUNK_ELEMENTS = 1 << 21
@@ -27,38 +29,6 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def logprobs_from_scaled_logits(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    return_entropy: bool = True,
-    gather_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Log-prob of ``targets``, entropy and optional gathered log-probs from already scaled logits.
-
-    z: ``[N, V]`` float32/float64 (already divided by the temperature); targets: int64 ``[N]``;
-    gather_ids: int64 ``[N, K]`` or None. Returns ``(logp [N], entropy [N] | None, gathered [N, K] | None)`` in
-    ``z``'s dtype; rows with ``targets == ignore_index`` give 0 (also in ``gathered``).
-    """
-    ignored = targets == ignore_index
-    safe = torch.where(ignored, torch.zeros_like(targets), targets)
-    if bool(ignored.any()):  # an ignored row may be all -inf: its softmax (and backward) would be NaN, not 0
-        z = z.masked_fill(ignored.unsqueeze(-1), 0.0)
-    logz = torch.log_softmax(z, dim=-1)
-    zero = z.new_zeros(())
-    logp = torch.where(ignored, zero, logz.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
-    entropy = None
-    if return_entropy:
-        # Masked vocabulary entries (z = -inf) contribute 0, not 0 * -inf; the where keeps their gradient finite too.
-        finite_logz = torch.where(torch.isfinite(logz), logz, zero)
-        entropy = torch.where(ignored, zero, -(logz.exp() * finite_logz).sum(-1))
-    gathered = None
-    if gather_ids is not None:
-        gathered = torch.where(ignored.unsqueeze(-1), zero, logz.gather(-1, gather_ids))
-    return logp, entropy, gathered
-
-
 def logprobs_from_logits(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -67,31 +37,33 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference of :func:`rlvr_kernels.logprobs_from_logits` on ``[N, V]`` logits, chunked over rows.
+    """The torch backend of :func:`rlvr_kernels.logprobs_from_logits` on ``[N, V]`` logits (no autograd), one
+    ``[chunk, V]`` row block at a time through the row-statistics op (:mod:`rlvr_kernels.cpu.vocab_rows`).
 
-    Returns fp32 (fp64 for fp64 logits) ``logp [N]`` and ``entropy [N]`` (None when not requested).
+    Returns fp32 (fp64 for fp64 logits) ``logp [N]``, ``entropy [N]`` (None when not requested) and ``lse [N]``.
     """
     cdt = compute_dtype(logits)
     n, v = logits.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
-    logps, ents = [], []
-    for s in range(0, n, chunk):
-        z = logits[s : s + chunk].to(cdt) / temperature
-        t = targets[s : s + chunk]
-        # the row max is finite exactly when the log-normaliser is (NaN, +inf or all -inf logits are not)
-        check_finite_rows(z.detach().amax(-1), t != ignore_index, "logprobs_from_logits")
-        lp, ent, _ = logprobs_from_scaled_logits(z, t, ignore_index=ignore_index, return_entropy=return_entropy)
-        logps.append(lp)
-        ents.append(ent)
     if n == 0:
         empty = logits.new_zeros((0,), dtype=cdt) + logits.sum() * 0
-        return empty, (empty.clone() if return_entropy else None)
-    return torch.cat(logps), (torch.cat(ents) if return_entropy else None)
+        return empty, (empty.clone() if return_entropy else None), empty.clone()
+    chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
+    logp = logits.new_empty(n, dtype=cdt)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    for s in range(0, n, chunk):
+        t = targets[s : s + chunk]
+        lp, en, ls = vocab_rows.row_stats(logits[s : s + chunk].detach().to(cdt), t, 1.0 / temperature, ignore_index)
+        logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
+    # a row that counts has a finite log-normaliser (NaN, +inf or all -inf logits do not)
+    check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
+    return logp, (ent if return_entropy else None), lse
 
 
 def logits_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
+    lse: torch.Tensor,
     entropy: torch.Tensor,
     g_logp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
@@ -99,28 +71,21 @@ def logits_backward(
     ignore_index: int,
 ) -> torch.Tensor:
     """The analytic gradient of :func:`logprobs_from_logits` with respect to ``logits [N, V]`` (in their dtype),
-    chunked over rows like the forward: ``(g_logp (onehot - p) - g_ent p (log p + H)) / T``; ignored rows get 0
-    whatever their logits hold."""
+    from the forward's ``lse`` and ``entropy``, chunked over rows like the forward:
+    ``(g_logp (onehot - p) - g_ent p (log p + H)) / T``; ignored rows get 0 whatever their logits hold."""
     cdt = compute_dtype(logits)
     n, v = logits.shape
     out = torch.empty_like(logits)
     chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
+    gl, gh, _, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, None, None, cdt)
     for s in range(0, n, chunk):
-        t = targets[s : s + chunk]
-        ignored = (t == ignore_index).unsqueeze(1)
-        z = torch.where(ignored, torch.zeros((), dtype=cdt, device=logits.device), logits[s : s + chunk].to(cdt))
-        z = z / temperature
-        gl, gh, _, cp = upstream_coefficients(
-            t,
-            ignore_index,
-            None if g_logp is None else g_logp[s : s + chunk],
-            None if g_ent is None else g_ent[s : s + chunk],
-            None,
-            None,
-            cdt,
-        )
-        dz = dlogits_from_scaled_logits(z, torch.logsumexp(z, -1), entropy[s : s + chunk].to(cdt), t, gl, gh, cp)
-        out[s : s + chunk] = (dz / temperature).to(logits.dtype)
+        e = min(n, s + chunk)
+        z = torch.empty((e - s, v), dtype=cdt, device=logits.device).copy_(logits[s:e])  # never the caller's
+        vocab_rows.row_grad_(
+            z, targets[s:e], lse[s:e], entropy[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e],
+            1.0 / temperature, ignore_index,
+        )  # fmt: skip
+        out[s:e] = z
     return out
 
 
@@ -150,24 +115,15 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def scaled_logit_stats(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    gather_ids: torch.Tensor | None = None,
-    probs: bool = False,
-):
+def scaled_logit_stats(z: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100):
     """No-grad statistics of one chunk of scaled logits, overwriting ``z`` (it becomes ``z - max``).
 
-    z ``[n, V]`` (already divided by the temperature, a buffer the caller gives up), targets int64 ``[n]``,
-    gather_ids ``[n, K]`` or None. With the row max ``m``, ``d = z - m``, ``s = sum exp(d)`` and
-    ``a = sum exp(d) d``: ``lse = m + log s``, ``logp = d_y - log s`` and ``entropy = log s - a / s`` (relative to the
-    max, as the Triton kernel: no cancellation at large logits, one ``exp`` and no ``log`` over ``[n, V]``).
-    Returns ``(logp [n], entropy [n], lse [n], gathered [n, K] | None)`` in ``z``'s dtype; ignored rows give 0
-    (``lse`` is kept for them). Entries with ``z = -inf`` have ``p = 0`` and add nothing. ``probs=True`` also
-    returns ``(logz, p)``, the ``[n, V]`` log-probabilities (in ``z``'s storage) and probabilities, for
-    :func:`dlogits_from_probs` (the fused loss uses them instead of recomputing ``exp``).
+    z ``[n, V]`` (already divided by the temperature, a buffer the caller gives up), targets int64 ``[n]``. With the
+    row max ``m``, ``d = z - m``, ``s = sum exp(d)`` and ``a = sum exp(d) d``: ``lse = m + log s``,
+    ``logp = d_y - log s`` and ``entropy = log s - a / s`` (relative to the max, as the Triton kernel: no
+    cancellation at large logits, one ``exp`` and no ``log`` over ``[n, V]``). Returns ``(logp [n], entropy [n],
+    lse [n])`` in ``z``'s dtype; ignored rows give 0 (``lse`` is kept for them). Entries with ``z = -inf`` have
+    ``p = 0`` and add nothing.
     """
     m = z.amax(dim=1)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -186,24 +142,19 @@ def scaled_logit_stats(
     zero = z.new_zeros(())
     logp = torch.where(ignored, zero, d.gather(1, safe.unsqueeze(1)).squeeze(1) - log_s)
     entropy = torch.where(ignored, zero, log_s - a / sum_e)
-    gathered = None
-    if gather_ids is not None:
-        gathered = torch.where(ignored.unsqueeze(1), zero, d.gather(1, gather_ids) - log_s.unsqueeze(1))
-    out = (logp, entropy, m + log_s, gathered)
-    if not probs:
-        return out
-    return out + ((d.sub_(log_s.unsqueeze(1)), e.div_(sum_e.unsqueeze(1))),)
+    return logp, entropy, m + log_s
 
 
-def dlogits_from_probs(logz, p, entropy, targets, g_logp, g_ent, c_p):
-    """``dL/dz`` for one chunk, written into ``logz``'s storage:
-    ``g_logp onehot - c_p p - g_ent p (log p + H)``.
+def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
+    """``dL/dz = g_logp onehot - c_p p - g_ent p (log p + H)`` for one chunk of scaled logits ``z [n, V]`` with
+    log-normalisers ``lse [n]``, written into ``z``'s storage (one ``[n, V]`` temporary, the probabilities).
 
-    logz / p ``[n, V]`` log-probabilities and probabilities of the scaled logits; entropy, g_logp, c_p ``[n]``
-    (c_p = g_logp + the sum of the gathered outputs' gradients, which take their ``-p`` part here); g_ent ``[n]`` or
-    None. Rows to ignore carry zero gradients. The caller multiplies by ``1 / T`` and adds the gathered outputs'
-    one-hot part.
+    entropy, g_logp, c_p ``[n]`` (c_p = g_logp + the sum of the gathered outputs' gradients, which take their ``-p``
+    part here); g_ent ``[n]`` or None. Rows to ignore carry zero gradients and must hold finite logits. The caller
+    multiplies by ``1 / T`` and adds the gathered outputs' one-hot part.
     """
+    logz = z.sub_(lse.unsqueeze(1))
+    p = logz.exp()
     if g_ent is not None:
         # -p * (c_p + g_ent (log p + H)); log p = -inf where p = 0 (masked vocabulary) must not give 0 * inf
         dz = logz.nan_to_num_(nan=0.0, neginf=0.0).add_(entropy.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
@@ -213,13 +164,6 @@ def dlogits_from_probs(logz, p, entropy, targets, g_logp, g_ent, c_p):
     safe = torch.where(g_logp != 0, targets, torch.zeros_like(targets)).clamp_min(0)
     dz.scatter_add_(1, safe.unsqueeze(1), g_logp.unsqueeze(1))
     return dz
-
-
-def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
-    """:func:`dlogits_from_probs` from the scaled logits ``z [n, V]`` and their ``lse [n]`` (the recomputing
-    backward); the result is written into ``z``'s storage (one ``[n, V]`` temporary, the probabilities)."""
-    logz = z.sub_(lse.unsqueeze(1))
-    return dlogits_from_probs(logz, logz.exp(), entropy, targets, g_logp, g_ent, c_p)
 
 
 def _zero_ignored(x: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -266,12 +210,12 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
     gathered = x.new_empty((n, k), dtype=cdt)
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
-        z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, inv_temp)
-        ids = None if gather_ids is None else gather_ids[s : s + chunk]
-        lp, en, ls, g = scaled_logit_stats(z, t, ignore_index=ignore_index, gather_ids=ids)
+        z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, 1.0)
+        lp, en, ls = vocab_rows.row_stats(z, t, inv_temp, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
-        if g is not None:
-            gathered[s : s + chunk] = g
+        if gather_ids is not None:
+            zg = z.gather(1, gather_ids[s : s + chunk]) * inv_temp - ls.unsqueeze(1)
+            gathered[s : s + chunk] = torch.where((t == ignore_index).unsqueeze(1), 0.0, zg)
     check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
     return logp, ent, gathered, lse
 
@@ -290,13 +234,13 @@ def chunked_linear_backward(
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ignore_index)
-        z = _scaled_logits(xc, w, b, inv_temp)
-        dz = dlogits_from_scaled_logits(
-            z, lse[s:e], ent[s:e], targets[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e]
-        )
+        z = _scaled_logits(xc, w, b, 1.0)
+        dz = vocab_rows.row_grad_(
+            z, targets[s:e], lse[s:e], ent[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e], inv_temp,
+            ignore_index,
+        )  # fmt: skip
         if gg is not None:
-            dz.scatter_add_(1, ids[s:e], gg[s:e])
-        dz *= inv_temp
+            dz.scatter_add_(1, ids[s:e], gg[s:e] * inv_temp)
         if need_x:
             dx[s:e] = dz @ w
         if need_w:
