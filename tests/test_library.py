@@ -284,3 +284,34 @@ def test_compiled_under_bf16_autocast_with_nan_padding(backend):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(wc.grad, we.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logprob_ops_compile_fullgraph_on_cuda(dtype):
+    """The compiled Triton kernels under torch.compile(fullgraph=True): one graph, the eager numbers and gradients,
+    with NaN hidden states in ignored rows (attention kernels leave them in padding)."""
+    dev = torch.device("cuda")
+    x, w, b, t, ids = (u.to(dev) for u in _linear_inputs(9, n=64, h=128, v=1000, dtype=dtype))
+    x[3] = float("nan")  # t[3] is ignore_index
+
+    z = torch.randn(64, 1000, device=dev, dtype=dtype) * 3
+    z[3] = float("nan")
+
+    def f(x, w, b, z):
+        lp, ent, gath = fused_linear_logprobs(x, w, t, bias=b, temperature=0.9, gather_ids=ids)
+        lp2, ent2 = logprobs_from_logits(z, t, temperature=0.9)
+        return (lp * 2.0).sum() + ent.sum() + gath.sum() + lp2.sum() - 0.5 * ent2.sum()
+
+    _no_graph_breaks(f, x, w, b, z)
+    leaves_c = [u.clone().requires_grad_() for u in (x, w, b, z)]
+    leaves_e = [u.clone().requires_grad_() for u in (x, w, b, z)]
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(*leaves_c)
+    got.backward()
+    want = f(*leaves_e)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, e in zip(leaves_c, leaves_e):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad, e.grad)
