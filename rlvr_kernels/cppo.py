@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _checks as C
+from rlvr_kernels.cpu import token_rows
 from rlvr_kernels.credit import _backend, _check_block, _op_args, _Rows
 from rlvr_kernels.reference import cppo as ref
 from rlvr_kernels.reference.cppo import BUDGETS, DIVERGENCES
@@ -224,6 +225,8 @@ def _cppo_mask(
                 rows.to_padded(adv, per_token),
                 rows.padded_valid(),
                 rows.to_padded(D),
+                stats=token_rows.order_stats,  # the row scans and selections: native on CPU once built
+                scan=token_rows.prefix_inside,
                 **kw,
             )
             keep, D, w = rows.from_padded(keep), rows.from_padded(D), rows.from_padded(w)

@@ -34,6 +34,7 @@ import torch
 
 from rlvr_kernels import _checks as C
 from rlvr_kernels._backend import resolve_backend
+from rlvr_kernels.cpu import token_rows
 from rlvr_kernels.layout import check_cu_seqlens, packed_to_padded, padded_to_packed
 from rlvr_kernels.reference import credit as ref
 
@@ -247,7 +248,7 @@ def _trajectory_percentile(
             if values.dtype in (torch.float32, torch.float64) or not values.dtype.is_floating_point
             else values.float()
         )
-        out = ref.rank_percentile(rows.to_padded(v), rows.padded_valid())
+        out = token_rows.rank_percentile(rows.to_padded(v), rows.padded_valid())  # native on CPU once built
         return rows.from_padded(out)
     if _backend(backend, rows) == "torch":
         return rows.from_padded(ref.position_percentile(rows.padded_valid()))
@@ -326,7 +327,7 @@ def _forking_token_mask(
     block = _check_block(block_size)
     rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
-        out = ref.forking_token_mask(rows.to_padded(entropy), rows.padded_valid(), rho)
+        out = ref.forking_token_mask(rows.to_padded(entropy), rows.padded_valid(), rho, topk=token_rows.topk_mask)
         return rows.from_padded(out)
     from rlvr_kernels.kernels import credit as kern
 
@@ -451,7 +452,12 @@ def _d3s_token_mask(
     rows.check_finite("entropy", entropy, fp32=True)
     if _backend(backend, rows) == "torch":
         out = ref.d3s_token_mask(
-            rows.to_padded(adv, per_token), rows.to_padded(entropy), rows.padded_valid(), rho, scope=scope
+            rows.to_padded(adv, per_token),
+            rows.to_padded(entropy),
+            rows.padded_valid(),
+            rho,
+            scope=scope,
+            topk=token_rows.topk_mask,
         )
         return rows.from_padded(out)
     from rlvr_kernels.kernels import credit as kern

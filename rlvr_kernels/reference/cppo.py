@@ -12,6 +12,7 @@ prologue for every divergence but Binary-TV, which the kernel fuses) and the bud
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -25,10 +26,12 @@ __all__ = [
     "LOG_EPS",
     "divergence",
     "position_weight",
+    "order_stats",
     "row_quantile",
     "budget_upper",
     "row_budget",
     "toward_mu",
+    "prefix_inside",
     "cppo_mask",
 ]
 
@@ -117,26 +120,41 @@ def position_weight(valid: torch.Tensor, w_min: float, horizon: Optional[int] = 
     return torch.where(valid, w, torch.zeros((), dtype=torch.float32, device=valid.device))
 
 
-def row_quantile(D: torch.Tensor, valid: torch.Tensor, q: float) -> torch.Tensor:
+#: ``stats(D, valid, lo, hi) -> (v_lo, v_hi)``: the order statistics :func:`row_quantile` interpolates
+#: (:func:`order_stats`, or a native kernel with its exact results).
+OrderStats = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def order_stats(
+    D: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``lo[b]``-th and ``hi[b]``-th (0-based, int64 ``[B]``, in ``[0, T)``) entries of each row's valid values
+    of ``D`` (``[B, T]``, ``T >= 1``) in ascending order, fp32 ``[B]`` each; positions past the row's valid count
+    read ``+inf`` (invalid entries sort last as ``+inf``). The sort is stable, so which of two tied entries (-0.0 and
+    +0.0) is picked, and with it the sign of a zero, is defined: the lower index first."""
+    inf = torch.full_like(D, float("inf"), dtype=torch.float32)
+    srt = torch.sort(torch.where(valid, D.float(), inf), dim=1, stable=True).values
+    return srt.gather(1, lo[:, None]).squeeze(1), srt.gather(1, hi[:, None]).squeeze(1)
+
+
+def row_quantile(D: torch.Tensor, valid: torch.Tensor, q: float, *, stats: OrderStats = order_stats) -> torch.Tensor:
     """Per-row ``q``-quantile of the valid entries of ``D`` (fp32 ``[B]``; NaN for a row without valid entries).
 
     Linear interpolation exactly as ``torch.quantile`` / ``torch.nanquantile`` compute it: fp32 rank
     ``r = q * (n - 1)``, ``lo = floor(r)``, ``hi = ceil(r)``, ``lerp(v_lo, v_hi, r - lo)`` on the ascending order
-    statistics. Done by hand (sort + gather) so that it has no input-size limit.
+    statistics. Done by hand (:func:`order_stats`: sort + gather, or ``stats``) so that it has no input-size limit.
     """
     B, T = D.shape
     nan = torch.full((B,), float("nan"), dtype=torch.float32, device=D.device)
     if T == 0 or B == 0:
         return nan
     n = valid.sum(dim=1, dtype=torch.int64)
-    srt = torch.sort(torch.where(valid, D.float(), torch.full_like(D, float("inf"), dtype=torch.float32)), dim=1).values
     qt = torch.tensor(q, dtype=torch.float32, device=D.device)
     r = qt * (n - 1).clamp(min=0).to(torch.float32)
     lo = r.to(torch.int64)
     hi = torch.minimum(r.ceil().to(torch.int64), (n - 1).clamp(min=0))
     wgt = r - lo.to(torch.float32)
-    v_lo = srt.gather(1, lo[:, None]).squeeze(1)
-    v_hi = srt.gather(1, hi[:, None]).squeeze(1)
+    v_lo, v_hi = stats(D, valid, lo, hi)
     return torch.where(n > 0, torch.lerp(v_lo, v_hi, wgt), nan)
 
 
@@ -146,7 +164,15 @@ def budget_upper(delta_b: float, max_mult: float) -> float:
 
 
 def row_budget(
-    D: torch.Tensor, valid: torch.Tensor, budget: str, delta_b: float, q: float, scale: float, max_mult: float
+    D: torch.Tensor,
+    valid: torch.Tensor,
+    budget: str,
+    delta_b: float,
+    q: float,
+    scale: float,
+    max_mult: float,
+    *,
+    stats: OrderStats = order_stats,
 ) -> torch.Tensor:
     """The prefix budget per row, fp32 ``[B]``.
 
@@ -154,7 +180,7 @@ def row_budget(
     max_mult * delta_b)``; a row without valid tokens falls back to ``delta_b``. ``none``: ``+inf`` (no budget: the
     threshold is ``delta`` everywhere). The upper clamp is capped at the largest finite fp32
     (:func:`budget_upper`), so the budget of a ``fixed`` / ``dynamic`` row is always finite (``delta_b`` itself must
-    fit fp32) and ``delta_b w`` never meets ``inf * 0`` at an invalid position.
+    fit fp32) and ``delta_b w`` never meets ``inf * 0`` at an invalid position. ``stats``: see :func:`row_quantile`.
     """
     B = D.shape[0]
     if budget == "none":
@@ -162,7 +188,7 @@ def row_budget(
     fixed = torch.full((B,), float(delta_b), dtype=torch.float32, device=D.device)
     if budget == "fixed":
         return fixed
-    qv = row_quantile(D, valid, q)
+    qv = row_quantile(D, valid, q, stats=stats)
     db = (scale * qv).clamp(min=float(delta_b), max=budget_upper(delta_b, max_mult))
     return torch.where(torch.isnan(qv), fixed, db)
 
@@ -182,6 +208,17 @@ def toward_mu(logp: torch.Tensor, logp_mu: torch.Tensor, advantages: torch.Tenso
     return ~away
 
 
+def prefix_inside(Z: torch.Tensor, w: torch.Tensor, db: torch.Tensor, delta: float) -> torch.Tensor:
+    """CPPO's prefix-budget test ``Z_t <= c_t`` (bool ``[B, T]``), ``c_t = min(delta, delta + sum_{j<t} G_j)`` with
+    ``G_j = db w_j - Z_j``: ``Z = w D`` and ``w`` fp32 ``[B, T]`` (0 on invalid tokens), ``db`` the finite fp32
+    budget ``[B]``. One exclusive prefix sum (by shifting the inclusive one), the same number as
+    ``delta_b W_{t-1} - S_{t-1}`` without the cancellation of two large fp32 sums on long rows."""
+    G = db[:, None] * w - Z
+    R = F.pad(G.cumsum(dim=1)[:, :-1], (1, 0))  # exclusive: shift, not cumsum - G
+    c = torch.clamp(delta + R, max=delta)
+    return Z <= c
+
+
 def cppo_mask(
     logp: torch.Tensor,
     logp_mu: torch.Tensor,
@@ -197,6 +234,8 @@ def cppo_mask(
     quantile_scale: float,
     max_mult: float,
     horizon: Optional[int],
+    stats: OrderStats = order_stats,
+    scan: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] = prefix_inside,
 ):
     """CPPO mask on the padded layout (Alg. 1). Returns ``(mask bool, D fp32, w fp32, delta_b fp32 [B])``.
 
@@ -204,19 +243,15 @@ def cppo_mask(
     (A6: absolute positions kept). With ``Z = w D`` and ``G_j = delta_b w_j - Z_j``, the effective threshold
     ``c_t = min(delta, delta + delta_b W_{t-1} - S_{t-1})`` is computed as ``min(delta, delta + sum_{j<t} G_j)``
     (one exclusive prefix sum, by shifting the inclusive one): the same number without the cancellation of two large
-    fp32 sums on long rows. ``M = valid & (toward_mu | Z <= c)``; ``budget="none"`` uses ``c = delta``.
+    fp32 sums on long rows (:func:`prefix_inside`). ``M = valid & (toward_mu | Z <= c)``; ``budget="none"`` uses
+    ``c = delta``. ``stats`` and ``scan`` replace :func:`order_stats` and :func:`prefix_inside` by kernels with the
+    same results (the native CPU ones of :mod:`rlvr_kernels.cpu.token_rows`).
     """
     zero = torch.zeros((), dtype=torch.float32, device=valid.device)
     D = torch.where(valid, D.float(), zero)
     w = position_weight(valid, w_min, horizon)
-    db = row_budget(D, valid, budget, delta_b, quantile, quantile_scale, max_mult)
+    db = row_budget(D, valid, budget, delta_b, quantile, quantile_scale, max_mult, stats=stats)
     Z = w * D
-    if budget == "none" or D.shape[1] == 0:
-        inside = Z <= delta
-    else:
-        G = db[:, None] * w - Z
-        R = F.pad(G.cumsum(dim=1)[:, :-1], (1, 0))  # exclusive: shift, not cumsum - G
-        c = torch.clamp(delta + R, max=delta)
-        inside = Z <= c
+    inside = Z <= delta if budget == "none" or D.shape[1] == 0 else scan(Z, w, db, delta)
     keep = valid & (toward_mu(logp, logp_mu, advantages) | inside)
     return keep, D, w, db

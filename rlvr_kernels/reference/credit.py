@@ -11,6 +11,8 @@ of valid tokens (:func:`valid_counts`); both are equal for right-padded rows. Ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlvr_kernels.layout import row_lengths
@@ -121,9 +123,16 @@ def topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> tor
     return valid & (ranks < k[:, None])
 
 
-def forking_token_mask(entropy: torch.Tensor, valid: torch.Tensor, rho: float) -> torch.Tensor:
-    """Forking tokens: per row the top ``ceil(n rho)`` valid tokens by entropy, ties to the lower index."""
-    return topk_mask(entropy, valid, topk_budget(valid_counts(valid), rho))
+#: ``topk(scores, valid, k) -> bool mask``: :func:`topk_mask`, or a native kernel with its exact results.
+TopK = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def forking_token_mask(
+    entropy: torch.Tensor, valid: torch.Tensor, rho: float, *, topk: TopK = topk_mask
+) -> torch.Tensor:
+    """Forking tokens: per row the top ``ceil(n rho)`` valid tokens by entropy, ties to the lower index (selected by
+    ``topk``)."""
+    return topk(entropy, valid, topk_budget(valid_counts(valid), rho))
 
 
 def entropy_shaped_advantages(advantages, entropy, valid, scale: float, alpha: float, kappa: float) -> torch.Tensor:
@@ -149,12 +158,14 @@ def d3s_scores(advantages, entropy, valid) -> torch.Tensor:
     return torch.where(valid, score, torch.zeros((), device=score.device)).expand(valid.shape).contiguous()
 
 
-def d3s_token_mask(advantages, entropy, valid, rho: float, *, scope: str = "batch") -> torch.Tensor:
+def d3s_token_mask(
+    advantages, entropy, valid, rho: float, *, scope: str = "batch", topk: TopK = topk_mask
+) -> torch.Tensor:
     """Keep the top ``ceil(n rho)`` valid tokens by ``|A| H`` over the batch (flat row-major order breaks ties, lower
-    first) or per row (``scope="sequence"``)."""
+    first) or per row (``scope="sequence"``), selected by ``topk``."""
     scores = d3s_scores(advantages, entropy, valid)
     if scope == "sequence":
-        return topk_mask(scores, valid, topk_budget(valid_counts(valid), rho))
+        return topk(scores, valid, topk_budget(valid_counts(valid), rho))
     flat_valid = valid.reshape(1, -1)
     k = topk_budget(flat_valid.sum(dim=1, dtype=torch.int64), rho)
-    return topk_mask(scores.reshape(1, -1), flat_valid, k).reshape(valid.shape)
+    return topk(scores.reshape(1, -1), flat_valid, k).reshape(valid.shape)
