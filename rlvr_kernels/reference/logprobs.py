@@ -242,7 +242,7 @@ def chunked_linear_backward(
         if gg is not None:
             dz.scatter_add_(1, ids[s:e], gg[s:e] * inv_temp)
         if need_x:
-            dx[s:e] = dz @ w
+            torch.mm(dz, w, out=dx[s:e])  # straight into the rows of dx (no temporary)
         if need_w:
             dw.addmm_(dz.T, xc)
         if need_b:
