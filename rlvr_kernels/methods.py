@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
+import types
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -45,6 +48,7 @@ __all__ = [
     "TRUST_REGIONS",
     "SCHEDULE_OPTIONS",
     "credit",
+    "call_hook",
     "trust_region",
     "trust_region_of_loss_type",
     "check_options",
@@ -476,6 +480,97 @@ def credit(name: Optional[str]) -> CreditRule:
     name = "none" if name is None else name
     C.choice("credit", name, tuple(CREDITS))
     return CREDITS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the hooks with the schedule value as a tensor (torch.compile)
+
+#: The hooks of :class:`CreditRule` that read q, with their arguments after ``cfg`` (q last but for ``shape``).
+_HOOKS = ("static_mask", "planned_counts", "policy_mask", "shape")
+
+
+def call_hook(rule: CreditRule, hook: str, cfg, *args, q):
+    """``rule.<hook>(cfg, *args, q[, coef])`` where ``q`` may also be a float64 0-dim CPU tensor (the schedule value
+    of a compiled loss, :func:`rlvr_kernels.schedule.schedule_value_tensor`).
+
+    ``args``: ``(mask,)`` for ``static_mask`` / ``planned_counts``; ``(adv, entropy, mask)`` for ``policy_mask``;
+    ``(adv, entropy, mask, coef)`` for ``shape``. With a float or None ``q`` this is the plain call. With a tensor
+    ``q``, a rule that reads q runs the hook inside the ``rlvr_kernels::credit_hook`` custom op, which reads q on the
+    host (opaque to torch.compile: no graph break, no recompilation when q changes); the result is the same."""
+    if hook not in _HOOKS:
+        raise ValueError(f"unknown credit hook {hook!r}; one of {_HOOKS}")
+    fn = getattr(rule, hook)
+    coef = args[3] if hook == "shape" else None
+    call_args = args[:3] if hook == "shape" else args
+    if not isinstance(q, torch.Tensor) or not _reads_q(rule, hook, cfg):
+        if isinstance(q, torch.Tensor):
+            q = None  # not read: the rules that ignore q give the same result without it
+        return fn(cfg, *call_args, q, coef) if hook == "shape" else fn(cfg, *call_args, q)
+    padded = tuple(call_args) + (None,) * (3 - len(call_args))
+    if hook in ("static_mask", "planned_counts"):
+        mask, adv, ent = padded[0], None, None
+    else:
+        adv, ent, mask = padded
+    return torch.ops.rlvr_kernels.credit_hook(hook, rule.name, _hook_options(rule, cfg), q, mask, adv, ent, coef)
+
+
+def _reads_q(rule: CreditRule, hook: str, cfg) -> bool:
+    """Whether ``rule.<hook>`` reads q: the rule has a schedule and overrides the hook (a batch-wide selection's
+    ``planned_counts`` is None whatever q is)."""
+    if rule.schedule == "none" or getattr(type(rule), hook) is getattr(CreditRule, hook):
+        return False
+    return not (hook == "planned_counts" and rule.selects_over_batch(cfg))
+
+
+@torch.compiler.assume_constant_result
+def _hook_options(rule: CreditRule, cfg) -> str:
+    """The settings a rule's hooks read (its options and the backend) as canonical JSON."""
+    names = tuple(rule.options) + ("backend",)
+    return json.dumps({n: getattr(cfg, n) for n in names if hasattr(cfg, n)}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _options_from_json(text: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(**json.loads(text))
+
+
+@torch.library.custom_op("rlvr_kernels::credit_hook", mutates_args=())
+def _credit_hook_op(
+    hook: str,
+    rule: str,
+    options: str,
+    q: torch.Tensor,
+    mask: torch.Tensor,
+    adv: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    coef: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``credit(rule).<hook>`` with q read from the 0-dim tensor ``q``; ``options``: :func:`_hook_options`.
+    Returns the hook's tensor (``static_mask`` / ``shape``: ``[b, T]`` in mask's / fp32 dtype; ``planned_counts``:
+    fp32 ``[b]``; ``policy_mask``: bool ``[b, T]``), always a fresh tensor."""
+    cfg, r, qf = _options_from_json(options), credit(rule), float(q)
+    if hook in ("static_mask", "planned_counts"):
+        out = getattr(r, hook)(cfg, mask, qf)
+    elif hook == "policy_mask":
+        out = r.policy_mask(cfg, adv, entropy, mask, qf)
+    else:
+        out = r.shape(cfg, adv, entropy, mask, qf, coef)
+    if any(
+        t is not None and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        for t in (mask, adv, entropy, coef)
+    ):
+        out = out.clone()  # a custom op never returns (a view of) an input
+    return out
+
+
+@_credit_hook_op.register_fake
+def _(hook, rule, options, q, mask, adv, entropy, coef):
+    if hook == "static_mask":
+        return torch.empty_like(mask)
+    if hook == "planned_counts":
+        return mask.new_empty(mask.shape[:-1], dtype=torch.float32)
+    dtype = torch.bool if hook == "policy_mask" else torch.float32
+    return torch.empty(mask.shape, dtype=dtype, device=mask.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

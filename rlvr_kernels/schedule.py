@@ -12,7 +12,11 @@ in ``docs/methods/tp-schedule.md``, section "The schedule". The value feeds, for
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+
+import torch
 
 from rlvr_kernels import _checks as C
 
@@ -197,3 +201,41 @@ class TemporalSchedule:
     def __repr__(self) -> str:
         args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"TemporalSchedule({args})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# q(k) as a tensor, for compiled callers: a custom op (opaque to torch.compile) that takes the step as a SymInt, so a
+# compiled loss called with step = 1, 2, 3, ... is not recompiled for each step (dynamo makes the int argument
+# dynamic after its first change) and computes q with the same Python arithmetic as ``schedule(k)``.
+
+
+@functools.lru_cache(maxsize=64)
+def _from_json(text: str) -> TemporalSchedule:
+    return TemporalSchedule.from_dict(json.loads(text))
+
+
+@torch.library.custom_op("rlvr_kernels::schedule_value", mutates_args=())
+def _schedule_value_op(schedule: str, step: int) -> torch.Tensor:
+    """``schedule`` (``json.dumps(TemporalSchedule.to_dict())``) at the 1-based ``step``: a float64 0-dim CPU tensor
+    holding exactly ``float(schedule(step))`` (same checks and errors as :meth:`TemporalSchedule.__call__`)."""
+    return torch.tensor(float(_from_json(schedule)(step)), dtype=torch.float64)
+
+
+@_schedule_value_op.register_fake
+def _(schedule, step):
+    return torch.empty((), dtype=torch.float64)
+
+
+def schedule_value_tensor(schedule: TemporalSchedule, step) -> torch.Tensor:
+    """``schedule(step)`` as a float64 0-dim CPU tensor, through the ``rlvr_kernels::schedule_value`` op: no host
+    read and no recompilation per step under ``torch.compile``. Consumers that need a Python float read it inside
+    their own (opaque) ops; a CPU scalar costs no device synchronisation."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        return torch.tensor(float(schedule(step)), dtype=torch.float64)  # NumPy ints, tensors: eager conversion
+    return torch.ops.rlvr_kernels.schedule_value(_schedule_json(schedule), step)
+
+
+@torch.compiler.assume_constant_result
+def _schedule_json(schedule: TemporalSchedule) -> str:
+    """``schedule`` as canonical JSON, evaluated at trace time under torch.compile (a constant of the graph)."""
+    return json.dumps(schedule.to_dict(), sort_keys=True)

@@ -10,7 +10,10 @@ catalogue :mod:`rlvr_kernels.methods`.
 Two paths, one set of numbers:
 - composable: ``fused_linear_logprobs`` under autograd, the token pass in plain torch (4 GEMM-equivalents);
 - fused (default when the loss needs a gradient): sequence-aligned token chunks (or row segments for token-local
-  losses whose rows do not fit a chunk), loss and gradients in one pass (3 GEMM-equivalents, one chunk buffer).
+  losses whose rows do not fit a chunk), loss and gradients in one pass (3 GEMM-equivalents, one chunk buffer), as
+  one custom op (``rlvr_kernels::fused_loss``).
+Both trace under ``torch.compile(fullgraph=True)`` without a graph break (see :class:`RLVRLoss` for the value checks
+under compile).
 
 Modules: ``config`` (LossConfig), ``token_pass`` (the per-token math and its records), ``fused`` (the fused path),
 ``metrics`` (LossMetrics), ``api`` (RLVRLoss, rlvr_loss, input checks); the objectives' math is

@@ -10,7 +10,7 @@ chunk.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -22,61 +22,25 @@ from rlvr_kernels.logprobs import _check_float_tensor, _check_int_tensor, fused_
 from rlvr_kernels.loss import fused as F
 from rlvr_kernels.loss.config import LossConfig
 from rlvr_kernels.loss.metrics import loss_metrics
-from rlvr_kernels.loss.token_pass import Rows, token_pass
+from rlvr_kernels.loss.token_pass import Batch, token_pass
 from rlvr_kernels.reference import loss as ref_loss
+from rlvr_kernels.schedule import schedule_value_tensor
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-class Batch:
-    """Checked, ``[B, T]``-shaped inputs of one forward call; ``rows(sl, cols)`` gives a slice of it (whole rows, or
-    a segment of rows for token-local configurations); ``counts`` ``[B]``: each row's planned active tokens."""
-
-    def __init__(self, cfg: LossConfig, x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent):
-        B, T = mask.shape
-        self.B, self.T = B, T
-        self.x, self.ids = x, ids
-        self.valid = _as_float(valid)  # the caller's loss mask
-        self.mask = _as_float(mask)  # after the credit masks known before the vocab pass
-        self.adv = _as_float(adv).unsqueeze(1).expand(B, T) if adv.dim() == 1 else _as_float(adv)
-        self.old, self.ref, self.mu = old, ref, mu
-        if is_ratio is not None:
-            is_ratio = _as_float(is_ratio)
-            is_ratio = is_ratio.unsqueeze(1) if is_ratio.dim() == 1 else is_ratio
-        self.is_ratio = is_ratio
-        self.coef, self.old_ent = coef, old_ent
-        self.counts: Optional[torch.Tensor] = None
-
-    def rows(self, sl: slice, cols: slice = slice(None)) -> Rows:
-        T = self.T
-
-        def pick(t):
-            if t is None:
-                return None
-            return t[sl, cols] if t.shape[-1] == T or t.shape[-1] == 0 else t[sl]  # [B, 1] ratios: per row
-
-        return Rows(
-            mask=pick(self.mask),
-            adv=pick(self.adv),
-            old=pick(self.old),
-            ref=pick(self.ref),
-            mu=pick(self.mu),
-            is_ratio=pick(self.is_ratio),
-            coef=pick(self.coef),
-            old_ent=pick(self.old_ent),
-            ids=pick(self.ids),
-            counts=None if self.counts is None else self.counts[sl],
-            width=T,
-        )
-
-
-def _schedule_value(cfg: LossConfig, step) -> Optional[float]:
+def _schedule_value(cfg: LossConfig, step) -> Union[None, float, torch.Tensor]:
+    """q(step) of the configuration's schedule (None without one): a Python float in eager mode; under
+    torch.compile a float64 0-dim CPU tensor (:func:`schedule_value_tensor`), so that the step is no constant of the
+    graph (no recompilation per step) and q is read only inside the ops that need it as a number."""
     if cfg.schedule is None:
         return None
     if step is None:
         raise ValueError("this loss has a schedule: pass the 1-based optimizer step as forward(..., step=k)")
+    if torch.compiler.is_compiling():
+        return schedule_value_tensor(cfg.schedule, step)
     return float(cfg.schedule(step))
 
 
@@ -118,8 +82,29 @@ class RLVRLoss(nn.Module):
       :func:`rlvr_kernels.methods.token_local`, whose rows are then split into segments),
       ``True``, ``False`` (composable path); ``backend`` as in :func:`fused_linear_logprobs`.
 
+    - ``compiled_value_checks`` (default True): what the value checks do under ``torch.compile`` (below).
+
     Returns ``(loss, metrics)`` as Liger does: ``metrics[0]`` the KL mean when ``beta != 0``, ``metrics[-1]`` the clip
     ratio, and every metric by name (``metrics["entropy"]``, ``metrics.named``).
+
+    ``torch.compile(..., fullgraph=True)`` of a function that calls the loss (or of the module) traces it with no
+    graph break on both paths and gives the eager numbers, forward and backward: the fused path is one custom op,
+    ``rlvr_kernels::fused_loss`` (its chunk loop, row compaction and host reads are inside it; its backward scales the
+    gradients it computed, without a host read); the composable path is ``rlvr_kernels::linear_logprobs`` and the
+    token pass in plain torch, whose credit rules are custom ops. The schedule value ``q(step)`` is computed by the
+    ``rlvr_kernels::schedule_value`` op from the int ``step``, so a compiled loss called with ``step = 1, 2, 3, ...``
+    is compiled at most twice (dynamo makes the int dynamic when it first changes), not once per step.
+
+    Input checks: in eager mode every check runs before any kernel (``TypeError`` / ``ValueError`` naming the input),
+    including the value checks that read the data (a finite ``attention_mask``; ``selected_token_ids`` in
+    ``[0, V)``, finite advantages, log-probs, ratios, coefficients and entropies on the loss tokens; a finite,
+    non-negative ``num_items_in_batch``). Under ``torch.compile`` the type, shape, dtype, device and configuration
+    checks still raise while tracing (with ``fullgraph=True`` dynamo reports the error as an observed exception that
+    carries the message); the value checks become device-side asserts (``torch._assert_async``: no host sync, no graph
+    break) that raise ``RuntimeError`` with the same message on CPU and trigger a device-side assert on CUDA, which is
+    fatal to the process. ``compiled_value_checks=False`` leaves them out of the compiled graph (for compiled training
+    whose inputs are validated elsewhere, e.g. by an eager first step); the eager checks are unchanged. Ids out of
+    range on loss tokens raise ``ValueError`` in either case: the ops that index by them check them in their body.
     """
 
     def __init__(
@@ -310,7 +295,7 @@ def _check_inputs(
     ):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but _input is on {x.device}")
-    if mask.is_complex() or (mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all())):
+    if mask.is_complex():
         raise ValueError("attention_mask must hold finite real values (1 = loss token, 0 = ignored)")
     if not isinstance(adv, torch.Tensor) or tuple(adv.shape) not in ((B,), (B, T)):
         raise ValueError(
@@ -327,30 +312,20 @@ def _check_inputs(
     ):
         _check_2d(name, t, B, T)
     _check_2d("vllm_is_ratio", is_ratio, B, T, allow=((B, 1), (B,)))
-    keep = mask != 0
-    if B * T:
-        sel = ids[keep]
-        bad = (sel < 0) | (sel >= w.shape[0])
-        if bool(bad.any()):
-            raise ValueError(
-                f"selected_token_ids must lie in [0, {w.shape[0]}) on loss tokens (attention_mask != 0); "
-                f"found {int(sel[bad][0])}"
-            )
-    rows_used = keep.any(-1)
-    for name, t in (
-        ("advantages", adv),
-        ("old_per_token_logps", old),
-        ("ref_per_token_logps", ref),
-        ("vllm_is_ratio", is_ratio),
-        ("rollout_per_token_logps", mu),
-        ("delta_coefficients", coef),
-        ("old_entropy", old_ent),
-    ):
-        if t is None:
-            continue
-        vals = t[keep] if t.shape == mask.shape else t.reshape(B, t.numel() // max(B, 1))[rows_used]
-        if not bool(torch.isfinite(vals.float()).all()):  # fp32 is the token pass's precision
-            raise ValueError(f"{name} has non-finite values on loss tokens (NaN, inf, or beyond the float32 range)")
+    values = dict(
+        advantages=adv,
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        vllm_is_ratio=is_ratio,
+        rollout_per_token_logps=mu,
+        delta_coefficients=coef,
+        old_entropy=old_ent,
+    )
+    if torch.compiler.is_compiling():
+        if cfg.compiled_value_checks:
+            _assert_values(mask, ids, w.shape[0], values)
+    else:
+        _check_values(mask, ids, w.shape[0], values)
     if cfg.beta != 0.0 and cfg.use_ref_model and ref is None and ref_input is None:
         raise ValueError("beta != 0 with use_ref_model=True needs ref_per_token_logps or ref_input (and ref_weight)")
     if ref is None and ref_input is not None and ref_weight is None:
@@ -367,8 +342,67 @@ def _check_inputs(
         ("global_batch_size", global_batch_size),
         ("batch_num_tokens", batch_num_tokens),
     ):
-        if v is not None:
+        if isinstance(v, torch.Tensor) and torch.compiler.is_compiling():
+            if v.numel() != 1:
+                raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            if cfg.compiled_value_checks:
+                ok = torch.isfinite(v.float()).all() & (v.float() >= 0).all()
+                torch._assert_async(ok, f"{name} must be a finite number >= 0")
+        elif v is not None:
             C.real(name, v, low=0.0)
+
+
+_MASK_MESSAGE = "attention_mask must hold finite real values (1 = loss token, 0 = ignored)"
+
+
+def _value_views(mask: torch.Tensor, values: dict):
+    """``(name, t, on)`` for every given value tensor: ``on`` the bool mask of its entries that are read (the loss
+    tokens of ``[B, T]`` tensors; the rows with a loss token of per-row ``[B]`` / ``[B, 1]`` tensors)."""
+    keep = mask != 0
+    rows_used = keep.any(-1)
+    B = mask.shape[0]
+    for name, t in values.items():
+        if t is None:
+            continue
+        if t.shape == mask.shape:
+            yield name, t, keep
+        else:
+            yield name, t.reshape(B, t.numel() // max(B, 1)), rows_used.unsqueeze(-1)
+
+
+def _check_values(mask: torch.Tensor, ids: torch.Tensor, v: int, values: dict) -> None:
+    """The eager value checks (host reads): a finite mask, ids in ``[0, v)`` and finite values on the loss tokens
+    (fp32 is the token pass's precision). ValueError naming the input."""
+    if mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all()):
+        raise ValueError(_MASK_MESSAGE)
+    keep = mask != 0
+    if mask.numel():
+        sel = ids[keep]
+        bad = (sel < 0) | (sel >= v)
+        if bool(bad.any()):
+            raise ValueError(
+                f"selected_token_ids must lie in [0, {v}) on loss tokens (attention_mask != 0); "
+                f"found {int(sel[bad][0])}"
+            )
+    for name, t, on in _value_views(mask, values):
+        if not bool((torch.isfinite(t.float()) | ~on).all()):
+            raise ValueError(f"{name} has non-finite values on loss tokens (NaN, inf, or beyond the float32 range)")
+
+
+def _assert_values(mask: torch.Tensor, ids: torch.Tensor, v: int, values: dict) -> None:
+    """The checks of :func:`_check_values` as device-side asserts (``torch._assert_async``): no host read and no
+    graph break under torch.compile. A failing one raises RuntimeError with the same message (on CPU; on CUDA a
+    device-side assert, which is fatal to the process)."""
+    if mask.dtype.is_floating_point:
+        torch._assert_async(torch.isfinite(mask).all(), _MASK_MESSAGE)
+    keep = mask != 0
+    ok_ids = ((ids >= 0) & (ids < v)) | ~keep
+    torch._assert_async(ok_ids.all(), f"selected_token_ids must lie in [0, {v}) on loss tokens (attention_mask != 0)")
+    for name, t, on in _value_views(mask, values):
+        torch._assert_async(
+            (torch.isfinite(t.float()) | ~on).all(),
+            f"{name} has non-finite values on loss tokens (NaN, inf, or beyond the float32 range)",
+        )
 
 
 def rlvr_loss(
@@ -433,7 +467,7 @@ def rlvr_loss(
         valid = attention_mask != 0
         # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
         rule = M.credit(cfg.credit)
-        mask = rule.static_mask(cfg, torch.where(valid, _as_float(attention_mask), 0.0), q)
+        mask = M.call_hook(rule, "static_mask", cfg, torch.where(valid, _as_float(attention_mask), 0.0), q=q)
         # Positions outside the loss mask may hold any id and any hidden state (padding): they are ignore_index rows
         # of the vocabulary pass, read as zeros, with logp = entropy = 0 and no gradient.
         ids = torch.where(
@@ -455,8 +489,7 @@ def rlvr_loss(
         def f(t):
             return None if t is None else _inert(t.detach().float(), valid)
 
-        batch = Batch(
-            cfg,
+        batch = Batch.build(
             _input,
             ids,
             torch.where(valid, _as_float(attention_mask), 0.0),
@@ -483,7 +516,7 @@ def rlvr_loss(
             )
         if B * T == 0:
             fused = False  # nothing to chunk: the composable path gives a zero loss connected to the inputs
-        counts = rule.planned_counts(cfg, mask, q)
+        counts = M.call_hook(rule, "planned_counts", cfg, mask, q=q)
         logp = ent = None
         if not fused:
             logp, ent = fused_linear_logprobs(
@@ -497,7 +530,7 @@ def rlvr_loss(
             )
             logp, ent = logp.float(), ent.float()
             if counts is None:  # a selection over the batch: the rows' shares follow from the current entropies
-                keep = rule.policy_mask(cfg, batch.adv, ent.detach(), mask, q)
+                keep = M.call_hook(rule, "policy_mask", cfg, batch.adv, ent.detach(), mask, q=q)
                 counts = (mask * keep.to(mask.dtype)).sum(-1)
         norm = ref_loss.normalizer(
             cfg,
@@ -511,19 +544,12 @@ def rlvr_loss(
         ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
         batch.counts = counts
         if fused:
-            grad_on = torch.is_grad_enabled()
-            need = (
-                grad_on and _input.requires_grad,
-                grad_on and lin_weight.requires_grad,
-                grad_on and bias is not None and bias.requires_grad,
-            )
-            with torch.no_grad():
-                res = F.fused_pass(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, need)
-            loss = F.PrecomputedGradLoss.apply(res.loss, _input, lin_weight, bias, res.grads)
-            sums, active = res.sums, res.active
+            loss, sums, active = F.fused_loss(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm)
         else:
             loss, sums, active = token_pass(cfg, logp, ent, batch.rows(slice(None)), q, norm, ent_norm)
-        if not torch.equal(active.sum(-1), counts):  # the normaliser was computed from the planned active tokens
+        # the normaliser was computed from the planned active tokens (an internal invariant: checked in eager mode,
+        # where it costs one host read; the compiled graph has no host read)
+        if not torch.compiler.is_compiling() and not torch.equal(active.sum(-1), counts):
             raise RuntimeError("internal error: the credit mask kept a different number of tokens than planned")
         coef = batch.coef if M.credit(cfg.credit).needs & {"coefficients"} else None
         return loss, loss_metrics(cfg, sums, batch.valid, B, q, coef)

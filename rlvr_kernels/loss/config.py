@@ -6,8 +6,13 @@ take their names, defaults and checks from the catalogue (:mod:`rlvr_kernels.met
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 from rlvr_kernels import _checks as C
 from rlvr_kernels import methods as M
@@ -69,6 +74,7 @@ class LossConfig:
     fused: object = "auto"
     backend: str = "auto"
     ignore_index: int = -100
+    compiled_value_checks: bool = True
 
     def __post_init__(self):
         if self.credit is None:
@@ -157,8 +163,32 @@ class LossConfig:
         self.chunk_size = C.integer("chunk_size", self.chunk_size, low=1)
         self.max_completion_length = C.optional_integer("max_completion_length", self.max_completion_length, low=1)
         self.ignore_index = C.integer("ignore_index", self.ignore_index)
-        for name in ("compiled", "use_ref_model", "use_bias_correction_kl"):
+        for name in ("compiled", "use_ref_model", "use_bias_correction_kl", "compiled_value_checks"):
             C.flag(name, getattr(self, name))
+
+    def to_json(self) -> str:
+        """The configuration as canonical JSON (sorted keys; the schedule as :meth:`TemporalSchedule.to_dict`): the
+        string argument of the loss's custom ops, parsed back by :func:`config_from_json`. Under torch.compile it is
+        evaluated once, at trace time (a constant of the graph)."""
+        return _config_json(self)
+
+
+@torch.compiler.assume_constant_result
+def _config_json(cfg: LossConfig) -> str:
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if cfg.schedule is not None:
+        d["schedule"] = cfg.schedule.to_dict()
+    return json.dumps(d, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=64)
+def config_from_json(text: str) -> LossConfig:
+    """The :class:`LossConfig` of :meth:`LossConfig.to_json` (validated again; cached per string). Do not mutate the
+    returned object: it is shared by every call with the same string."""
+    d = json.loads(text)
+    if d.get("schedule") is not None:
+        d["schedule"] = TemporalSchedule.from_dict(d["schedule"])
+    return LossConfig(**d)
 
 
 def token_local(cfg: LossConfig) -> bool:

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from rlvr_kernels import _gemm
 from rlvr_kernels import methods as M
@@ -264,7 +265,8 @@ def _fused_backward(ctx, g_loss, *_unused):
     (``retain_graph=True``) gets the same ones; that is also why they are never scaled in place."""
     dx, dw, db = ctx.saved_tensors
     want = ctx.needs_input_grad
-    as_is = not torch.compiler.is_compiling() and isinstance(g_loss, torch.Tensor) and bool(g_loss == 1)
+    traced = torch.compiler.is_compiling() or is_fake(g_loss)
+    as_is = not traced and bool(g_loss == 1)
 
     def scale(t, i):
         if not want[i] or t.numel() == 0:

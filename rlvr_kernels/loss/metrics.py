@@ -31,11 +31,21 @@ class LossMetrics(list):
         return self.named.keys()
 
 
+def _masked_std(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """The unbiased standard deviation of ``x[on]`` (0 with fewer than two entries), without a host read: two
+    passes over the selected entries, the others selected away (never NaN * 0)."""
+    n = on.sum().to(x.dtype)
+    mean = torch.where(on, x, 0.0).sum() / n.clamp(min=1.0)
+    var = torch.where(on, (x - mean) ** 2, 0.0).sum() / (n - 1.0).clamp(min=1.0)
+    return torch.where(n > 1, var.sqrt(), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def loss_metrics(
-    cfg, sums: TokenSums, valid: torch.Tensor, n_rows: int, q: Optional[float], coef: Optional[torch.Tensor]
+    cfg, sums: TokenSums, valid: torch.Tensor, n_rows: int, q, coef: Optional[torch.Tensor]
 ) -> LossMetrics:
     """Metrics of one call from the summed token-pass numerators; ``valid`` ``[B, T]``: the caller's loss mask
-    (fp32 weights), ``coef``: the DelTA coefficients when the credit rule uses them."""
+    (fp32 weights), ``q``: the schedule value (a float, a 0-dim tensor under torch.compile, or None), ``coef``: the
+    DelTA coefficients when the credit rule uses them. No host read (``torch.compile`` traces it whole)."""
     denom = sums.active.clamp(min=1.0)
     named = {
         "clip_ratio": sums.clipped / denom,  # Liger's: token-weighted over the active tokens
@@ -75,10 +85,11 @@ def loss_metrics(
         named["trust_region/masked_fraction"] = sums.trust_masked / denom
     if sums.cppo_delta_b_sum is not None:
         named["cppo/delta_b_mean"] = sums.cppo_delta_b_sum / max(1, n_rows)
-    if q is not None:
-        named["schedule_value"] = valid.new_tensor(q)
+    if q is not None:  # a float, or (compiled) a float64 0-dim CPU tensor
+        named["schedule_value"] = (
+            q.to(device=valid.device, dtype=valid.dtype) if isinstance(q, torch.Tensor) else valid.new_tensor(q)
+        )
     if coef is not None:
-        on = valid > 0
-        named["delta/coef_std"] = coef[on].std() if int(on.sum()) > 1 else valid.new_tensor(0.0)
+        named["delta/coef_std"] = _masked_std(coef, valid > 0)
     ordered = ([named["kl"]] if cfg.beta != 0.0 else []) + [named["clip_ratio"]]
     return LossMetrics(ordered, named)

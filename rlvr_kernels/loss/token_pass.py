@@ -85,15 +85,103 @@ class TokenSums:
         return TokenSums(z, z, z, z, zr.clone(), zr.clone(), zr.clone())
 
 
+#: The 0-dim fields of :class:`TokenSums`, in the order of :func:`pack_sums`; the others are per row ``[b]``.
+SCALAR_SUMS = tuple(f.name for f in dataclasses.fields(TokenSums) if not f.name.startswith("row_"))
+ROW_SUMS = tuple(f.name for f in dataclasses.fields(TokenSums) if f.name.startswith("row_"))
+
+
+def present_sums(cfg, entropy: bool = True) -> frozenset:
+    """The fields of the :class:`TokenSums` that :func:`token_pass` gives for ``cfg`` (known before any value is
+    read: the packed form of :func:`pack_sums` needs it at trace time); ``entropy``: whether the pass gets one."""
+    names = {"active", "clipped", "low_clipped", "high_clipped"} | set(ROW_SUMS)
+    if cfg.importance_sampling_level == "sequence":
+        names |= {"rows", "seq_clipped", "seq_low_clipped", "seq_high_clipped"}
+    if entropy:
+        names.add("entropy")
+    if cfg.beta != 0.0:
+        names.add("kl")
+    if type(M.trust_region_of_loss_type(cfg.loss_type)).mask is not M.TrustRegion.mask:
+        names.add("trust_masked")
+    if cfg.loss_type == "cppo":
+        names.add("cppo_delta_b_sum")
+    return frozenset(names)
+
+
+def pack_sums(sums: TokenSums) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scalars, rows)``: fp32 ``[len(SCALAR_SUMS)]`` (0 for an absent field) and ``[len(ROW_SUMS), b]``."""
+    ref = sums.active
+    scalars = [getattr(sums, n) if getattr(sums, n) is not None else ref.new_zeros(()) for n in SCALAR_SUMS]
+    return torch.stack([t.float().reshape(()) for t in scalars]), torch.stack([getattr(sums, n) for n in ROW_SUMS])
+
+
+def unpack_sums(cfg, scalars: torch.Tensor, rows: torch.Tensor) -> TokenSums:
+    """Inverse of :func:`pack_sums` for ``cfg`` (the absent fields, :func:`present_sums`, are None)."""
+    present = present_sums(cfg)
+    out = {n: (scalars[i] if n in present else None) for i, n in enumerate(SCALAR_SUMS)}
+    out.update({n: rows[i] for i, n in enumerate(ROW_SUMS)})
+    return TokenSums(**out)
+
+
+class Batch:
+    """The checked ``[B, T]`` inputs of one loss call, fp32 except ``x`` (hidden states) and ``ids`` (int64, the
+    ignore index outside the loss mask): ``valid`` (the caller's loss mask as weights), ``mask`` (after the credit
+    masks known before the vocabulary pass), ``adv [B, T]``, ``old`` / ``ref`` / ``mu`` / ``coef`` / ``old_ent``
+    ``[B, T]`` or None, ``is_ratio`` ``[B, T]`` / ``[B, 1]`` or None; ``counts [B]``: each row's planned active
+    tokens (set once known). ``rows(sl, cols)`` gives a slice of it (whole rows, or a segment of rows for
+    token-local configurations)."""
+
+    def __init__(self, x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts=None):
+        self.B, self.T = mask.shape
+        self.x, self.ids, self.valid, self.mask, self.adv = x, ids, valid, mask, adv
+        self.old, self.ref, self.mu, self.is_ratio = old, ref, mu, is_ratio
+        self.coef, self.old_ent = coef, old_ent
+        self.counts: Optional[torch.Tensor] = counts
+
+    @classmethod
+    def build(cls, x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent) -> Batch:
+        """From the caller's tensors: ``valid`` / ``mask`` / ``adv`` (``[B]`` or ``[B, T]``) as fp32 ``[B, T]``,
+        ``is_ratio`` ``[B]`` as ``[B, 1]``."""
+        B, T = mask.shape
+        f32 = torch.float32
+        adv = adv.to(f32).unsqueeze(1).expand(B, T) if adv.dim() == 1 else adv.to(f32)
+        if is_ratio is not None:
+            is_ratio = is_ratio.to(f32)
+            is_ratio = is_ratio.unsqueeze(1) if is_ratio.dim() == 1 else is_ratio
+        return cls(x, ids, valid.to(f32), mask.to(f32), adv, old, ref, is_ratio, mu, coef, old_ent)
+
+    def rows(self, sl: slice, cols: slice = slice(None)) -> Rows:
+        T = self.T
+
+        def pick(t):
+            if t is None:
+                return None
+            return t[sl, cols] if t.shape[-1] == T or t.shape[-1] == 0 else t[sl]  # [B, 1] ratios: per row
+
+        return Rows(
+            mask=pick(self.mask),
+            adv=pick(self.adv),
+            old=pick(self.old),
+            ref=pick(self.ref),
+            mu=pick(self.mu),
+            is_ratio=pick(self.is_ratio),
+            coef=pick(self.coef),
+            old_ent=pick(self.old_ent),
+            ids=pick(self.ids),
+            counts=None if self.counts is None else self.counts[sl],
+            width=T,
+        )
+
+
 def token_pass(
-    cfg, logp: torch.Tensor, entropy: Optional[torch.Tensor], rows: Rows, q: Optional[float], norm, ent_norm
+    cfg, logp: torch.Tensor, entropy: Optional[torch.Tensor], rows: Rows, q, norm, ent_norm
 ) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
     """Loss contribution and metric sums of whole sequences (or token-local segments of them).
 
     ``logp`` / ``entropy`` ``[b, T]`` fp32 (differentiable); ``rows``: the matching slice of the batch; ``q``: the
-    schedule value (None without a schedule); ``norm`` / ``ent_norm``: the batch-global divisors of the policy term
-    and of the entropy bonus. Returns ``(loss, sums, active_mask)``: this slice's share of the loss, the metric
-    numerators, and the ``[b, T]`` mask of active tokens.
+    schedule value (a float; a float64 0-dim CPU tensor under torch.compile; None without a schedule); ``norm`` /
+    ``ent_norm``: the batch-global divisors of the policy term and of the entropy bonus. Returns
+    ``(loss, sums, active_mask)``: this slice's share of the loss, the metric numerators, and the ``[b, T]`` mask of
+    active tokens.
     """
     rule = M.credit(cfg.credit)
     mask = rows.mask
@@ -103,12 +191,12 @@ def token_pass(
     entropy = torch.where(live, entropy, 0.0) if entropy is not None else None
     ent_d = entropy.detach() if entropy is not None else None
     # (1) credit masks that need the current policy's entropy
-    keep = rule.policy_mask(cfg, rows.adv, ent_d, mask, q)
+    keep = M.call_hook(rule, "policy_mask", cfg, rows.adv, ent_d, mask, q=q)
     if keep is not None:
         mask = mask * keep.to(mask.dtype)
     # (2) advantage shaping
     h = rows.old_ent if rows.old_ent is not None else ent_d
-    adv = rule.shape(cfg, rows.adv, h, mask, q, rows.coef)
+    adv = M.call_hook(rule, "shape", cfg, rows.adv, h, mask, rows.coef, q=q)
     rows = dataclasses.replace(rows, mask=mask, adv=adv)
     # (3) trust region + objective
     old = rows.old if rows.old is not None else logp.detach()
