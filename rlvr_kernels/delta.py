@@ -70,6 +70,7 @@ from rlvr_kernels import _checks as C
 from rlvr_kernels._backend import BACKENDS, resolve_backend
 from rlvr_kernels.cpu import delta_sweeps as cpu
 from rlvr_kernels.credit import _check_backend, _Rows
+from rlvr_kernels.layout import check_cu_seqlens
 from rlvr_kernels.reference import delta as ref
 
 __all__ = ["delta_coefficients", "DeltaEstimator"]
@@ -114,6 +115,9 @@ class _Layout:
         if not ok:
             _Rows(mask, cu_seqlens)  # raises the clear error
             raise AssertionError("unreachable: _Rows accepted a layout that _Layout refused")  # pragma: no cover
+        if cu_seqlens is not None and not torch.compiler.is_compiling():
+            # eager: a malformed cu_seqlens is named before the shapes it implies (compiled: inside the op)
+            check_cu_seqlens(cu_seqlens, mask.shape[0])
         self.device = mask.device
         self.shape = tuple(mask.shape)
         self.packed = cu_seqlens is not None

@@ -87,17 +87,19 @@ def divergence(
         )
         return kl.clamp(min=0.0)
     if kind in ("topk_tv", "topk_kl"):
-        lp = logp_topk.float().clamp(max=0.0)
-        lm = logp_mu_topk.float().clamp(max=0.0)
+        # float64 over the K columns ([X, K], K small): the tail mass 1 - sum p cancels, and its log amplifies an fp32
+        # rounding of the sum by 1 / tail (a tail of 1e-2 would give a relative error of 1e-5 in D)
+        lp = logp_topk.double().clamp(max=0.0)
+        lm = logp_mu_topk.double().clamp(max=0.0)
         p = lp.exp()
         pm = lm.exp()
         other = (1.0 - p.sum(-1)).clamp(min=0.0)
         other_mu = (1.0 - pm.sum(-1)).clamp(min=0.0)
         if kind == "topk_tv":
-            return 0.5 * ((pm - p).abs().sum(-1) + (other_mu - other).abs())
+            return (0.5 * ((pm - p).abs().sum(-1) + (other_mu - other).abs())).float()
         kl = (pm * (lm.clamp(min=LOG_EPS) - lp.clamp(min=LOG_EPS))).sum(-1)
         kl = kl + other_mu * (other_mu.clamp(min=_EPS).log() - other.clamp(min=_EPS).log())
-        return kl.clamp(min=0.0)
+        return kl.clamp(min=0.0).float()
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
 
 
