@@ -276,7 +276,7 @@ def _linear_logprobs_op(
         w = weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
         return ref.chunked_linear_forward(
-            hidden, w, b, targets, gather_ids, inv_temp, ignore_index, ref.default_chunk(v)
+            hidden, w, b, targets, gather_ids, inv_temp, ignore_index, ref.default_chunk(v, hidden.device, cdt)
         )
 
 
@@ -346,7 +346,7 @@ def _linear_logprobs_backward_op(
                 g_gath,
                 inv_temp,
                 ignore_index,
-                ref.default_chunk(weight.shape[0]),
+                ref.default_chunk(weight.shape[0], hidden.device, cdt),
                 need,
             )
     empty = hidden.new_empty(0)

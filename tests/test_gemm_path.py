@@ -75,9 +75,9 @@ def test_fused_loss_gemms_see_only_loss_tokens(monkeypatch, backend):
 
         real = ref_lp._scaled_logits
 
-        def spy(xc, *a):
+        def spy(xc, *a, **kw):
             seen.append(xc.shape[0])
-            return real(xc, *a)
+            return real(xc, *a, **kw)
 
         monkeypatch.setattr(ref_lp, "_scaled_logits", spy)
     got, _ = RLVRLoss(beta=0.0, fused=True, backend=backend)(x, w, ids, mask, adv, old_per_token_logps=old)

@@ -99,6 +99,9 @@ def fused_pass(
     sums = TokenSums.empty(B, x.device)
     active_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)
     lse_all = torch.zeros((B, T), device=x.device, dtype=torch.float32)  # checked once, after the last chunk
+    # torch path: the one chunk buffer, reused (a fresh [rows, V] block per chunk costs page faults on CPU)
+    rows_max = max((len(range(B)[sl]) * len(range(T)[cols]) for sl, cols in plan), default=0)
+    buf = None if use_triton else torch.empty((rows_max, V), device=x.device, dtype=cdt)
     for sl, cols in plan:
         rows = batch.rows(sl, cols)
         nr, nc = rows.mask.shape
@@ -114,7 +117,7 @@ def fused_pass(
             z = _gemm.logits_fp32(xc, w, b)
             lp_k, ent_k, lse_k = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
         else:
-            z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), 1.0)
+            z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), 1.0, out=buf)
             lp_k, ent_k, lse_k = vocab_rows.row_stats(z, tc, inv_temp, cfg.ignore_index)
         lp = _scatter_rows(lp_k, keep, nr * nc)
         ent = _scatter_rows(ent_k, keep, nr * nc)

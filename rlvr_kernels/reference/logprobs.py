@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from rlvr_kernels import _gemm
 from rlvr_kernels._backend import first_order_backward
 from rlvr_kernels.cpu import vocab_rows
 
@@ -100,9 +101,14 @@ def inert_rows(x: torch.Tensor, ignored: torch.Tensor) -> torch.Tensor:
     return torch.where(ignored.unsqueeze(1), torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
-def _scaled_logits(x, w, b, inv_temp):
-    """``(x @ w.T + b) * inv_temp`` as one fresh ``[n, V]`` tensor (bias and scale applied in place)."""
-    z = x.to(w.dtype) @ w.T
+def _scaled_logits(x, w, b, inv_temp, out: torch.Tensor | None = None):
+    """``(x @ w.T + b) * inv_temp`` as one ``[n, V]`` tensor (bias and scale applied in place): the first ``n`` rows
+    of ``out`` (a reused chunk buffer: no fresh allocation, hence no page faults, per chunk) or a fresh tensor."""
+    x = x.to(w.dtype)
+    if out is None:
+        z = x @ w.T
+    else:
+        z = torch.mm(x, w.T, out=out[: x.shape[0]])
     if b is not None:
         z += b
     if inv_temp != 1.0:
@@ -208,9 +214,10 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
     lse = x.new_empty(n, dtype=cdt)
     k = 0 if gather_ids is None else gather_ids.shape[1]
     gathered = x.new_empty((n, k), dtype=cdt)
+    buf = x.new_empty((min(n, chunk), w.shape[0]), dtype=cdt)  # the one chunk buffer
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
-        z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, 1.0)
+        z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, 1.0, out=buf)
         lp, en, ls = vocab_rows.row_stats(z, t, inv_temp, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
         if gather_ids is not None:
@@ -231,10 +238,11 @@ def chunked_linear_backward(
     dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
     dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
     db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
+    buf = x.new_empty((min(n, chunk), w.shape[0]), dtype=cdt)  # the one chunk buffer, dz written over the logits
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ignore_index)
-        z = _scaled_logits(xc, w, b, 1.0)
+        z = _scaled_logits(xc, w, b, 1.0, out=buf)
         dz = vocab_rows.row_grad_(
             z, targets[s:e], lse[s:e], ent[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e], inv_temp,
             ignore_index,
@@ -250,9 +258,15 @@ def chunked_linear_backward(
     return dx, dw, db
 
 
-def default_chunk(v: int) -> int:
-    """Rows per chunk of the reference path: about ``CHUNK_ELEMENTS / V``."""
-    return max(1, CHUNK_ELEMENTS // max(v, 1))
+def default_chunk(v: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk of the linear form's torch path: ``[rows, V]`` logits of ``dtype`` within the package's chunk
+    budget for ``device`` (:func:`rlvr_kernels._gemm.chunk_bytes`: 16 MiB on CPU, ``RLVR_KERNELS_CHUNK_BYTES``);
+    without a device, about ``CHUNK_ELEMENTS / V``. Few rows make slow GEMMs: 256 rows at ``V = 16384`` run the CPU
+    GEMM about 1.4x faster than 128."""
+    if device is None:
+        return max(1, CHUNK_ELEMENTS // max(v, 1))
+    per_row = max(v, 1) * torch.finfo(dtype).bits // 8
+    return max(1, _gemm.chunk_bytes(device) // per_row)
 
 
 class _ChunkedLinearLogprobs(torch.autograd.Function):
