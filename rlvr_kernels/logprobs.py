@@ -17,6 +17,7 @@ import torch
 
 from rlvr_kernels import _checks, _gemm
 from rlvr_kernels._backend import autocast_inputs, first_order_backward, no_autocast, resolve_backend
+from rlvr_kernels.cpu import vocab_rows
 from rlvr_kernels.reference import logprobs as ref
 
 # Rows x K x H elements per chunk when gathering extra ids (CPPO's Top-K divergences).
@@ -276,7 +277,15 @@ def _linear_logprobs_op(
         w = weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
         return ref.chunked_linear_forward(
-            hidden, w, b, targets, gather_ids, inv_temp, ignore_index, ref.default_chunk(v, hidden.device, cdt)
+            hidden,
+            w,
+            b,
+            targets,
+            gather_ids,
+            inv_temp,
+            ignore_index,
+            ref.default_chunk(v, hidden.device, cdt),
+            stats=vocab_rows.row_stats,
         )
 
 
@@ -348,6 +357,7 @@ def _linear_logprobs_backward_op(
                 ignore_index,
                 ref.default_chunk(weight.shape[0], hidden.device, cdt),
                 need,
+                grad=vocab_rows.row_grad_,
             )
     empty = hidden.new_empty(0)
     return (
@@ -514,7 +524,7 @@ def _logits_op(
             ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
             return logp, ent, lse
         logp, ent, lse = ref.logprobs_from_logits(
-            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index
+            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index, stats=vocab_rows.row_stats
         )
         return logp, ent, lse
 
@@ -549,7 +559,9 @@ def _logits_backward_op(
             gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
             gh = g_ent.float().contiguous() if g_ent is not None else None
             return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index)
-        return ref.logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index)
+        return ref.logits_backward(
+            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, grad=vocab_rows.row_grad_
+        )
 
 
 @_logits_backward_op.register_fake

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from rlvr_kernels import _native
+from rlvr_kernels.reference import logprobs as ref
 
 _NATIVE = "vocab_rows"
 
@@ -27,10 +28,7 @@ def _stats_op(
     ``[n]`` in z's dtype for the scaled logits ``z * inv_temp``; ignored rows give logp = entropy = 0."""
     if z.device.type == "cpu" and _native.load(_NATIVE):  # first CPU call: the native kernel is registered now
         return torch.ops.rlvr_kernels.vocab_row_stats.default(z, targets, inv_temp, ignore_index)
-    from rlvr_kernels.reference import logprobs as ref
-
-    s = z * inv_temp  # the reference overwrites its input
-    return ref.scaled_logit_stats(s, targets, ignore_index=ignore_index)
+    return ref.row_stats(z, targets, inv_temp, ignore_index)
 
 
 @_stats_op.register_fake
@@ -58,15 +56,7 @@ def _grad_op(
             z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp, ignore_index
         )
         return
-    from rlvr_kernels.reference import logprobs as ref
-
-    if inv_temp != 1.0:
-        z.mul_(inv_temp)
-    ref.dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p)
-    if inv_temp != 1.0:
-        z.mul_(inv_temp)
-    # padding rows may hold NaN/inf (and so may their lse): their gradient is exactly 0
-    z.masked_fill_((targets == ignore_index).unsqueeze(1), 0.0)
+    ref.row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp, ignore_index)
 
 
 @_grad_op.register_fake

@@ -6,9 +6,10 @@ Math, for scaled logits ``z = (x @ W.T + b) / T`` of one token with target ``y``
     entropy = -sum_v p_v log p_v,  p = softmax(z)
 
 Computed in float32, or float64 when an input is float64. Rows whose target is ``ignore_index`` give 0 for both
-outputs (and no gradient). The per-chunk math is :func:`scaled_logit_stats` and :func:`dlogits_from_scaled_logits`;
-the chunk loops below reach it through the row ops of :mod:`rlvr_kernels.cpu.vocab_rows`, whose CPU kernels are
-native (``csrc/vocab_rows.cpp``) once built and whose implementation elsewhere is that math. The linear form runs over
+outputs (and no gradient). The per-chunk math is :func:`row_stats` and :func:`row_grad_`; the chunk loops below take
+them as arguments (``stats=`` / ``grad=``), so that the ops can hand in the row ops of
+:mod:`rlvr_kernels.cpu.vocab_rows` (native on CPU, this math elsewhere) while the reference stays plain torch. The
+linear form runs over
 token chunks with the analytic gradient, recomputing each chunk's logits in the backward, so it keeps memory
 O(N + chunk * V), never O(N * V). Design notes: ``docs/design/vocab-pass.md``.
 """
@@ -19,7 +20,6 @@ import torch
 
 from rlvr_kernels import _gemm
 from rlvr_kernels._backend import first_order_backward
-from rlvr_kernels.cpu import vocab_rows
 
 # Elements of one [chunk, V] fp32 buffer; the chunked linear path holds a handful of them at once.
 CHUNK_ELEMENTS = 1 << 21
@@ -37,9 +37,10 @@ def logprobs_from_logits(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = True,
+    stats=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The torch backend of :func:`rlvr_kernels.logprobs_from_logits` on ``[N, V]`` logits (no autograd), one
-    ``[chunk, V]`` row block at a time through the row-statistics op (:mod:`rlvr_kernels.cpu.vocab_rows`).
+    ``[chunk, V]`` row block at a time through ``stats`` (default :func:`row_stats`).
 
     Returns fp32 (fp64 for fp64 logits) ``logp [N]``, ``entropy [N]`` (None when not requested) and ``lse [N]``.
     """
@@ -54,7 +55,7 @@ def logprobs_from_logits(
     lse = torch.empty_like(logp)
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
-        lp, en, ls = vocab_rows.row_stats(logits[s : s + chunk].detach().to(cdt), t, 1.0 / temperature, ignore_index)
+        lp, en, ls = (stats or row_stats)(logits[s : s + chunk].detach().to(cdt), t, 1.0 / temperature, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
     # a row that counts has a finite log-normaliser (NaN, +inf or all -inf logits do not)
     check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
@@ -70,9 +71,11 @@ def logits_backward(
     g_ent: torch.Tensor | None,
     temperature: float,
     ignore_index: int,
+    grad=None,
 ) -> torch.Tensor:
     """The analytic gradient of :func:`logprobs_from_logits` with respect to ``logits [N, V]`` (in their dtype),
-    from the forward's ``lse`` and ``entropy``, chunked over rows like the forward:
+    from the forward's ``lse`` and ``entropy``, chunked over rows like the forward (``grad``: default
+    :func:`row_grad_`):
     ``(g_logp (onehot - p) - g_ent p (log p + H)) / T``; ignored rows get 0 whatever their logits hold."""
     cdt = compute_dtype(logits)
     n, v = logits.shape
@@ -82,7 +85,7 @@ def logits_backward(
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         z = torch.empty((e - s, v), dtype=cdt, device=logits.device).copy_(logits[s:e])  # never the caller's
-        vocab_rows.row_grad_(
+        (grad or row_grad_)(
             z, targets[s:e], lse[s:e], entropy[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e],
             1.0 / temperature, ignore_index,
         )  # fmt: skip
@@ -172,6 +175,23 @@ def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
     return dz
 
 
+def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, ignore_index: int):
+    """``(logp, entropy, lse)`` ``[n]`` of the scaled logits ``z * inv_temp`` of one chunk (``z [n, V]`` unscaled, not
+    modified; one scaled copy): :func:`scaled_logit_stats`."""
+    return scaled_logit_stats(z * inv_temp, targets, ignore_index=ignore_index)
+
+
+def row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp: float, ignore_index: int) -> torch.Tensor:
+    """``z [n, V]`` (unscaled logits) overwritten with ``dL/dz = inv_temp (g_logp onehot - p (c_p + g_ent (log p +
+    H)))`` (:func:`dlogits_from_scaled_logits`); ignored rows become 0 whatever they (or their ``lse``) held."""
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p)
+    if inv_temp != 1.0:
+        z.mul_(inv_temp)
+    return z.masked_fill_((targets == ignore_index).unsqueeze(1), 0.0)
+
+
 def _zero_ignored(x: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """One chunk's hidden rows with the ignored ones replaced by 0 (a chunk-sized copy): padding holding NaN/inf
     then reaches neither the statistics nor ``dz.T @ x``."""
@@ -204,9 +224,10 @@ def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_i
     return gl, gh, gg, cp
 
 
-def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk):
+def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk, stats=None):
     """Token-chunked forward: ``x [N, H]``, ``w [V, H]`` and ``b [V]`` already in the compute dtype. Returns
-    ``(logp [N], entropy [N], gathered [N, K], lse [N])``; one ``[chunk, V]`` block live at a time."""
+    ``(logp [N], entropy [N], gathered [N, K], lse [N])``; one ``[chunk, V]`` block live at a time, its statistics
+    from ``stats`` (default :func:`row_stats`)."""
     n = x.shape[0]
     cdt = w.dtype
     logp = x.new_empty(n, dtype=cdt)
@@ -218,7 +239,7 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
         z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, 1.0, out=buf)
-        lp, en, ls = vocab_rows.row_stats(z, t, inv_temp, ignore_index)
+        lp, en, ls = (stats or row_stats)(z, t, inv_temp, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
         if gather_ids is not None:
             zg = z.gather(1, gather_ids[s : s + chunk]) * inv_temp - ls.unsqueeze(1)
@@ -228,10 +249,11 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
 
 
 def chunked_linear_backward(
-    x, w, b, targets, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, chunk, need
+    x, w, b, targets, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, chunk, need, grad=None
 ):
     """The analytic backward of :func:`chunked_linear_forward`, recomputing each chunk's logits: ``(dx, dw, db)`` in
-    the compute dtype (``w``'s), None where ``need`` (three flags) says no."""
+    the compute dtype (``w``'s), None where ``need`` (three flags) says no; ``dz`` from ``grad`` (default
+    :func:`row_grad_`)."""
     need_x, need_w, need_b = need
     n, cdt = x.shape[0], w.dtype
     gl, gh, gg, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, ids, cdt)
@@ -243,7 +265,7 @@ def chunked_linear_backward(
         e = min(n, s + chunk)
         xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ignore_index)
         z = _scaled_logits(xc, w, b, 1.0, out=buf)
-        dz = vocab_rows.row_grad_(
+        dz = (grad or row_grad_)(
             z, targets[s:e], lse[s:e], ent[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e], inv_temp,
             ignore_index,
         )  # fmt: skip
