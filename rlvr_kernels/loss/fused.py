@@ -93,7 +93,8 @@ def fused_pass(
     dx = torch.zeros((B, T, H), device=x.device, dtype=x.dtype) if need_x else None
     # dW sums over the chunks: in fp32 when there are several (bf16 sums across chunks bias the update)
     dw_dtype = torch.float32 if (len(plan) > 1 and w_mm.dtype in (torch.bfloat16, torch.float16)) else w_mm.dtype
-    dw = torch.zeros(w.shape, device=w.device, dtype=dw_dtype) if need_w else None
+    dw = torch.empty(w.shape, device=w.device, dtype=dw_dtype) if need_w else None
+    dw_written = False  # the first chunk writes dW (no zero-filled [V, H] to add to), later ones accumulate
     db = torch.zeros(V, device=w.device, dtype=torch.float32) if need_b else None
     loss = x.new_zeros((), dtype=torch.float32)
     sums = TokenSums.empty(B, x.device)
@@ -146,15 +147,23 @@ def fused_pass(
             dx[sl, cols] = dx_c.view(nr, nc, H).to(x.dtype)
         if need_w:
             xd = xc if xc.dtype == dz.dtype else xc.to(dz.dtype)
-            if dw.dtype == torch.float32:
-                _gemm.addmm_fp32_(dw, dz.T, xd)
-            else:  # one chunk, or every operand in dw's dtype
-                dw.addmm_(dz.T, xd)
+            if not dw_written and dw.dtype == dz.dtype:
+                torch.mm(dz.T, xd, out=dw)
+            else:
+                if not dw_written:
+                    dw.zero_()
+                if dw.dtype == torch.float32:
+                    _gemm.addmm_fp32_(dw, dz.T, xd)
+                else:  # one chunk, or every operand in dw's dtype
+                    dw.addmm_(dz.T, xd)
+            dw_written = True
         if need_b:
             db += dz.sum(0, dtype=torch.float32)
         del dz
     # one host sync for the whole batch (not one per chunk): a row that counts has finite logits
     ref_lp.check_finite_rows(lse_all.view(-1), batch.ids.reshape(-1) != cfg.ignore_index, "RLVRLoss")
+    if need_w and not dw_written:  # no chunk ran
+        dw.zero_()
     grads = (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype))
     return FusedResult(loss, grads, sums, active_all)
 
