@@ -257,8 +257,11 @@ def chunked_linear_backward(
     need_x, need_w, need_b = need
     n, cdt = x.shape[0], w.dtype
     gl, gh, gg, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, ids, cdt)
-    dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_x else None
-    dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_w else None
+    # every row of dx is written by its chunk's GEMM; the first chunk writes dw, later ones accumulate (no zero fill)
+    dx = torch.empty(x.shape, dtype=cdt, device=x.device) if need_x else None
+    dw = torch.empty(w.shape, dtype=cdt, device=w.device) if need_w else None
+    if need_w and n == 0:
+        dw.zero_()
     db = torch.zeros(w.shape[0], dtype=cdt, device=w.device) if need_b else None
     buf = x.new_empty((min(n, chunk), w.shape[0]), dtype=cdt)  # the one chunk buffer, dz written over the logits
     for s in range(0, n, chunk):
@@ -274,7 +277,10 @@ def chunked_linear_backward(
         if need_x:
             torch.mm(dz, w, out=dx[s:e])  # straight into the rows of dx (no temporary)
         if need_w:
-            dw.addmm_(dz.T, xc)
+            if s == 0:
+                torch.mm(dz.T, xc, out=dw)
+            else:
+                dw.addmm_(dz.T, xc)
         if need_b:
             db += dz.sum(0)
     return dx, dw, db
