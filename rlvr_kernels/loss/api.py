@@ -375,15 +375,7 @@ def _check_values(mask: torch.Tensor, ids: torch.Tensor, v: int, values: dict) -
     (fp32 is the token pass's precision). ValueError naming the input."""
     if mask.dtype.is_floating_point and not bool(torch.isfinite(mask).all()):
         raise ValueError(_MASK_MESSAGE)
-    keep = mask != 0
-    if mask.numel():
-        sel = ids[keep]
-        bad = (sel < 0) | (sel >= v)
-        if bool(bad.any()):
-            raise ValueError(
-                f"selected_token_ids must lie in [0, {v}) on loss tokens (attention_mask != 0); "
-                f"found {int(sel[bad][0])}"
-            )
+    F.check_token_ids(ids, mask != 0, v)
     for name, t, on in _value_views(mask, values):
         if not bool((torch.isfinite(t.float()) | ~on).all()):
             raise ValueError(f"{name} has non-finite values on loss tokens (NaN, inf, or beyond the float32 range)")

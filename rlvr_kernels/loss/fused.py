@@ -193,10 +193,10 @@ def _autograd_inside_op():
         yield
 
 
-def _check_target_ids(ids: torch.Tensor, v: int, ignore_index: int) -> None:
-    """``ids`` (the ignore index outside the loss mask) in ``[0, v)`` on the loss tokens (one host read): the vocabulary
-    kernels index rows by them."""
-    bad = (ids != ignore_index) & ((ids < 0) | (ids >= v))
+def check_token_ids(ids: torch.Tensor, keep: torch.Tensor, v: int) -> None:
+    """``ids`` in ``[0, v)`` where ``keep`` (the loss tokens) is True, one host read: the vocabulary kernels index rows
+    by them. The loss's eager checks and the fused op (compiled callers) share it."""
+    bad = keep & ((ids < 0) | (ids >= v))
     if ids.numel() and bool(bad.any()):
         raise ValueError(
             f"selected_token_ids must lie in [0, {v}) on loss tokens (attention_mask != 0); found {int(ids[bad][0])}"
@@ -235,7 +235,7 @@ def _fused_loss_op(
     from rlvr_kernels.loss.config import config_from_json
 
     cfg = config_from_json(config)
-    _check_target_ids(ids, w.shape[0], cfg.ignore_index)
+    check_token_ids(ids, ids != cfg.ignore_index, w.shape[0])
     batch = Batch(x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts)
     qf = None if q is None else float(q)
     with _autograd_inside_op(), torch.no_grad():
