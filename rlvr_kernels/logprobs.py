@@ -145,7 +145,7 @@ def _valid_rows(ignored: torch.Tensor) -> torch.Tensor | None:
     return (~ignored).nonzero().squeeze(1)
 
 
-def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index):
+def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, check=True):
     """Triton-backend forward on flattened ``[N, H]`` inputs: ``(logp, entropy, gathered, lse)``, fp32, each ``[N]``
     (``gathered [N, K]``), zero on ignored rows.
 
@@ -168,7 +168,8 @@ def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, 
         z = _gemm.logits_fp32(x[r0:r1], weight, bias)
         lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
         del z
-    ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
+    if check:
+        ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
     if rows is not None:
         lp, ent, lse = (
             torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, u) for u in (lp, ent, lse)
@@ -181,8 +182,11 @@ def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, 
     return lp, ent, gathered, lse
 
 
-def _triton_linear_backward(hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, need):
-    """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no).
+def _triton_linear_backward(
+    hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, need, g_lse=None, cast=True
+):
+    """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no; ``dx`` stays
+    fp32 with ``cast=False``; ``g_lse``: the log-normaliser's upstream gradient).
 
     Blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row pass
     writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and ``dW_c = dz^T X``
@@ -192,7 +196,7 @@ def _triton_linear_backward(hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_g
     need_x, need_w, need_b = need
     n, h = hidden.shape
     v = w.shape[0]
-    gl, gh, gg, cp = ref.upstream_coefficients(tgt, ignore_index, g_logp, g_ent, g_gath, ids, torch.float32)
+    gl, gh, gg, cp = ref.upstream_coefficients(tgt, ignore_index, g_logp, g_ent, g_gath, ids, torch.float32, g_lse)
     rows = _valid_rows(tgt == ignore_index)
     x, t = hidden, tgt
     if rows is not None:
@@ -232,7 +236,7 @@ def _triton_linear_backward(hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_g
     if gg is not None and n:
         _gathered_onehot_grads(ref.inert_rows(hidden, tgt == ignore_index), w, ids, gg, inv_temp, dx, dw, db)
     return (
-        None if dx is None else dx.to(hidden.dtype),
+        None if dx is None else (dx.to(hidden.dtype) if cast else dx),
         dw,
         None if db is None else db.to(b.dtype),
     )
@@ -265,6 +269,12 @@ def _linear_logprobs_op(
     _check_ids_range(targets, v, "targets", ignore_index)
     if gather_ids is not None:
         _check_ids_range(gather_ids, v, "gather_ids")
+    return linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend)
+
+
+def linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend, check=True):
+    """The body of ``rlvr_kernels::linear_logprobs`` after the ids' check, on the chosen backend (``check=False``:
+    no finiteness check of the rows; a vocabulary shard's caller checks the combined rows)."""
     which = resolve_backend(backend, hidden.device)
     if which == "triton" and hidden.dtype == torch.float64:
         raise TypeError(
@@ -272,7 +282,7 @@ def _linear_logprobs_op(
         )
     with no_autocast(hidden.device):
         if which == "triton" and hidden.shape[0] > 0:
-            return _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index)
+            return _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, check)
         cdt = ref.compute_dtype(hidden, weight, bias)
         w = weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
@@ -284,8 +294,9 @@ def _linear_logprobs_op(
             gather_ids,
             inv_temp,
             ignore_index,
-            ref.default_chunk(v, hidden.device, cdt),
+            ref.default_chunk(weight.shape[0], hidden.device, cdt),
             stats=vocab_rows.row_stats,
+            check=check,
         )
 
 
@@ -320,51 +331,38 @@ def _linear_logprobs_backward_op(
     need: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor where ``need`` says no."""
-    which = resolve_backend(backend, hidden.device)
-    with no_autocast(hidden.device):
-        if which == "triton" and hidden.shape[0] > 0:
-            dx, dw, db = _triton_linear_backward(
-                hidden,
-                weight,
-                bias,
-                targets,
-                gather_ids,
-                lse,
-                entropy,
-                g_logp,
-                g_ent,
-                g_gath,
-                inv_temp,
-                ignore_index,
-                need,
-            )
-        else:
-            cdt = ref.compute_dtype(hidden, weight, bias)
-            w = weight.to(cdt)
-            b = None if bias is None else bias.to(cdt)
-            dx, dw, db = ref.chunked_linear_backward(
-                hidden,
-                w,
-                b,
-                targets,
-                gather_ids,
-                lse,
-                entropy,
-                g_logp,
-                g_ent,
-                g_gath,
-                inv_temp,
-                ignore_index,
-                ref.default_chunk(weight.shape[0], hidden.device, cdt),
-                need,
-                grad=vocab_rows.row_grad_,
-            )
+    dx, dw, db = linear_backward(
+        hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index,
+        backend, need,
+    )  # fmt: skip
     empty = hidden.new_empty(0)
     return (
         empty if dx is None else dx.to(hidden.dtype),
         empty.clone() if dw is None else dw.to(weight.dtype),
         empty.clone() if (db is None or bias is None) else db.to(bias.dtype),
     )
+
+
+def linear_backward(
+    hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index, backend,
+    need, g_lse=None,
+):  # fmt: skip
+    """``(dx, dw, db)`` on the chosen backend, None where ``need`` says no; dx in fp32 (float64 for float64 inputs on
+    the torch backend), dw and db in the compute dtype. ``g_lse``: the log-normaliser's upstream gradient."""
+    which = resolve_backend(backend, hidden.device)
+    with no_autocast(hidden.device):
+        if which == "triton" and hidden.shape[0] > 0:
+            return _triton_linear_backward(
+                hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp,
+                ignore_index, need, g_lse=g_lse, cast=False,
+            )  # fmt: skip
+        cdt = ref.compute_dtype(hidden, weight, bias)
+        w = weight.to(cdt)
+        b = None if bias is None else bias.to(cdt)
+        return ref.chunked_linear_backward(
+            hidden, w, b, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index,
+            ref.default_chunk(weight.shape[0], hidden.device, cdt), need, grad=vocab_rows.row_grad_, g_lse=g_lse,
+        )  # fmt: skip
 
 
 @_linear_logprobs_backward_op.register_fake
@@ -440,6 +438,9 @@ def fused_linear_logprobs(
     return_entropy: bool = True,
     gather_ids: torch.Tensor | None = None,
     backend: str = "auto",
+    tp_group=None,
+    vocab_start: int | None = None,
+    grad_hidden: str = "full",
 ):
     """Per-token log-probs (and entropies) of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -453,6 +454,14 @@ def fused_linear_logprobs(
         return_entropy: also return the full-vocabulary entropy ``-sum_v p_v log p_v``.
         gather_ids: optional int64 ``[..., K]``: also return the log-probs at these ids (CPPO's Top-K divergences).
         backend: ``"auto"`` (Triton on CUDA, torch reference on CPU), ``"triton"`` or ``"torch"``.
+        tp_group: a ``torch.distributed`` process group over which the lm_head is sharded by vocabulary (Megatron's
+            layout): ``weight`` (and ``bias``) are then this rank's contiguous rows ``[vocab_start, vocab_start +
+            V_r)``, ``targets`` and ``gather_ids`` stay global ids, and every rank gets the unsharded op's outputs.
+            The ranks exchange O(N) statistics in one all-gather, never logits; dW and db are the shard's.
+        vocab_start: this shard's first global id; default ``rank * V_r`` (even shards); pass it for uneven ones.
+        grad_hidden: with ``tp_group``, ``"full"`` sums d hidden over the group (one all-reduce in fp32);
+            ``"partial"`` leaves each rank its shard's part, for frameworks whose own op reduces it (Megatron's
+            column-parallel output layer).
 
     Returns:
         ``(logp, entropy)`` fp32 of ``targets``' shape (entropy is None when not requested), plus ``gathered``
@@ -476,20 +485,30 @@ def fused_linear_logprobs(
             return_entropy,
             gather_ids,
             backend,
+            (tp_group, vocab_start, grad_hidden),
         )
 
 
 def _fused_linear_logprobs(
-    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids, backend
+    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids, backend, tp=(None,) * 3
 ):
     lead = tuple(targets.shape)
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
     t = targets.reshape(-1).long()
     ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
-    logp, ent, gathered, _ = torch.ops.rlvr_kernels.linear_logprobs(
-        x, weight, bias, t, ids, 1.0 / float(temperature), int(ignore_index), backend
-    )
+    tp_group, vocab_start, grad_hidden = tp
+    if tp_group is not None:
+        from rlvr_kernels import vocab_parallel  # builds on this module's ops
+
+        logp, ent, gathered = vocab_parallel.linear_logprobs(
+            x, weight, t, bias, 1.0 / float(temperature), int(ignore_index), ids, backend, tp_group, vocab_start,
+            grad_hidden,
+        )  # fmt: skip
+    else:
+        logp, ent, gathered, _ = torch.ops.rlvr_kernels.linear_logprobs(
+            x, weight, bias, t, ids, 1.0 / float(temperature), int(ignore_index), backend
+        )
     logp = logp.reshape(lead)
     ent = ent.reshape(lead) if return_entropy else None
     if gather_ids is None:
@@ -510,6 +529,12 @@ def _logits_op(
     on the torch backend; the entropy is computed either way). Checks the
     ids' range (a host read) before any kernel runs."""
     _check_ids_range(targets, logits.shape[-1], "targets", ignore_index)
+    return logits_forward(logits, targets, temperature, ignore_index, backend)
+
+
+def logits_forward(logits, targets, temperature, ignore_index, backend, check=True):
+    """The body of ``rlvr_kernels::logprobs_from_logits`` after the ids' check: ``(logp, entropy, lse)``
+    (``check=False``: no finiteness check of the rows)."""
     which = resolve_backend(backend, logits.device)
     if which == "triton" and logits.dtype == torch.float64:
         raise TypeError(
@@ -521,11 +546,13 @@ def _logits_op(
 
             z = logits if logits.stride(-1) == 1 else logits.contiguous()
             logp, ent, lse = K.logits_forward(z, targets, 1.0 / temperature, ignore_index)
-            ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
+            if check:
+                ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
             return logp, ent, lse
         logp, ent, lse = ref.logprobs_from_logits(
-            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index, stats=vocab_rows.row_stats
-        )
+            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index, stats=vocab_rows.row_stats,
+            check=check,
+        )  # fmt: skip
         return logp, ent, lse
 
 
@@ -550,18 +577,26 @@ def _logits_backward_op(
 ) -> torch.Tensor:
     """The gradient with respect to ``logits``, in the logits' dtype. Triton: one row pass from the saved ``lse`` and
     entropy. Torch: the reference's analytic backward, recomputed one ``[chunk, V]`` block at a time."""
+    return logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend)
+
+
+def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend, g_lse=None):
+    """The body of ``rlvr_kernels::logprobs_from_logits_backward``; ``g_lse``: the log-normaliser's upstream
+    gradient (:func:`rlvr_kernels.reference.logprobs.upstream_coefficients`)."""
     which = resolve_backend(backend, logits.device)
     with no_autocast(logits.device):
         if which == "triton" and logits.shape[0] > 0:
             from rlvr_kernels.kernels import logprobs as K
 
             z = logits if logits.stride(-1) == 1 else logits.contiguous()
-            gl = g_logp.float().contiguous() if g_logp is not None else lse.new_zeros(lse.shape)
-            gh = g_ent.float().contiguous() if g_ent is not None else None
-            return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index)
+            gl, gh, _, cp = ref.upstream_coefficients(
+                targets, ignore_index, g_logp, g_ent, None, None, torch.float32, g_lse
+            )
+            return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index, c_p=cp)
         return ref.logits_backward(
-            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, grad=vocab_rows.row_grad_
-        )
+            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, grad=vocab_rows.row_grad_,
+            g_lse=g_lse,
+        )  # fmt: skip
 
 
 @_logits_backward_op.register_fake
@@ -600,6 +635,8 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = True,
     backend: str = "auto",
+    tp_group=None,
+    vocab_start: int | None = None,
 ):
     """Per-token log-probs and entropies from logits a model already produced (TRL's default path).
 
@@ -607,6 +644,9 @@ def logprobs_from_logits(
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64 on the torch backend); not modified.
         targets: int64 ``[...]`` (logits' leading shape), in ``[0, V)`` or ``ignore_index``.
         temperature, ignore_index, return_entropy, backend: as in :func:`fused_linear_logprobs`.
+        tp_group, vocab_start: vocabulary-sharded logits (a tensor-parallel lm_head's output, Megatron's layout):
+            ``logits`` are this rank's columns ``[vocab_start, vocab_start + V_r)``, ``targets`` global ids; every
+            rank gets the unsharded outputs (one all-gather of O(N) statistics) and the gradient of its own shard.
 
     Returns:
         ``(logp, entropy)`` fp32 of ``targets``' shape (entropy None when not requested), differentiable with
@@ -627,6 +667,14 @@ def logprobs_from_logits(
     _checks.integer("ignore_index", ignore_index)
     v = logits.shape[-1]
     lead = tuple(targets.shape)
+    if tp_group is not None:
+        from rlvr_kernels import vocab_parallel  # builds on this module's ops
+
+        logp, ent = vocab_parallel.logprobs_from_logits(
+            logits.reshape(-1, v), targets.reshape(-1).long(), float(temperature), int(ignore_index), backend,
+            tp_group, vocab_start,
+        )  # fmt: skip
+        return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
     logp, ent, _ = torch.ops.rlvr_kernels.logprobs_from_logits(
         logits.reshape(-1, v),
         targets.reshape(-1).long(),

@@ -192,6 +192,9 @@ class RLVRLoss(nn.Module):
         global_batch_size=None,
         batch_num_tokens=None,
         dp_size: int = 1,
+        tp_group=None,
+        vocab_start: Optional[int] = None,
+        grad_hidden: str = "full",
     ):
         """Loss of one micro-batch.
 
@@ -204,7 +207,10 @@ class RLVRLoss(nn.Module):
         default ``old_per_token_logps``); ``delta_coefficients [B, T]``; ``old_entropy [B, T]`` (entropy_adv's
         H, default the current policy's, detached); ``global_batch_size`` / ``batch_num_tokens`` (verl's
         ``global_batch_info`` for the verl aggregation modes) and ``dp_size`` (verl multiplies those modes by the
-        data-parallel size, because DDP/FSDP average the ranks' gradients).
+        data-parallel size, because DDP/FSDP average the ranks' gradients). ``tp_group`` / ``vocab_start`` /
+        ``grad_hidden``: a vocabulary-sharded lm_head, as in :func:`rlvr_kernels.fused_linear_logprobs`
+        (``lin_weight``, ``bias`` and ``ref_weight``/``ref_bias`` are this rank's shard; ids stay global; every rank
+        gets the unsharded loss and metrics, the gradient of its own shard and, by default, the full d``_input``).
         """
         return rlvr_loss(
             self.config,
@@ -228,6 +234,9 @@ class RLVRLoss(nn.Module):
             global_batch_size=global_batch_size,
             batch_num_tokens=batch_num_tokens,
             dp_size=dp_size,
+            tp_group=tp_group,
+            vocab_start=vocab_start,
+            grad_hidden=grad_hidden,
         )
 
 
@@ -254,9 +263,12 @@ def _check_inputs(
     num_items_in_batch,
     global_batch_size,
     batch_num_tokens,
+    sharded: bool = False,
 ):
     """Every tensor's type, shape, dtype and device, ids in range and finite values on the loss tokens, before any
-    kernel runs. Values at positions outside the loss mask are never read (padding may hold anything)."""
+    kernel runs. Values at positions outside the loss mask are never read (padding may hold anything). ``sharded``:
+    ``w`` is one vocabulary shard, so ids are checked against the whole vocabulary by the ops (after their exchange),
+    here only for being >= 0."""
     _check_float_tensor(x, "_input")
     if x.dim() != 3 or x.shape[-1] == 0:
         raise ValueError(f"_input must be [B, T, H] hidden states with H > 0, got shape {tuple(x.shape)}")
@@ -323,9 +335,9 @@ def _check_inputs(
     )
     if torch.compiler.is_compiling():
         if cfg.compiled_value_checks:
-            _assert_values(mask, ids, w.shape[0], values)
+            _assert_values(mask, ids, 2**62 if sharded else w.shape[0], values)
     else:
-        _check_values(mask, ids, w.shape[0], values)
+        _check_values(mask, ids, 2**62 if sharded else w.shape[0], values)
     if cfg.beta != 0.0 and cfg.use_ref_model and ref is None and ref_input is None:
         raise ValueError("beta != 0 with use_ref_model=True needs ref_per_token_logps or ref_input (and ref_weight)")
     if ref is None and ref_input is not None and ref_weight is None:
@@ -420,6 +432,9 @@ def rlvr_loss(
     global_batch_size=None,
     batch_num_tokens=None,
     dp_size: int = 1,
+    tp_group=None,
+    vocab_start: Optional[int] = None,
+    grad_hidden: str = "full",
 ):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``.
 
@@ -452,6 +467,7 @@ def rlvr_loss(
             num_items_in_batch,
             global_batch_size,
             batch_num_tokens,
+            tp_group is not None,
         )
         ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
         B, T, H = _input.shape
@@ -476,6 +492,8 @@ def rlvr_loss(
                     return_entropy=False,
                     ignore_index=cfg.ignore_index,
                     backend=cfg.backend,
+                    tp_group=tp_group,
+                    vocab_start=vocab_start,
                 )
 
         def f(t):
@@ -519,6 +537,9 @@ def rlvr_loss(
                 temperature=cfg.temperature,
                 ignore_index=cfg.ignore_index,
                 backend=cfg.backend,
+                tp_group=tp_group,
+                vocab_start=vocab_start,
+                grad_hidden=grad_hidden,
             )
             logp, ent = logp.float(), ent.float()
             if counts is None:  # a selection over the batch: the rows' shares follow from the current entropies
@@ -536,7 +557,8 @@ def rlvr_loss(
         ent_norm = counts.sum().clamp(min=1.0) if cfg.aggregation is None else norm
         batch.counts = counts
         if fused:
-            loss, sums, active = F.fused_loss(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm)
+            tp = None if tp_group is None else (tp_group, vocab_start, grad_hidden)
+            loss, sums, active = F.fused_loss(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, tp)
         else:
             loss, sums, active = token_pass(cfg, logp, ent, batch.rows(slice(None)), q, norm, ent_norm)
         # the normaliser was computed from the planned active tokens (an internal invariant: checked in eager mode,

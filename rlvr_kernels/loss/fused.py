@@ -31,6 +31,7 @@ from rlvr_kernels.loss.token_pass import (
     token_pass,
     unpack_sums,
 )
+from rlvr_kernels.parallel import vocab as pv
 from rlvr_kernels.reference import logprobs as ref_lp
 
 
@@ -73,14 +74,25 @@ def fused_pass(
     norm,
     ent_norm,
     need: tuple[bool, bool, bool],
+    shard: Optional[pv.VocabShard] = None,
+    reduce_dx: bool = True,
 ) -> FusedResult:
     """Loss, gradients and metric sums of the batch ``batch`` (``rlvr_kernels.loss.api.Batch``) over chunks.
 
     ``x [B, T, H]``, ``w [V, H]``, ``b [V]``; ``need``: which of (dx, dw, db) to compute. The torch path computes in
     fp32 (float64 for float64 inputs); the Triton path keeps the GEMM operands in the input dtype with fp32 logits.
+    With ``shard`` (a vocabulary-sharded head: ``w``/``b`` are this rank's rows, the ids global) each chunk's row
+    statistics are combined over the shard's group (:func:`rlvr_kernels.parallel.vocab.combine`: one all-gather of
+    O(rows) values) before the token pass, which every rank then runs alike; dW/db are the shard's and each chunk's
+    dX is summed over the group (one all-reduce in fp32) unless ``reduce_dx`` is False.
     """
     B, T, H = x.shape
     V = w.shape[0]
+    v_plan = V
+    if shard is not None:  # every rank must cut the same chunks (its collectives pair with the others')
+        v_plan = torch.tensor([V], dtype=torch.int64, device=x.device)
+        pv.dist.all_reduce(v_plan, op=pv.dist.ReduceOp.MAX, group=shard.group)
+        v_plan = int(v_plan)
     use_triton = resolve_backend(cfg.backend, x.device) == "triton"
     inv_temp = 1.0 / cfg.temperature
     need_x, need_w, need_b = need
@@ -89,7 +101,7 @@ def fused_pass(
     w_mm = w if use_triton else w.to(cdt)
     # dz in the GEMM dtype (fp16: fp32, small gradients would underflow)
     dz_dtype = torch.float32 if (use_triton and w.dtype == torch.float16) else cdt
-    plan = chunks(cfg, B, T, V, x.device)
+    plan = chunks(cfg, B, T, v_plan, x.device)
     dx = torch.zeros((B, T, H), device=x.device, dtype=x.dtype) if need_x else None
     # dW sums over the chunks: in fp32 when there are several (bf16 sums across chunks bias the update)
     dw_dtype = torch.float32 if (len(plan) > 1 and w_mm.dtype in (torch.bfloat16, torch.float16)) else w_mm.dtype
@@ -111,15 +123,23 @@ def fused_pass(
         # neither the logits nor dW); the others get logp = entropy = 0
         keep = (tc_all != cfg.ignore_index).nonzero().squeeze(1)
         tc = tc_all.index_select(0, keep)
+        tc_loc, own = (tc, None) if shard is None else shard.local_ids(tc)
         xc = x[sl, cols].reshape(-1, H).index_select(0, keep).to(cdt)
         if use_triton:
             from rlvr_kernels.kernels import logprobs as K
 
             z = _gemm.logits_fp32(xc, w, b)
-            lp_k, ent_k, lse_k = K.logits_forward(z, tc, inv_temp, cfg.ignore_index)
+            lp_k, ent_k, lse_k = K.logits_forward(z, tc_loc, inv_temp, cfg.ignore_index)
         else:
             z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), 1.0, out=buf)
-            lp_k, ent_k, lse_k = vocab_rows.row_stats(z, tc, inv_temp, cfg.ignore_index)
+            lp_k, ent_k, lse_k = vocab_rows.row_stats(z, tc_loc, inv_temp, cfg.ignore_index)
+        if shard is not None:  # this shard's statistics -> the whole vocabulary's, on every rank alike
+            every = torch.ones_like(tc, dtype=torch.bool)
+            target_logit = torch.where(own, lp_k + lse_k, torch.zeros_like(lp_k))
+            (lp_k, ent_k, _, lse_k), vocab = pv.combine(
+                shard, lse_k, ent_k, target_logit, lp_k.new_zeros((lp_k.shape[0], 0)), every, None, "RLVRLoss"
+            )
+            pv.check_global_ids(tc, every, vocab, "selected_token_ids")
         lp = _scatter_rows(lp_k, keep, nr * nc)
         ent = _scatter_rows(ent_k, keep, nr * nc)
         # per-token gradient coefficients of the loss, from a small autograd graph over [rows, T] only
@@ -130,12 +150,16 @@ def fused_pass(
             g_lp, g_ent = torch.autograd.grad(chunk_loss, [lp_leaf, ent_leaf], allow_unused=True)
         g_lp = g_lp.reshape(-1).index_select(0, keep) if g_lp is not None else torch.zeros_like(lp_k)
         g_ent = g_ent.reshape(-1).index_select(0, keep) if g_ent is not None else None
+        # on a shard, the one-hot part of a target another shard owns moves into the normaliser's gradient
+        g_own, g_lse = (g_lp, None) if shard is None else (torch.where(own, g_lp, 0.0), torch.where(own, 0.0, -g_lp))
         if use_triton:
             out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
-            dz = K.logits_backward(z, tc, lse_k, ent_k, g_lp, g_ent, inv_temp, cfg.ignore_index, out=out)
+            dz = K.logits_backward(
+                z, tc_loc, lse_k, ent_k, g_own, g_ent, inv_temp, cfg.ignore_index, out=out, c_p=g_lp.float()
+            )
         else:
-            gl, gh, _, cp = ref_lp.upstream_coefficients(tc, cfg.ignore_index, g_lp, g_ent, None, None, cdt)
-            dz = vocab_rows.row_grad_(z, tc, lse_k, ent_k, gl, gh, cp, inv_temp, cfg.ignore_index)
+            gl, gh, _, cp = ref_lp.upstream_coefficients(tc_loc, cfg.ignore_index, g_own, g_ent, None, None, cdt, g_lse)
+            dz = vocab_rows.row_grad_(z, tc_loc, lse_k, ent_k, gl, gh, cp, inv_temp, cfg.ignore_index)
         del z
         loss += chunk_loss.detach().float()
         active_all[sl, cols] = active.detach()
@@ -143,7 +167,10 @@ def fused_pass(
         sums = sums.add(chunk_sums, sl, B)
         w_dz = w_mm if dz.dtype == w_mm.dtype else w_mm.to(dz.dtype)
         if need_x:
-            dx_c = _scatter_rows(_gemm.mm_fp32(dz, w_dz), keep, nr * nc)
+            dx_k = _gemm.mm_fp32(dz, w_dz)
+            if shard is not None and reduce_dx:
+                pv.all_reduce_sum_(dx_k, shard.group)
+            dx_c = _scatter_rows(dx_k, keep, nr * nc)
             dx[sl, cols] = dx_c.view(nr, nc, H).to(x.dtype)
         if need_w:
             xd = xc if xc.dtype == dz.dtype else xc.to(dz.dtype)
@@ -224,6 +251,9 @@ def _fused_loss_op(
     norm: torch.Tensor,
     ent_norm: torch.Tensor,
     need: list[bool],
+    tp_group: str = "",
+    vocab_start: int = 0,
+    reduce_dx: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_pass` of ``config`` (:meth:`LossConfig.to_json`) on the batch tensors (:class:`Batch`'s fields;
     ``q``: the schedule value, a 0-dim tensor, or None; ``norm`` / ``ent_norm``: fp32 0-dim divisors; ``need``:
@@ -231,15 +261,22 @@ def _fused_loss_op(
 
     Returns ``(loss, dx, dw, db, active, scalar_sums, row_sums)``: the fp32 0-dim loss, the gradients in the
     inputs' dtypes (an empty tensor where not computed), the ``[B, T]`` fp32 mask of the tokens that took part and
-    the metric numerators packed by :func:`rlvr_kernels.loss.token_pass.pack_sums`. Checks the ids' range first."""
+    the metric numerators packed by :func:`rlvr_kernels.loss.token_pass.pack_sums`. Checks the ids' range first.
+    ``tp_group``: the name of the process group over which ``w``/``b`` are vocabulary shards starting at
+    ``vocab_start`` ("" for none; ``reduce_dx``: sum dX over it)."""
     from rlvr_kernels.loss.config import config_from_json
 
     cfg = config_from_json(config)
-    check_token_ids(ids, ids != cfg.ignore_index, w.shape[0])
+    shard = None
+    if tp_group:
+        shard = pv.vocab_shard(pv.resolve_group(tp_group), w.shape[0], vocab_start)
+        check_token_ids(ids, ids != cfg.ignore_index, 2**62)  # the upper bound: after the shards' layout is known
+    else:
+        check_token_ids(ids, ids != cfg.ignore_index, w.shape[0])
     batch = Batch(x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts)
     qf = None if q is None else float(q)
     with _autograd_inside_op(), torch.no_grad():
-        res = fused_pass(cfg, x, w, b, batch, qf, norm, ent_norm, tuple(need))
+        res = fused_pass(cfg, x, w, b, batch, qf, norm, ent_norm, tuple(need), shard, reduce_dx)
     got = frozenset(f.name for f in dataclasses.fields(res.sums) if getattr(res.sums, f.name) is not None)
     if got != present_sums(cfg):
         raise RuntimeError(f"internal error: the token pass gave the sums {sorted(got)}, not those planned")
@@ -249,7 +286,8 @@ def _fused_loss_op(
 
 
 @_fused_loss_op.register_fake
-def _(config, x, w, b, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts, q, norm, ent_norm, need):
+def _(config, x, w, b, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts, q, norm, ent_norm, need,
+      tp_group="", vocab_start=0, reduce_dx=True):  # fmt: skip
     f32 = dict(dtype=torch.float32, device=x.device)
     empty = x.new_empty(0)
     B, T = mask.shape
@@ -285,16 +323,22 @@ def _fused_backward(ctx, g_loss, *_unused):
             return None
         return t if as_is else t * g_loss.to(t.dtype)
 
-    return (None, scale(dx, 1), scale(dw, 2), scale(db, 3)) + (None,) * 15
+    return (None, scale(dx, 1), scale(dw, 2), scale(db, 3)) + (None,) * 18
 
 
 _fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
-def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
+def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm, tp=None) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
     """The fused path of :class:`rlvr_kernels.RLVRLoss` through ``rlvr_kernels::fused_loss``: ``(loss, sums,
     active)`` with ``loss`` differentiable w.r.t. ``x``, ``w``, ``b`` (gradients computed in the forward), the
-    detached metric numerators and the ``[B, T]`` mask of active tokens. ``q``: a float, a 0-dim tensor or None."""
+    detached metric numerators and the ``[B, T]`` mask of active tokens. ``q``: a float, a 0-dim tensor or None.
+    ``tp``: ``(tp_group, vocab_start, grad_hidden)`` for a vocabulary-sharded head, or None."""
+    tp_args = ("", 0, True)
+    if tp is not None and tp[0] is not None:
+        group, start, grad_hidden = tp
+        shard = pv.vocab_shard(group, w.shape[0], start)
+        tp_args = (pv.group_name(group), shard.start, grad_hidden == "full")
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and b is not None and b.requires_grad]
     if q is not None and not isinstance(q, torch.Tensor):
@@ -319,6 +363,7 @@ def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm) -> tuple[torch.Ten
         norm,
         ent_norm,
         need,
+        *tp_args,
     )
     loss, _, _, _, active, scalars, rows = out
     return loss, unpack_sums(cfg, scalars.detach(), rows.detach()), active.detach()

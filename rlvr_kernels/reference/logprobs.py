@@ -38,11 +38,13 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = True,
     stats=None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The torch backend of :func:`rlvr_kernels.logprobs_from_logits` on ``[N, V]`` logits (no autograd), one
     ``[chunk, V]`` row block at a time through ``stats`` (default :func:`row_stats`).
 
     Returns fp32 (fp64 for fp64 logits) ``logp [N]``, ``entropy [N]`` (None when not requested) and ``lse [N]``.
+    ``check=False`` skips the finiteness check (a vocabulary shard's caller checks the combined rows instead).
     """
     cdt = compute_dtype(logits)
     n, v = logits.shape
@@ -58,7 +60,8 @@ def logprobs_from_logits(
         lp, en, ls = (stats or row_stats)(logits[s : s + chunk].detach().to(cdt), t, 1.0 / temperature, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
     # a row that counts has a finite log-normaliser (NaN, +inf or all -inf logits do not)
-    check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
+    if check:
+        check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
     return logp, (ent if return_entropy else None), lse
 
 
@@ -72,16 +75,18 @@ def logits_backward(
     temperature: float,
     ignore_index: int,
     grad=None,
+    g_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The analytic gradient of :func:`logprobs_from_logits` with respect to ``logits [N, V]`` (in their dtype),
     from the forward's ``lse`` and ``entropy``, chunked over rows like the forward (``grad``: default
     :func:`row_grad_`):
-    ``(g_logp (onehot - p) - g_ent p (log p + H)) / T``; ignored rows get 0 whatever their logits hold."""
+    ``(g_logp (onehot - p) - g_ent p (log p + H) + g_lse p) / T``; ignored rows get 0 whatever their logits hold.
+    ``g_lse`` (optional ``[N]``): the upstream gradient of the log-normaliser."""
     cdt = compute_dtype(logits)
     n, v = logits.shape
     out = torch.empty_like(logits)
     chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
-    gl, gh, _, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, None, None, cdt)
+    gl, gh, _, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, None, None, cdt, g_lse)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         z = torch.empty((e - s, v), dtype=cdt, device=logits.device).copy_(logits[s:e])  # never the caller's
@@ -210,24 +215,28 @@ def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, what: str) -> None:
         )
 
 
-def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_ids, dtype):
+def upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, gather_ids, dtype, g_lse=None):
     """Per-row gradient coefficients from the upstream gradients (None = unused output), zero on ignored rows.
 
     Returns ``(g_logp [N], g_ent [N] | None, g_gath [N, K] | None, c_p [N])`` in ``dtype``, where
-    ``c_p = g_logp + sum_k g_gath[:, k]`` multiplies the ``-p`` term that every log-prob output contributes.
+    ``c_p = g_logp + sum_k g_gath[:, k] - g_lse`` multiplies the ``-p`` term: every log-prob output contributes
+    ``-p`` through its ``-lse``, and the log-normaliser's own gradient ``g_lse`` (optional ``[N]``) adds ``+p``. The
+    vocabulary-parallel ops use it for the outputs whose one-hot part lies on another rank's shard.
     """
     keep = (targets != ignore_index).to(dtype)
     gl = g_logp.to(dtype) * keep if g_logp is not None else keep * 0
     gh = g_ent.to(dtype) * keep if g_ent is not None else None
     gg = g_gath.to(dtype) * keep.unsqueeze(1) if (g_gath is not None and gather_ids is not None) else None
     cp = gl + gg.sum(1) if gg is not None else gl
+    if g_lse is not None:
+        cp = cp - g_lse.to(dtype) * keep
     return gl, gh, gg, cp
 
 
-def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk, stats=None):
+def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index, chunk, stats=None, check=True):
     """Token-chunked forward: ``x [N, H]``, ``w [V, H]`` and ``b [V]`` already in the compute dtype. Returns
     ``(logp [N], entropy [N], gathered [N, K], lse [N])``; one ``[chunk, V]`` block live at a time, its statistics
-    from ``stats`` (default :func:`row_stats`)."""
+    from ``stats`` (default :func:`row_stats`). ``check=False`` skips the finiteness check of the rows."""
     n = x.shape[0]
     cdt = w.dtype
     logp = x.new_empty(n, dtype=cdt)
@@ -244,19 +253,20 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
         if gather_ids is not None:
             zg = z.gather(1, gather_ids[s : s + chunk]) * inv_temp - ls.unsqueeze(1)
             gathered[s : s + chunk] = torch.where((t == ignore_index).unsqueeze(1), 0.0, zg)
-    check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
+    if check:
+        check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
     return logp, ent, gathered, lse
 
 
 def chunked_linear_backward(
-    x, w, b, targets, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, chunk, need, grad=None
+    x, w, b, targets, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, chunk, need, grad=None, g_lse=None
 ):
     """The analytic backward of :func:`chunked_linear_forward`, recomputing each chunk's logits: ``(dx, dw, db)`` in
     the compute dtype (``w``'s), None where ``need`` (three flags) says no; ``dz`` from ``grad`` (default
-    :func:`row_grad_`)."""
+    :func:`row_grad_`); ``g_lse``: the log-normaliser's upstream gradient (:func:`upstream_coefficients`)."""
     need_x, need_w, need_b = need
     n, cdt = x.shape[0], w.dtype
-    gl, gh, gg, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, ids, cdt)
+    gl, gh, gg, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, g_gath, ids, cdt, g_lse)
     # every row of dx is written by its chunk's GEMM; the first chunk writes dw, later ones accumulate (no zero fill)
     dx = torch.empty(x.shape, dtype=cdt, device=x.device) if need_x else None
     dw = torch.empty(w.shape, dtype=cdt, device=w.device) if need_w else None
