@@ -195,6 +195,7 @@ class RLVRLoss(nn.Module):
         tp_group=None,
         vocab_start: Optional[int] = None,
         grad_hidden: str = "full",
+        seq_group=None,
     ):
         """Loss of one micro-batch.
 
@@ -211,6 +212,8 @@ class RLVRLoss(nn.Module):
         ``grad_hidden``: a vocabulary-sharded lm_head, as in :func:`rlvr_kernels.fused_linear_logprobs`
         (``lin_weight``, ``bias`` and ``ref_weight``/``ref_bias`` are this rank's shard; ids stay global; every rank
         gets the unsharded loss and metrics, the gradient of its own shard and, by default, the full d``_input``).
+        ``seq_group``: sequence-split rows (Ulysses / context parallelism): every per-token input is this rank's
+        columns of the rows (rank order; see :func:`rlvr_kernels.loss.api.rlvr_loss`).
         """
         return rlvr_loss(
             self.config,
@@ -237,6 +240,7 @@ class RLVRLoss(nn.Module):
             tp_group=tp_group,
             vocab_start=vocab_start,
             grad_hidden=grad_hidden,
+            seq_group=seq_group,
         )
 
 
@@ -435,11 +439,32 @@ def rlvr_loss(
     tp_group=None,
     vocab_start: Optional[int] = None,
     grad_hidden: str = "full",
+    seq_group=None,
+    _token_logprobs=None,
 ):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``.
 
     Under ``torch.autocast`` the hidden states and the head are cast as the ``lm_head`` would be (to the autocast
-    dtype), and the loss then runs with autocast off: statistics and the token pass in fp32."""
+    dtype), and the loss then runs with autocast off: statistics and the token pass in fp32.
+
+    ``seq_group`` (sequence-split rows): ``_input`` and every ``[B, T]`` input hold this rank's columns
+    ``[c_r, c_r + T_r)`` of the same ``B`` rows, the ranks of the group in rank order. Each rank computes the
+    log-probs and entropies of its own tokens (no logits leave a rank), then the group exchanges them and the per-token
+    inputs (a documented gather of O(B T) values: ``rlvr_kernels.parallel.columns``), and every rank runs the token
+    pass on the whole rows: the loss and metrics equal the single-process ones on the whole rows for every objective
+    and credit rule (whole-row rules included), and the backward gives each rank the exact gradient of that loss with
+    respect to its own tokens' hidden states and their share of dW (the shares sum to the whole dW over the group).
+    Frameworks that average gradients over the sequence-parallel ranks (FSDP with Ulysses) should multiply the loss by
+    the group's size, as verl's Ulysses gather does for its log-probs. Runs the composable path; eager only.
+    ``_token_logprobs``: internal (the whole rows' ``(logp, entropy)`` ``[B, T]``, already computed)."""
+    if seq_group is not None:
+        return _seq_split_loss(
+            cfg, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias, ref_per_token_logps,
+            old_per_token_logps, ref_input, ref_weight, ref_bias, vllm_is_ratio, num_items_in_batch, step=step,
+            rollout_per_token_logps=rollout_per_token_logps, delta_coefficients=delta_coefficients,
+            old_entropy=old_entropy, global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens,
+            dp_size=dp_size, tp_group=tp_group, vocab_start=vocab_start, grad_hidden=grad_hidden, seq_group=seq_group,
+        )  # fmt: skip
     _input, lin_weight, bias, ref_input, ref_weight, ref_bias = autocast_inputs(
         _input, lin_weight, bias, ref_input, ref_weight, ref_bias
     )
@@ -524,11 +549,13 @@ def rlvr_loss(
                 and not cfg.batch_selection
                 and (T * lin_weight.shape[0] * 4 <= F.chunk_budget(_input.device) or M.token_local(cfg))
             )
-        if B * T == 0:
-            fused = False  # nothing to chunk: the composable path gives a zero loss connected to the inputs
+        if B * T == 0 or _token_logprobs is not None:
+            fused = False  # nothing to chunk (a zero loss connected to the inputs), or the log-probs are given
         counts = M.call_hook(rule, "planned_counts", cfg, mask, q=q)
         logp = ent = None
-        if not fused:
+        if _token_logprobs is not None:
+            logp, ent = _token_logprobs
+        elif not fused:
             logp, ent = fused_linear_logprobs(
                 _input,
                 lin_weight,
@@ -541,6 +568,7 @@ def rlvr_loss(
                 vocab_start=vocab_start,
                 grad_hidden=grad_hidden,
             )
+        if not fused:
             logp, ent = logp.float(), ent.float()
             if counts is None:  # a selection over the batch: the rows' shares follow from the current entropies
                 keep = M.call_hook(rule, "policy_mask", cfg, batch.adv, ent.detach(), mask, q=q)
@@ -567,6 +595,60 @@ def rlvr_loss(
             raise RuntimeError("internal error: the credit mask kept a different number of tokens than planned")
         coef = batch.coef if M.credit(cfg.credit).needs & {"coefficients"} else None
         return loss, loss_metrics(cfg, sums, batch.valid, B, q, coef)
+
+
+def _seq_split_loss(
+    cfg, _input, lin_weight, ids, attention_mask, advantages, bias, ref, old, ref_input, ref_weight, ref_bias,
+    is_ratio, num_items_in_batch, *, seq_group, tp_group, vocab_start, grad_hidden, **kw,
+):  # fmt: skip
+    """:func:`rlvr_loss` on sequence-split rows: this rank's tokens' log-probs, gathered with every per-token input
+    into whole rows, then the loss of the whole rows (see :func:`rlvr_loss`)."""
+    import torch.distributed as dist
+
+    from rlvr_kernels.parallel import columns as C
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("seq_group needs torch.distributed initialised (torch.distributed.init_process_group)")
+    if not isinstance(seq_group, dist.ProcessGroup):
+        raise TypeError(f"seq_group must be a torch.distributed ProcessGroup, got {type(seq_group).__name__}")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError("attention_mask must be a [B, T_r] tensor (this rank's columns)")
+    if not isinstance(_input, torch.Tensor) or _input.dim() != 3:
+        raise ValueError("_input must be [B, T_r, H] (this rank's columns)")
+    _input, lin_weight, bias, ref_input, ref_weight, ref_bias = autocast_inputs(
+        _input, lin_weight, bias, ref_input, ref_weight, ref_bias
+    )
+    valid = attention_mask != 0
+    if not isinstance(ids, torch.Tensor) or ids.shape != attention_mask.shape:
+        raise ValueError("selected_token_ids must have attention_mask's shape [B, T_r]")
+    local_ids = torch.where(valid, ids.long(), torch.full_like(ids, cfg.ignore_index, dtype=torch.long))
+    tp = dict(tp_group=tp_group, vocab_start=vocab_start)
+    with no_autocast(_input.device):
+        logp, ent = fused_linear_logprobs(
+            _input, lin_weight, local_ids, bias=bias, temperature=cfg.temperature, ignore_index=cfg.ignore_index,
+            backend=cfg.backend, grad_hidden=grad_hidden, **tp,
+        )  # fmt: skip
+        if ref is None and ref_input is not None and cfg.beta != 0.0 and cfg.use_ref_model:
+            with torch.no_grad():
+                ref, _ = fused_linear_logprobs(
+                    ref_input, ref_weight, local_ids, bias=ref_bias, temperature=cfg.temperature,
+                    ignore_index=cfg.ignore_index, return_entropy=False, backend=cfg.backend, **tp,
+                )  # fmt: skip
+    widths = C.column_widths(attention_mask.shape[1], seq_group, attention_mask.device)
+    rank = dist.get_rank(seq_group)
+
+    def g(t):
+        return C.gather_columns(t, seq_group, widths, rank) if isinstance(t, torch.Tensor) else t
+
+    B, T, H = attention_mask.shape[0], sum(widths), _input.shape[-1]
+    shapes_only = _input.new_zeros(()).expand(B, T, H)  # the loss reads no hidden state: the log-probs are given
+    for key in ("rollout_per_token_logps", "delta_coefficients", "old_entropy"):
+        kw[key] = g(kw.get(key))
+    return rlvr_loss(
+        cfg, shapes_only, lin_weight, g(ids), g(attention_mask), g(advantages), bias, g(ref), g(old), None, None,
+        None, g(is_ratio), num_items_in_batch, tp_group=tp_group, vocab_start=vocab_start,
+        _token_logprobs=(g(logp.float()), g(ent.float())), **kw,
+    )  # fmt: skip
 
 
 def _inert(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
