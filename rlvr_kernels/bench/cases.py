@@ -13,6 +13,8 @@ Ops:
 - ``loss_<name>``: whole ``RLVRLoss`` objectives and credit rules, forward + backward (e.g. ``loss_dapo_forking``).
   The method cases come from the catalogue :mod:`rlvr_kernels.methods` (:func:`method_cases`): one
   ``dapo_<credit>`` per credit rule and one ``<trust region>`` per trust region carried by a ``loss_type``.
+- ``tp_logprobs_fwd_bwd``, ``tp_loss_fused``: the vocabulary-parallel forms, per TP degree; their points start
+  ranks and are built and measured by :mod:`rlvr_kernels.bench.tp`, not here.
 
 The GEMM roofline rows have the implementation id ``cublas_gemm`` (kept so that results stay comparable across
 runs); they run ``torch.mm``, which is cuBLAS only on a GPU. Text shows them as :func:`impl_label` names them:

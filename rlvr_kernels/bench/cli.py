@@ -7,7 +7,9 @@ N=8192, H=4096, V=151936 plus sweeps over N and V), else the CPU (fp32, scaled-d
 
 Ops (record field ``op``): ``logprobs_fwd``, ``logprobs_fwd_bwd``, ``loss_fused``, ``token_pass`` (field ``case``
 says which token op) and whole losses ``loss_<name>`` (the method cases generated from
-:mod:`rlvr_kernels.methods`); implementations (field ``impl``): ``rlvr_kernels`` (ours), the GEMM roofline of the op
+:mod:`rlvr_kernels.methods`), and the vocabulary-parallel ``tp_logprobs_fwd_bwd`` / ``tp_loss_fused`` at the reference
+shape per TP degree (field ``tp``: 1, 2, 4, or ``--tp``; gloo ranks on CPU, one NCCL rank per GPU;
+:mod:`rlvr_kernels.bench.tp`); implementations (field ``impl``): ``rlvr_kernels`` (ours), the GEMM roofline of the op
 (id ``cublas_gemm``: 1, 4 or 3 ``torch.mm`` GEMMs, field ``gemms``; shown as ``torch.mm (CPU)`` on a CPU and
 ``cuBLAS (torch.mm)`` on a GPU) and the peers. An implementation that cannot run gives a record with an ``error``
 field saying why.
@@ -160,6 +162,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "liger_grpo' (gemm, record id cublas_gemm: the torch.mm GEMM roofline on every device)",
     )
     ap.add_argument("--dtypes", default=None, help="comma-separated dtypes (fp32, bf16, fp16)")
+    ap.add_argument(
+        "--tp",
+        default=None,
+        help="comma-separated TP degrees of the tp_* ops (default 1,2,4; on CUDA at most the GPU count)",
+    )
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     ap.add_argument(
         "--repeats",
@@ -216,7 +223,15 @@ def main(argv=None, *, prog: str | None = None) -> int:
         ap.error("--device cuda but CUDA is not available")
     mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-    points, cfg = runner.plan(device, mode, ops=split(args.ops), impls=split(args.impls), dtypes=split(args.dtypes))
+    try:
+        tp = [int(d) for d in split(args.tp)] if args.tp else None
+    except ValueError:
+        ap.error(f"--tp takes comma-separated integers, got {args.tp!r}")
+    if tp and min(tp) < 1:
+        ap.error(f"--tp degrees must be >= 1, got {args.tp!r}")
+    points, cfg = runner.plan(
+        device, mode, ops=split(args.ops), impls=split(args.impls), dtypes=split(args.dtypes), tp=tp
+    )
     try:
         timing = timing_mod.timing_for(device, mode, repeats=args.repeats, warmup=args.warmup)
     except ValueError as exc:

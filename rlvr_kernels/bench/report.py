@@ -51,7 +51,10 @@ OP_TITLES = {
     "loss_fused": "DAPO loss from hidden states, forward + backward; roofline 3 GEMMs",
     "token_pass": "token-level ops on [B, T] inputs",
     RAGGED_OP: "the DAPO loss on a batch of rows with T/4 ... T loss tokens (the rest padding); time per valid token",
+    "tp_logprobs_fwd_bwd": "vocabulary-parallel lm_head: composable forward + backward, per TP degree",
+    "tp_loss_fused": "vocabulary-parallel lm_head: fused DAPO loss, forward + backward, per TP degree",
 }
+TP_OPS = ("tp_logprobs_fwd_bwd", "tp_loss_fused")
 # Files a run writes into its folder (``--overwrite`` removes these, and only these, before writing).
 OUTPUT_FILES = ("results.json", "results.csv", "results.md", "meta.json") + tuple(
     f"{name}.png" for name in CORE_OPS + ("token_pass", "losses")
@@ -259,7 +262,61 @@ def summary_markdown(records: list, meta: dict | None, *, heading: str = "###") 
                     fmt_ratio(lig.get("ours_mem_ratio")),
                 ]
             lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines += tp_markdown(records, heading=heading)
     return "\n".join(lines) + "\n"
+
+
+def fmt_bytes(x) -> str:
+    if not x:
+        return "0"
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x} B"
+
+
+def tp_markdown(records: list, *, heading: str = "###") -> list:
+    """Lines of the "per TP degree" table of the vocabulary-parallel ops (none without such records)."""
+    tp = [r for r in records if r["op"] in TP_OPS]
+    lines = []
+    for key in dict.fromkeys((r["dtype"], r["N"], r["H"], r["V"]) for r in tp):
+        rows = sorted((r for r in tp if (r["dtype"], r["N"], r["H"], r["V"]) == key), key=lambda r: (r["op"], r["tp"]))
+        dtype, n, h, v = key
+        lines += [
+            "",
+            f"{heading} Vocabulary-parallel lm_head per TP degree at N={n}, H={h}, V={v}, {dtype} (V/TP rows per rank)",
+            "",
+            "| op | TP | threads per rank | ms (median, slowest rank) | IQR (ms) | x TP=1 time | peak MiB per rank | "
+            "x TP=1 memory | bytes exchanged per rank per step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        how = set()
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['tp']} | not run: {_cell(r['error'])} | | | | | | |")
+                continue
+            how.add(r.get("mem_measure"))
+            over = " (oversubscribed)" if r.get("oversubscribed") else ""
+            lines.append(
+                f"| {r['op']} | {r['tp']} | {r.get('threads_per_rank', '?')}{over} | "
+                f"{fmt_ms(r['ms_median'])} | {fmt_iqr(r)} | {fmt_ratio(r.get('time_ratio_vs_tp1'))} | "
+                f"{fmt_mib(r['peak_mem_mib'])} | {fmt_ratio(r.get('mem_ratio_vs_tp1'))} | "
+                f"{fmt_bytes(r.get('comm_bytes'))} |"
+            )
+        mem = (
+            "`max_memory_allocated` during the timed steps minus the inputs"
+            if how == {"cuda_max_memory_allocated"}
+            else "the growth of the rank process's peak resident set (VmHWM, reset after warm-up) during the timed "
+            "steps, gradients included"
+        )
+        lines += [
+            "",
+            "Each step is timed on every rank after a barrier; the time of a step is the slowest rank's. *peak MiB per "
+            f"rank*: the largest over the ranks of {mem}. *Bytes exchanged* are computed, not measured: the all-gather "
+            "of 3 fp64 statistics per row (3 x N x 8) plus the fp32 dX all-reduce (N x H x 4); none at TP=1. Ratios "
+            "divide by TP=1 of the same op in the same run; TP=1 runs the same tp_group code on a group of one.",
+        ]
+    return lines
 
 
 def full_table(records: list) -> str:

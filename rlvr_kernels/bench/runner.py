@@ -22,6 +22,7 @@ import time
 
 from rlvr_kernels.bench import cases as bc
 from rlvr_kernels.bench import timing as timing_mod
+from rlvr_kernels.bench import tp as tp_mod
 
 # Shapes per (device, mode): T = sequence length (N = B * T), the reference point (N, H, V), the N sweep at the
 # reference (H, V), the V sweep at the reference (N, H), extra lm_heads at the reference N, and the dtypes.
@@ -94,9 +95,10 @@ def shapes_of(cfg: dict) -> list:
     return uniq
 
 
-def plan(device: str, mode: str, *, ops=None, impls=None, dtypes=None) -> tuple[list, dict]:
+def plan(device: str, mode: str, *, ops=None, impls=None, dtypes=None, tp=None) -> tuple[list, dict]:
     """The points to run, in order, and the shape config used. ``ops`` are op names or globs (``loss_dapo_*``),
-    ``impls`` implementation ids, ``dtypes`` among fp32 / bf16 / fp16."""
+    ``impls`` implementation ids, ``dtypes`` among fp32 / bf16 / fp16, ``tp`` the TP degrees of the TP ops
+    (default 1, 2, 4; on CUDA those the GPUs allow)."""
     cfg = dict(SMOKE) if mode == "smoke" else dict(SHAPES[(device, mode)])
     if cfg["dtypes"] is None:
         cfg["dtypes"] = ("bf16",) if device == "cuda" else ("fp32",)
@@ -133,6 +135,7 @@ def plan(device: str, mode: str, *, ops=None, impls=None, dtypes=None) -> tuple[
                 if impl == "liger_grpo" and spec.get("liger") is None:
                     continue
                 add(f"loss_{name}", impl, n0, h0, v0, dtype)
+    points += tp_mod.points(cfg, device, tp)  # the vocabulary-parallel ops at the reference shape, per TP degree
     if ops:
         points = [p for p in points if any(fnmatch.fnmatchcase(p["op"], pat) for pat in ops)]
     if impls:
@@ -157,6 +160,7 @@ def _context(device: str, start_method: str | None, impls: set):
     ctx = mp.get_context(method)
     if method == "forkserver":
         mods = ["torch", "rlvr_kernels", "rlvr_kernels.bench.cases", "rlvr_kernels.bench.timing"]
+        mods += ["torch.distributed", "rlvr_kernels.bench.tp"]
         for impl in sorted(impls):
             if device == "cuda" or impl != "verl_triton":  # verl's Triton op is not run on CPU: do not import it
                 mods += list(bc.PEER_MODULES.get(impl, ()))
@@ -179,14 +183,15 @@ def run_points(
 
     CPU: one process per point (the resident set is per process). GPU (``group_by_impl``): one process per
     implementation, running its points in turn; a child that dies or overruns ``point_timeout`` gives its current
-    point an error and a new child takes the rest."""
+    point an error and a new child takes the rest. The TP points (:mod:`rlvr_kernels.bench.tp`) run in children of
+    their own, which start the ranks and end a rank's failure or hang as an error a little before ``point_timeout``."""
     ctx, method = _context(device, start_method, {p["impl"] for p in points})
     if group_by_impl is None:
         group_by_impl = device == "cuda"
     if group_by_impl:
         groups: dict = {}
         for i, p in enumerate(points):
-            groups.setdefault(p["impl"], []).append(i)
+            groups.setdefault((p["impl"], tp_mod.is_tp(p)), []).append(i)
         groups = list(groups.values())
     else:
         groups = [[i] for i in range(len(points))]
@@ -223,9 +228,12 @@ def run_points(
         remaining = list(group)
         while remaining:
             q = ctx.Queue()
-            proc = ctx.Process(
-                target=timing_mod.worker, args=(q, [points[i] for i in remaining], device, timing), daemon=True
-            )
+            todo = [points[i] for i in remaining]
+            if tp_mod.is_tp(todo[0]):  # not a daemon: it starts the ranks
+                rank_timeout = max(1.0, 0.9 * point_timeout - 1.0)
+                proc = ctx.Process(target=tp_mod.worker, args=(q, todo, device, timing, rank_timeout), daemon=False)
+            else:
+                proc = ctx.Process(target=timing_mod.worker, args=(q, todo, device, timing), daemon=True)
             proc.start()
             current, started, finished = None, time.monotonic(), 0
             while finished < len(remaining):
@@ -294,6 +302,8 @@ def make_records(points: list, results: list, dev_name: str, run_id: str | None 
             rec["impl_label"] = bc.impl_label(p["impl"], dev_name)
             if p["op"] in bc.GEMMS:
                 rec["gemms"] = bc.GEMMS[p["op"]]
+        if "tp" in p:
+            rec["tp"] = p["tp"]
         if run_id is not None:
             rec["run_id"] = run_id
         rec.update(res or {"error": "no result"})
@@ -318,6 +328,13 @@ def add_ratios(records: list) -> list:
         if "ms_median" not in r:
             continue
         op = r["op"]
+        if tp_mod.is_tp(r):  # per TP degree: time and memory over TP = 1's
+            one = get(op, r["impl"], r, "tp1")
+            if one and one["ms_median"] > 0:
+                r["time_ratio_vs_tp1"] = r["ms_median"] / one["ms_median"]
+            if one and one["peak_mem_mib"] > 0:
+                r["mem_ratio_vs_tp1"] = r["peak_mem_mib"] / one["peak_mem_mib"]
+            continue
         if op in bc.GEMMS:
             gemm = get(op, bc.GEMM_IMPL, r)
         elif op == "token_pass":
@@ -330,7 +347,7 @@ def add_ratios(records: list) -> list:
         if gemm and gemm["ms_median"] > 0:
             r["ratio_vs_gemm"] = r["ms_median"] / gemm["ms_median"]
     for r in records:
-        if "ms_median" not in r or r["impl"] in ("rlvr_kernels", bc.GEMM_IMPL):
+        if "ms_median" not in r or r["impl"] in ("rlvr_kernels", bc.GEMM_IMPL) or tp_mod.is_tp(r):
             continue
         ours = get(r["op"], "rlvr_kernels", r, r["case"])
         if not ours:
