@@ -6,7 +6,8 @@
   (hypothesis picks where) gives the loss, gradient and metrics of the same call with zero padding, and
   ``rlvr_clip`` / ``_dppo`` / ``_cispo`` keep verl's ``vanilla`` / ``dppo_tv`` / ``cispo`` numbers there;
 - a misspelt ``loss_mode=rlvr_...`` fails when verl builds the actor config, naming the valid ``rlvr_*`` losses;
-- ``fused_kernel_options.impl_backend=rlvr`` on an engine that ignores it (Megatron) is refused when verl builds
+- ``fused_kernel_options.impl_backend=rlvr`` on an engine that ignores it (any engine but the FSDP ones and verl's own
+  ``MegatronEngine``, which gets the Megatron form: tests/test_verl_megatron.py) is refused when verl builds
   the engine;
 - the entropy-based credit rules switch verl's ``calculate_entropy`` on for the update (worker hook);
 - bf16 ``log_prob`` (losses) and a bf16 model (fused forward) give finite results close to fp32;

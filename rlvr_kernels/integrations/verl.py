@@ -27,8 +27,9 @@ Importing this module (verl 0.9.x must be installed):
      (forking, entropy-shaped advantages, D^3S), and makes each micro-batch's ``data`` and ``model_output`` visible
      to the ``rlvr_*`` losses (:func:`loss_context`);
    - ``fused_kernel_options.impl_backend=rlvr`` (``rlvr_triton``, ``rlvr_torch``) installs
-     :func:`patch_forward_with_rlvr`; it is refused with ``use_fused_kernels`` on an engine that never reads it
-     (every strategy but ``fsdp`` / ``fsdp2``, e.g. Megatron) instead of being silently ignored;
+     :func:`patch_forward_with_rlvr`; on verl's Megatron engine it installs the vocabulary-parallel Megatron form
+     (:func:`megatron_fused_output_processor`, :func:`install_megatron_forward`); it is refused with
+     ``use_fused_kernels`` on every other engine that never reads it instead of being silently ignored;
    - configuration: verl's ``ActorConfig`` rejects a ``loss_mode`` spelt ``rlvr_...`` that is none of
      :data:`LOSS_NAMES`, naming them (:func:`check_loss_mode`; :class:`RLVRPolicyLossConfig` checks it too).
 
@@ -95,6 +96,11 @@ from rlvr_kernels.integrations._verl import losses as _losses  # importing it re
 from rlvr_kernels.integrations._verl.context import clear_training_step, loss_context, set_training_step
 from rlvr_kernels.integrations._verl.forward import FORWARD_BACKENDS, patch_forward_with_rlvr
 from rlvr_kernels.integrations._verl.hooks import install_hooks
+from rlvr_kernels.integrations._verl.megatron import (
+    install_megatron_forward,
+    megatron_fused_output_processor,
+    uninstall_megatron_forward,
+)
 from rlvr_kernels.integrations._verl.options import (
     DELTA_COEF_KEY,
     LOSS_NAMES,
@@ -121,6 +127,9 @@ __all__ = [
     "loss_context",
     "patch_forward_with_rlvr",
     "install_hooks",
+    "megatron_fused_output_processor",
+    "install_megatron_forward",
+    "uninstall_megatron_forward",
 ]
 
 # The config class is addressed by this module's path (Hydra's ``_target_``, and pickle when Ray ships a config to a

@@ -1,6 +1,7 @@
 """The training step and the per-micro-batch loss context: what a verl policy loss cannot get from its 7 arguments.
 
-This module holds the plug-in's process state, all of it (module globals: one copy per process, and verl runs one
+This module holds the plug-in's process state, all of it but the Megatron forward's (``megatron._STATE``: the op's
+backend and verl's replaced globals) (module globals: one copy per process, and verl runs one
 actor per worker process; nothing here is shared between processes):
 
 - ``_BASE``: the step declared by :func:`set_training_step` (custom loops): ``{"step", "total_steps"?, "source"}``;

@@ -3,9 +3,9 @@
 
 - ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` accepts the ``rlvr*`` backends and then
   installs :func:`patch_forward_with_rlvr` (:func:`wrap_patch_forward_with_backends`);
-- ``EngineRegistry.new`` refuses ``impl_backend=rlvr*`` with ``use_fused_kernels`` on an engine that never reads it
-  (every strategy but ``fsdp`` / ``fsdp2``, e.g. Megatron, which runs its own fused forward) instead of letting it be
-  silently ignored (:func:`wrap_engine_new`).
+- ``EngineRegistry.new`` installs the Megatron form (:mod:`.megatron`) for ``impl_backend=rlvr*`` on verl's own
+  Megatron engine, and refuses it with ``use_fused_kernels`` on any other engine that never reads it (every strategy
+  but ``fsdp`` / ``fsdp2``) instead of letting it be silently ignored (:func:`wrap_engine_new`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import types
 import torch
 
 from rlvr_kernels.integrations._verl.context import logger
+from rlvr_kernels.integrations._verl.megatron import route_megatron_engine
 from rlvr_kernels.logprobs import fused_linear_logprobs
 
 # model types for which verl ships its own (multimodal) fused forward; ours only handles text causal LMs
@@ -172,13 +173,13 @@ def _check_forward_backend(backend, model_config, engine_name: str) -> None:
     if bool(getattr(model_config, "use_fused_kernels", False)):
         raise NotImplementedError(
             f"{setting} is not supported by verl's {backend!r} engine ({engine_name}), which never reads "
-            f"impl_backend (the Megatron engine runs its own fused forward) and would silently ignore it. The rlvr "
-            f"fused forward needs actor_rollout_ref.actor.strategy=fsdp or fsdp2; on {backend!r} drop the override "
-            f"(or use verl's own impl_backend)"
+            f"impl_backend and would silently ignore it. The rlvr fused forward needs "
+            f"actor_rollout_ref.actor.strategy=fsdp or fsdp2, or verl's own Megatron engine (MegatronEngine); on "
+            f"{backend!r} drop the override (or use verl's own impl_backend)"
         )
     logger.warning(
         "rlvr_kernels: %s has no effect on verl's %r engine (%s), which never reads impl_backend "
-        "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2",
+        "(and use_fused_kernels is off); the rlvr fused forward needs strategy=fsdp or fsdp2 or verl's Megatron engine",
         setting,
         backend,
         engine_name,
@@ -186,8 +187,8 @@ def _check_forward_backend(backend, model_config, engine_name: str) -> None:
 
 
 def wrap_engine_new(orig):
-    """``EngineRegistry.new`` (TrainingWorker builds every engine through it): refuse ``impl_backend=rlvr`` for an
-    engine that would ignore it."""
+    """``EngineRegistry.new`` (TrainingWorker builds every engine through it): install the Megatron form of the
+    rlvr forward for verl's Megatron engine, refuse ``impl_backend=rlvr`` for an engine that would ignore it."""
     func = orig.__func__ if isinstance(orig, classmethod) else orig
     if getattr(func, "_rlvr_wrapped", False):
         return orig
@@ -200,7 +201,8 @@ def wrap_engine_new(orig):
                 engine_cls = cls.get_engine_cls(model_type, backend)
             except Exception:  # no such engine: verl's own error comes from func below
                 engine_cls = None
-            if engine_cls is not None:
+            ec = kwargs.get("engine_config", None)
+            if engine_cls is not None and not route_megatron_engine(engine_cls, mc, FORWARD_BACKENDS, ec):
                 _check_forward_backend(backend, mc, engine_cls.__name__)
         return func(cls, model_type, backend, *args, **kwargs)
 
