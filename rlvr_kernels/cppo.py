@@ -72,6 +72,116 @@ def _check_topk(rows: _Rows, name: str, x) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class _Args:
+    """The checked arguments of one :func:`cppo_mask` call."""
+
+    rows: _Rows
+    logp: torch.Tensor  # detached
+    logp_mu: torch.Tensor  # detached
+    adv: torch.Tensor  # sign(A), detached: only the sign enters (Eq. 10)
+    per_token: bool
+    divergence: str
+    logp_topk: Optional[torch.Tensor]
+    logp_mu_topk: Optional[torch.Tensor]
+    block: Optional[int]
+    use: str  # the backend
+    kw: dict  # delta, w_min, delta_b, budget, quantile, quantile_scale, max_mult, horizon (checked)
+
+
+def _check_args(
+    logp,
+    logp_mu,
+    advantages,
+    mask,
+    *,
+    delta,
+    w_min,
+    delta_b,
+    budget,
+    quantile,
+    max_mult,
+    quantile_scale,
+    horizon,
+    divergence,
+    logp_topk,
+    logp_mu_topk,
+    cu_seqlens,
+    backend,
+    block_size,
+) -> _Args:
+    """Every check of :func:`cppo_mask` (types, shapes, numbers, finite values at valid positions)."""
+    rows = _Rows(mask, cu_seqlens)
+    logp = rows.check_token_tensor("logp", logp)
+    logp_mu = rows.check_token_tensor("logp_mu", logp_mu)
+    adv, per_token = rows.check_advantages(advantages)
+    delta = C.real("delta", delta, low=0.0, low_open=True)
+    w_min = C.real("w_min", w_min, low=0.0, low_open=True, high=1.0)
+    delta_b = C.real("delta_b", delta_b, low=0.0)
+    quantile = C.unit("quantile", quantile)
+    max_mult = C.real("max_mult", max_mult, low=1.0, fp32=False)
+    quantile_scale = C.real("quantile_scale", quantile_scale, low=0.0)
+    if horizon is not None:
+        horizon = C.integer("horizon", horizon, low=1, high=MAX_HORIZON)
+    budget = C.choice("budget", budget, BUDGETS)
+    divergence = C.choice("divergence", divergence, DIVERGENCES)
+    if divergence.startswith("topk"):
+        if logp_topk is None or logp_mu_topk is None:
+            raise ValueError(
+                f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
+                "the ids TopK(mu) ∪ {a_t}, shape mask.shape + (K,))"
+            )
+        _check_topk(rows, "logp_topk", logp_topk)
+        _check_topk(rows, "logp_mu_topk", logp_mu_topk)
+        if logp_topk.shape != logp_mu_topk.shape:
+            raise ValueError(
+                f"logp_topk and logp_mu_topk must have the same shape, got {tuple(logp_topk.shape)} "
+                f"and {tuple(logp_mu_topk.shape)}"
+            )
+    elif logp_topk is not None or logp_mu_topk is not None:
+        raise ValueError(f"logp_topk / logp_mu_topk are only used by the topk divergences, not {divergence!r}")
+    block = _check_block(block_size)
+    use = _backend(backend, rows)
+    rows.check_finite("logp", logp, fp32=True)
+    rows.check_finite("logp_mu", logp_mu, fp32=True)
+    rows.check_finite("advantages", adv, per_token)
+    return _Args(
+        rows=rows,
+        logp=logp.detach(),
+        logp_mu=logp_mu.detach(),
+        # only the sign of A enters (Eq. 10): taken in A's own dtype, so that no magnitude over- or underflows in fp32
+        adv=torch.sign(adv.detach()),
+        per_token=per_token,
+        divergence=divergence,
+        logp_topk=logp_topk,
+        logp_mu_topk=logp_mu_topk,
+        block=block,
+        use=use,
+        kw=dict(
+            delta=delta,
+            w_min=w_min,
+            delta_b=delta_b,
+            budget=budget,
+            quantile=quantile,
+            quantile_scale=quantile_scale,
+            max_mult=max_mult,
+            horizon=horizon,
+        ),
+    )
+
+
+_ANCHOR_MESSAGE = (
+    "cppo_mask: logp_mu equals logp on every valid token, so every divergence is 0 and CPPO masks nothing "
+    "(docs/methods/cppo.md, choice A9). The anchor mu must be the rollout engine's log-probs, frozen for all "
+    "updates of the rollout batch; a recomputed pi_old equals pi on the first update."
+)
+
+
+def _anchor_unmoved(logp: torch.Tensor, logp_mu: torch.Tensor, valid: torch.Tensor) -> bool:
+    """``logp_mu == logp`` at every valid position (choice A9)."""
+    return bool(((logp == logp_mu) | ~valid).all())
+
+
 def _cppo_mask(
     logp: torch.Tensor,
     logp_mu: torch.Tensor,
@@ -153,71 +263,38 @@ def _cppo_mask(
     only, power of two >= 16) is the number of tokens per loop step. The kernel uses one program per row, loops over
     blocks with a running carry, and has grid ``<= 65535``, so rows of 64k+ tokens and 100k+ rows work.
     """
-    rows = _Rows(mask, cu_seqlens)
-    logp = rows.check_token_tensor("logp", logp)
-    logp_mu = rows.check_token_tensor("logp_mu", logp_mu)
-    adv, per_token = rows.check_advantages(advantages)
-    delta = C.real("delta", delta, low=0.0, low_open=True)
-    w_min = C.real("w_min", w_min, low=0.0, low_open=True, high=1.0)
-    delta_b = C.real("delta_b", delta_b, low=0.0)
-    quantile = C.unit("quantile", quantile)
-    max_mult = C.real("max_mult", max_mult, low=1.0, fp32=False)
-    quantile_scale = C.real("quantile_scale", quantile_scale, low=0.0)
-    if horizon is not None:
-        horizon = C.integer("horizon", horizon, low=1, high=MAX_HORIZON)
-    budget = C.choice("budget", budget, BUDGETS)
-    divergence = C.choice("divergence", divergence, DIVERGENCES)
-    if divergence.startswith("topk"):
-        if logp_topk is None or logp_mu_topk is None:
-            raise ValueError(
-                f"divergence={divergence!r} needs logp_topk and logp_mu_topk (log-probs of pi and mu at "
-                "the ids TopK(mu) ∪ {a_t}, shape mask.shape + (K,))"
-            )
-        _check_topk(rows, "logp_topk", logp_topk)
-        _check_topk(rows, "logp_mu_topk", logp_mu_topk)
-        if logp_topk.shape != logp_mu_topk.shape:
-            raise ValueError(
-                f"logp_topk and logp_mu_topk must have the same shape, got {tuple(logp_topk.shape)} "
-                f"and {tuple(logp_mu_topk.shape)}"
-            )
-    elif logp_topk is not None or logp_mu_topk is not None:
-        raise ValueError(f"logp_topk / logp_mu_topk are only used by the topk divergences, not {divergence!r}")
-    block = _check_block(block_size)
-    use = _backend(backend, rows)
-    rows.check_finite("logp", logp, fp32=True)
-    rows.check_finite("logp_mu", logp_mu, fp32=True)
-    rows.check_finite("advantages", adv, per_token)
+    a = _check_args(
+        logp,
+        logp_mu,
+        advantages,
+        mask,
+        delta=delta,
+        w_min=w_min,
+        delta_b=delta_b,
+        budget=budget,
+        quantile=quantile,
+        max_mult=max_mult,
+        quantile_scale=quantile_scale,
+        horizon=horizon,
+        divergence=divergence,
+        logp_topk=logp_topk,
+        logp_mu_topk=logp_mu_topk,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        block_size=block_size,
+    )
+    rows, per_token, divergence, block, use, kw = a.rows, a.per_token, a.divergence, a.block, a.use, a.kw
+    logp, logp_mu, adv = a.logp, a.logp_mu, a.adv
 
-    logp = logp.detach()
-    logp_mu = logp_mu.detach()
-    # only the sign of A enters (Eq. 10): taken in A's own dtype, so that no magnitude over- or underflows in fp32
-    adv = torch.sign(adv.detach())
     valid = rows.valid
     n_valid = valid.sum(dtype=torch.int64)
-    if valid.numel() and bool(n_valid > 0) and bool(((logp == logp_mu) | ~valid).all()):
-        warnings.warn(
-            "cppo_mask: logp_mu equals logp on every valid token, so every divergence is 0 and CPPO masks nothing "
-            "(docs/methods/cppo.md, choice A9). The anchor mu must be the rollout engine's log-probs, frozen for all "
-            "updates of the rollout "
-            "batch; a recomputed pi_old equals pi on the first update.",
-            CPPOAnchorWarning,
-            stacklevel=2,
-        )
+    if valid.numel() and bool(n_valid > 0) and _anchor_unmoved(logp, logp_mu, valid):
+        warnings.warn(_ANCHOR_MESSAGE, CPPOAnchorWarning, stacklevel=2)
 
     with torch.no_grad():
         D = None
         if divergence != "binary_tv" or use == "torch":
-            D = ref.divergence(divergence, logp, logp_mu, logp_topk, logp_mu_topk)
-        kw = dict(
-            delta=delta,
-            w_min=w_min,
-            delta_b=delta_b,
-            budget=budget,
-            quantile=quantile,
-            quantile_scale=quantile_scale,
-            max_mult=max_mult,
-            horizon=horizon,
-        )
+            D = ref.divergence(divergence, logp, logp_mu, a.logp_topk, a.logp_mu_topk)
         if use == "torch":
             keep, D, w, db = ref.cppo_mask(
                 rows.to_padded(logp),
@@ -239,8 +316,12 @@ def _cppo_mask(
             )
             keep, D, w = rows.unflat(keep), rows.unflat(D), rows.unflat(w)
         n_masked = (valid & ~keep).sum(dtype=torch.int64)
-        frac = (n_masked.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)).reshape(())
-        return CPPOMask(mask=keep, divergence=D, weight=w, delta_b=db, masked_fraction=frac)
+        return CPPOMask(mask=keep, divergence=D, weight=w, delta_b=db, masked_fraction=_fraction(n_masked, n_valid))
+
+
+def _fraction(n_masked: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """``masked_fraction``: masked over valid tokens, fp32 scalar (0 without valid tokens)."""
+    return (n_masked.to(torch.float32) / n_valid.clamp(min=1).to(torch.float32)).reshape(())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -348,10 +429,28 @@ def cppo_mask(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
 ) -> CPPOMask:
     kw = dict(
         delta=delta, w_min=w_min, delta_b=delta_b, quantile=quantile, max_mult=max_mult, quantile_scale=quantile_scale
     )
+    if seq_group is not None:
+        return _cppo_mask_split(
+            logp,
+            logp_mu,
+            advantages,
+            mask,
+            budget=budget,
+            horizon=horizon,
+            divergence=divergence,
+            logp_topk=logp_topk,
+            logp_mu_topk=logp_mu_topk,
+            cu_seqlens=cu_seqlens,
+            backend=backend,
+            block_size=block_size,
+            seq_group=seq_group,
+            **kw,
+        )
     try:  # plain Python numbers for the op schema; anything else takes the plain path and its own error
         reals = {name: C.real(name, kw[name]) for name in _CPPO_REALS}
         ok_horizon = horizon is None or C.integer("horizon", horizon, low=1, high=MAX_HORIZON) is not None
@@ -404,7 +503,101 @@ def cppo_mask(
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence-split rows (``seq_group=``): eager Python around the op (a process group is not an op argument; under
+# torch.compile the call is a graph break). The pieces of rlvr_kernels.reference.cppo.cppo_mask, each fed with the
+# whole-row quantities exchanged over the group (rlvr_kernels.parallel.sequence / .select).
+# ----------------------------------------------------------------------------------------------------------------------
+@torch.compiler.disable
+def _cppo_mask_split(
+    logp, logp_mu, advantages, mask, *, cu_seqlens, backend, block_size, seq_group, **options
+) -> CPPOMask:
+    """:func:`cppo_mask` on this rank's columns ``[c_r, c_r + T_r)`` of sequence-split rows (see its docstring)."""
+    from rlvr_kernels.parallel import collectives as coll
+    from rlvr_kernels.parallel import select as psel
+    from rlvr_kernels.parallel import sequence as seq
+
+    def local():
+        if cu_seqlens is not None:
+            raise ValueError(
+                "cppo_mask: seq_group with cu_seqlens (the packed layout) is not supported; pass this rank's columns "
+                "of the padded batch, [B, T_local] tensors"
+            )
+        a = _check_args(
+            logp, logp_mu, advantages, mask, cu_seqlens=None, backend=backend, block_size=block_size, **options
+        )
+        valid = a.rows.valid
+        with torch.no_grad():  # token-local: the divergence and the direction test
+            D = ref.divergence(a.divergence, a.logp, a.logp_mu, a.logp_topk, a.logp_mu_topk)
+            D = torch.where(valid, D.float(), torch.zeros((), dtype=torch.float32, device=valid.device))
+            toward = ref.toward_mu(a.logp, a.logp_mu, a.adv)
+        unmoved = _anchor_unmoved(a.logp, a.logp_mu, valid)
+        return (a, D, toward), (a.rows.B, a.rows.T, int(unmoved), BUDGETS.index(a.kw["budget"]))
+
+    device = mask.device if isinstance(mask, torch.Tensor) else torch.device("cpu")
+    (a, D, toward), split = seq.begin(
+        local, device=device, seq_group=seq_group, extra=("anchor", "budget"), same=("budget",)
+    )
+    kw = a.kw
+    valid = a.rows.valid
+    B = valid.shape[0]
+    with torch.no_grad():
+        L, n = seq.row_partials(split, valid)  # one all-gather of [W, B, 2] int64
+        n_valid = n.sum()
+        if bool(n_valid > 0) and bool((split.extra[:, 0] != 0).all()):
+            warnings.warn(_ANCHOR_MESSAGE, CPPOAnchorWarning, stacklevel=3)
+        # Eq. 9 at global positions with the global row length (or the horizon): the reference on a frame
+        w = seq.columns(split, ref.position_weight(seq.frame(split, valid, L), kw["w_min"], kw["horizon"]))
+
+        # Eq. 22: the reference's budget, with the quantile's order statistics selected over the whole rows; the
+        # frame [B, max n] of n True entries per row gives the reference the global counts (it reads nothing else
+        # of it: the statistics come from the closure)
+        n_max = int(n.max()) if B else 0
+        counts = torch.arange(n_max, device=valid.device)[None, :] < n[:, None]
+
+        def stats(_D, _valid, lo, hi):
+            return psel.order_stats(D, valid, lo, hi, n, split.group)
+
+        db = ref.row_budget(
+            torch.zeros(counts.shape, dtype=torch.float32, device=valid.device),
+            counts,
+            kw["budget"],
+            kw["delta_b"],
+            kw["quantile"],
+            kw["quantile_scale"],
+            kw["max_mult"],
+            stats=stats,
+        )
+        Z = w * D
+        if kw["budget"] == "none" or split.total == 0:
+            inside = Z <= kw["delta"]
+        else:  # the exclusive prefix sum carried across ranks in rank order (exact: see carried_scan)
+            inside = seq.carried_scan(split, Z, w, db, kw["delta"], token_rows.prefix_inside)
+        keep = valid & (toward | inside)
+        n_masked = (valid & ~keep).sum(dtype=torch.int64).reshape(1)
+        coll.all_reduce(n_masked, [split.group])
+        return CPPOMask(mask=keep, divergence=D, weight=w, delta_b=db, masked_fraction=_fraction(n_masked[0], n_valid))
+
+
 cppo_mask.__doc__ = (_cppo_mask.__doc__ or "") + (
     "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels.cppo_mask``: ``torch.compile`` traces it "
     "without a graph break (its checks run inside the op).\n"
+    "\n    Sequence parallelism (``seq_group``, a ``torch.distributed`` process group; default None): the tensors are "
+    "this rank's columns ``[c_r, c_r + T_r)`` of the padded global ``[B, T]`` batch (ranks in group-rank order, the "
+    "same B rows on every rank, ``T_r`` may differ; ``c_r`` comes from the ``T_r`` exchanged in the first "
+    "collective). ``mask``, ``divergence`` and ``weight`` are the single-process op's on the whole rows, restricted "
+    "to this rank's columns; ``delta_b`` (per row) and ``masked_fraction`` (over the whole batch) are the same on "
+    "every rank. Exchanged: a header all-gather (errors, B, T_r), the row lengths and valid counts (one all-gather of "
+    "[W, B, 2] int64: Eq. 9's L, positions are global), the dynamic budget's two order statistics per row by an "
+    "exact distributed radix select (4 all-reduces of [2B, 256] int64, no token moves), the prefix budget's running "
+    "sum carried in rank order (W - 1 broadcasts of [B] float64: the single-process scan rounds its running sum "
+    "sequentially, so the carry is sequential too), and one all-reduce of the masked count. The Top-K divergences "
+    "are token-local. The divergences, weights and budget are computed exactly as on one process; the prefix scan "
+    "reproduces the CPU op's float64 running sum exactly, so on CPU every output is the single-process op's bit for "
+    "bit. On CUDA the whole-row work runs the torch pieces (a parallel fp32 cumsum) where the single-process op runs "
+    "the Triton kernel (an fp32 block scan): they agree as the two backends do, to the rounding of the running sum. "
+    "With a group the call runs eagerly in Python around the op (a "
+    "graph break under ``torch.compile``) and every rank must make it; an error on any rank, or a ``budget`` that "
+    "differs between ranks, raises the same exception on every rank. The packed layout (``cu_seqlens``) "
+    "with ``seq_group`` is a ``ValueError``.\n"
 )

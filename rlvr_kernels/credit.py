@@ -576,7 +576,10 @@ def trajectory_percentile(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
 ) -> torch.Tensor:
+    if seq_group is not None:
+        return _trajectory_percentile_split(mask, values, cu_seqlens, backend, block_size, seq_group)
     if _op_args((mask,), (values, cu_seqlens)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.trajectory_percentile(mask, values, cu_seqlens, backend, _check_block(block_size))
     return _trajectory_percentile(mask, values=values, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size)
@@ -590,7 +593,10 @@ def tp_schedule_mask(
     reverse: bool = False,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
 ) -> torch.Tensor:
+    if seq_group is not None:
+        return _tp_schedule_mask_split(mask, q, cu_seqlens, reverse, backend, block_size, seq_group)
     if _op_args((mask,), (cu_seqlens,)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.tp_schedule_mask(
             mask, C.unit("q", q), cu_seqlens, C.flag("reverse", reverse), backend, _check_block(block_size)
@@ -606,7 +612,10 @@ def forking_token_mask(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
 ) -> torch.Tensor:
+    if seq_group is not None:
+        return _forking_token_mask_split(entropy, mask, rho, cu_seqlens, backend, block_size, seq_group)
     if _op_args((entropy, mask), (cu_seqlens,)) and isinstance(backend, str):
         return torch.ops.rlvr_kernels.forking_token_mask(
             entropy, mask, C.unit("rho", rho), cu_seqlens, backend, _check_block(block_size)
@@ -624,7 +633,13 @@ def d3s_token_mask(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
+    dp_group=None,
 ) -> torch.Tensor:
+    if seq_group is not None or dp_group is not None:
+        return _d3s_token_mask_groups(
+            advantages, entropy, mask, rho, scope, cu_seqlens, backend, block_size, seq_group, dp_group
+        )
     if _op_args((advantages, entropy, mask), (cu_seqlens,)) and isinstance(backend, str) and isinstance(scope, str):
         return torch.ops.rlvr_kernels.d3s_token_mask(
             advantages, entropy, mask, C.unit("rho", rho), scope, cu_seqlens, backend, _check_block(block_size)
@@ -675,7 +690,12 @@ def entropy_shaped_advantages(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     block_size: Optional[int] = None,
+    seq_group=None,
 ) -> torch.Tensor:
+    if seq_group is not None:
+        return _entropy_shaped_advantages_split(
+            advantages, entropy, mask, scale, alpha, kappa, cu_seqlens, backend, block_size, seq_group
+        )
     try:  # plain Python numbers for the op schema; anything else takes the plain path and its own error
         numbers = (C.unit("scale", scale), C.real("alpha", alpha, low=0.0), C.real("kappa", kappa, low=C.F32_TINY))
     except (TypeError, ValueError):
@@ -697,6 +717,216 @@ def entropy_shaped_advantages(
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence-split rows (``seq_group=``) and D^3S's data-parallel batch (``dp_group=``). Eager Python around the op: a
+# process group is not an op argument, so with a group the call runs these functions (``torch.compiler.disable``:
+# under torch.compile it is a graph break that runs eagerly). Each one runs the op's local part (the same checks,
+# the token-local math) on every rank, agrees on errors and the layout in one header all-gather
+# (:func:`rlvr_kernels.parallel.sequence.begin`), exchanges the O(rows) partials the rule needs and feeds them into
+# the single-process reference (:mod:`rlvr_kernels.reference.credit`) or the distributed selection
+# (:mod:`rlvr_kernels.parallel.select`). The whole-row work runs in torch on the tensors' device (the token-local
+# parts with ``backend``); the results equal the single-process op on the whole rows, restricted to this rank's
+# columns.
+# ----------------------------------------------------------------------------------------------------------------------
+def _device_of(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _split_rows(mask, cu_seqlens, what: str) -> _Rows:
+    if cu_seqlens is not None:
+        raise ValueError(
+            f"{what}: seq_group with cu_seqlens (the packed layout) is not supported; pass this rank's columns of the "
+            "padded batch, [B, T_local] tensors"
+        )
+    return _Rows(mask, None)
+
+
+# dtype codes of the values gathered by the rank percentile (compared across ranks)
+_VALUE_DTYPES = {torch.float32: 1, torch.float64: 2, torch.int64: 3}
+
+
+@torch.compiler.disable
+def _trajectory_percentile_split(mask, values, cu_seqlens, backend, block_size, seq_group) -> torch.Tensor:
+    from rlvr_kernels.parallel import sequence as seq
+
+    def local():
+        rows = _split_rows(mask, cu_seqlens, "trajectory_percentile")
+        _check_block(block_size)
+        _backend(backend, rows)
+        v = None
+        if values is not None:
+            rows.check_token_tensor("values", values, integer_ok=True)
+            if values.dtype.is_floating_point and bool((torch.isnan(values) & rows.valid).any()):
+                raise ValueError("values has NaN at valid positions")
+            if values.dtype == torch.uint64:
+                raise ValueError("trajectory_percentile: uint64 values are not supported with seq_group")
+            # the dtypes the single-process sort compares in (token_rows.rank_percentile): exact widenings
+            v = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+            v = v if v.dtype.is_floating_point else v.to(torch.int64)
+        code = 0 if v is None else _VALUE_DTYPES[v.dtype]
+        return (rows, v), (rows.B, rows.T, code)
+
+    what = "trajectory_percentile: values (given or None, and their dtype)"
+    (rows, v), split = seq.begin(local, device=_device_of(mask), seq_group=seq_group, extra=(what,), same=(what,))
+    if v is None:  # t / L: the reference on a frame at global positions with the global row lengths
+        L, _ = seq.row_partials(split, rows.valid)
+        return seq.columns(split, ref.position_percentile(seq.frame(split, rows.valid, L)))
+    # the rank percentile is an order statistic of every token: gather the rows (O(tokens of the row) traffic)
+    whole, whole_valid = seq.gather_columns(split, v, rows.valid)
+    return seq.columns(split, token_rows.rank_percentile(whole, whole_valid))
+
+
+@torch.compiler.disable
+def _tp_schedule_mask_split(mask, q, cu_seqlens, reverse, backend, block_size, seq_group) -> torch.Tensor:
+    from rlvr_kernels.parallel import sequence as seq
+    from rlvr_kernels.parallel.collectives import float_bits
+
+    def local():
+        rows = _split_rows(mask, cu_seqlens, "tp_schedule_mask")
+        qv = C.unit("q", q)
+        C.flag("reverse", reverse)
+        _check_block(block_size)
+        _backend(backend, rows)
+        return (rows, qv), (rows.B, rows.T, float_bits(qv), int(bool(reverse)))
+
+    (rows, qv), split = seq.begin(
+        local, device=_device_of(mask), seq_group=seq_group, extra=("q", "reverse"), same=("q", "reverse")
+    )
+    L, _ = seq.row_partials(split, rows.valid)
+    lo, hi = ref.tp_bounds(L, qv, reverse=bool(reverse))  # global [lo, hi) per row, then shifted to local columns
+    return ref.range_mask(rows.valid, lo - split.offset, hi - split.offset)
+
+
+@torch.compiler.disable
+def _forking_token_mask_split(entropy, mask, rho, cu_seqlens, backend, block_size, seq_group) -> torch.Tensor:
+    from rlvr_kernels.parallel import select as psel
+    from rlvr_kernels.parallel import sequence as seq
+    from rlvr_kernels.parallel.collectives import float_bits
+
+    def local():
+        rows = _split_rows(mask, cu_seqlens, "forking_token_mask")
+        rows.check_token_tensor("entropy", entropy)
+        r = C.unit("rho", rho)
+        _check_block(block_size)
+        rows.check_finite("entropy", entropy, fp32=True)
+        _backend(backend, rows)
+        return (rows, r), (rows.B, rows.T, float_bits(r))
+
+    (rows, r), _ = seq.begin(local, device=_device_of(mask), seq_group=seq_group, extra=("rho",), same=("rho",))
+    return psel.topk_mask(
+        entropy.detach(), rows.valid, lambda n: ref.topk_budget(n, r), per_row=True, seq_group=seq_group
+    )
+
+
+@torch.compiler.disable
+def _entropy_shaped_advantages_split(
+    advantages, entropy, mask, scale, alpha, kappa, cu_seqlens, backend, block_size, seq_group
+) -> torch.Tensor:
+    from rlvr_kernels.parallel import sequence as seq
+
+    def local():  # token-local: the op itself on this rank's columns; the exchange only agrees on errors and rows
+        _split_rows(mask, cu_seqlens, "entropy_shaped_advantages")
+        out = _entropy_shaped_advantages(
+            advantages.detach() if isinstance(advantages, torch.Tensor) else advantages,
+            entropy.detach() if isinstance(entropy, torch.Tensor) else entropy,
+            mask,
+            scale,
+            alpha=alpha,
+            kappa=kappa,
+            backend=backend,
+            block_size=block_size,
+        )
+        return out, tuple(out.shape)
+
+    out, _ = seq.begin(local, device=_device_of(mask), seq_group=seq_group)
+    return out
+
+
+@torch.compiler.disable
+def _d3s_token_mask_groups(
+    advantages, entropy, mask, rho, scope, cu_seqlens, backend, block_size, seq_group, dp_group
+) -> torch.Tensor:
+    from rlvr_kernels.parallel import select as psel
+    from rlvr_kernels.parallel import sequence as seq
+    from rlvr_kernels.parallel.collectives import float_bits
+
+    def local():
+        rows = _split_rows(mask, cu_seqlens, "d3s_token_mask") if seq_group is not None else _Rows(mask, cu_seqlens)
+        sc = C.choice("scope", scope, D3S_SCOPES)
+        adv, per_token = rows.check_advantages(advantages)
+        rows.check_token_tensor("entropy", entropy)
+        r = C.unit("rho", rho)
+        _check_block(block_size)
+        rows.check_finite("advantages", adv, per_token, fp32=True)
+        rows.check_finite("entropy", entropy, fp32=True)
+        _backend(backend, rows)
+        if sc == "sequence" and seq_group is None:  # whole rows on this rank: the op itself
+            out = _d3s_token_mask(
+                adv, entropy, mask, r, scope=sc, cu_seqlens=cu_seqlens, backend=backend, block_size=block_size
+            )
+            return (rows, sc, r, None, out), (rows.B, rows.T or 0, D3S_SCOPES.index(sc), float_bits(r))
+        adv, entropy_d = adv.detach(), entropy.detach()
+        scores = ref.d3s_scores(rows.to_padded(adv, per_token), rows.to_padded(entropy_d), rows.padded_valid())
+        return (rows, sc, r, scores, None), (rows.B, rows.T or 0, D3S_SCOPES.index(sc), float_bits(r))
+
+    (rows, sc, r, scores, out), _ = seq.begin(
+        local,
+        device=_device_of(mask),
+        seq_group=seq_group,
+        dp_group=dp_group,
+        extra=("scope", "rho"),
+        same=("scope", "rho"),
+    )
+    if out is not None:
+        return out
+    budget = lambda n: ref.topk_budget(n, r)  # noqa: E731 - ceil(n rho) of the global count, after the first round
+    valid = rows.padded_valid()
+    if sc == "sequence":  # rows split over seq_group; a data-parallel rank holds whole rows of its own
+        out = psel.topk_mask(scores, valid, budget, per_row=True, seq_group=seq_group)
+    else:
+        out = psel.topk_mask(scores, valid, budget, per_row=False, seq_group=seq_group, dp_group=dp_group)
+    return rows.from_padded(out)
+
+
+_GROUP_NOTES = {
+    "trajectory_percentile": (
+        "the row lengths L (one all-gather of [W, B, 2] int64); ``t / L`` is the reference at global positions. "
+        "With ``values`` the rank percentile is an order statistic of every token of the row: the rows are "
+        "gathered (one all-gather of [W, B, max T_r] values and of the mask: O(tokens of the row) traffic)."
+    ),
+    "tp_schedule_mask": "the row lengths L (one all-gather of [W, B, 2] int64); the cut-off in float64 as always.",
+    "forking_token_mask": (
+        "no token: an exact distributed radix select per row (4 all-reduces of [B, 256] int64, and one all-gather "
+        "of [W, B] int64 when a row's tied entropies straddle the budget); ties to the lower global column."
+    ),
+    "d3s_token_mask": (
+        "no token: an exact distributed radix select (4 all-reduces of [B, 256] int64 for ``scope='sequence'``, of "
+        "[1, 256] for ``'batch'``, and one all-gather of per-row tie counts when ties straddle the budget).\n\n    "
+        "``dp_group``: with ``scope='batch'`` the selection runs over the union of every data-parallel rank's "
+        "batch, equal to the single-process op on the batches concatenated in rank order (ties to the lower flat "
+        "index of the concatenation); no score is gathered. Each rank may hold any number of rows, in either layout. "
+        "With both groups (FSDP + Ulysses), the batch is the concatenation over ``dp_group`` of the batches each "
+        "``seq_group`` assembles. ``dp_group`` does not change ``scope='sequence'`` (rows are whole on a "
+        "data-parallel rank); the call still agrees on errors over it."
+    ),
+    "entropy_shaped_advantages": (
+        "nothing but the header: the rule is token-local (each token's ``A + s min(alpha H, |A| / kappa)``), so each "
+        "rank computes its columns; the group only agrees on errors and on the rows."
+    ),
+}
+_GROUP_DOC = (
+    "\n\n    Sequence parallelism (``seq_group``, a ``torch.distributed`` process group; default None): the tensors "
+    "are this rank's columns ``[c_r, c_r + T_r)`` of the padded global ``[B, T]`` batch (ranks in group-rank order, "
+    "the same B rows on every rank, ``T_r`` may differ; ``c_r`` comes from the ``T_r`` exchanged in the first "
+    "collective). The result is the single-process op's on the whole rows, restricted to this rank's columns. "
+    "Exchanged: {}\n\n    With a group the call runs eagerly in Python around the op (a graph break under "
+    "``torch.compile``), and every rank must make it. An error on any rank (a bad value on one rank only included) "
+    "raises the same exception on every rank: one small all-gather that the call makes anyway carries the error "
+    "flags; so does a difference between ranks in the arguments that steer the exchange (``q``, ``reverse``, "
+    "``rho``, ``scope``, whether ``values`` is given and its dtype). The packed layout (``cu_seqlens``) with "
+    "``seq_group`` is a ``ValueError``.\n"
+)
+
 for _public, _impl in (
     (entropy_shaped_advantages, _entropy_shaped_advantages),
     (trajectory_percentile, _trajectory_percentile),
@@ -704,8 +934,12 @@ for _public, _impl in (
     (forking_token_mask, _forking_token_mask),
     (d3s_token_mask, _d3s_token_mask),
 ):
-    _public.__doc__ = (_impl.__doc__ or "") + (
-        "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels." + _public.__name__ + "``: "
-        "``torch.compile`` traces it without a graph break (its checks run inside the op). Its result is not "
-        "differentiable (the inputs enter detached).\n"
+    _public.__doc__ = (
+        (_impl.__doc__ or "")
+        + (
+            "\n\n    Registered as the PyTorch custom op ``torch.ops.rlvr_kernels." + _public.__name__ + "``: "
+            "``torch.compile`` traces it without a graph break (its checks run inside the op). Its result is not "
+            "differentiable (the inputs enter detached).\n"
+        )
+        + _GROUP_DOC.format(_GROUP_NOTES[_public.__name__])
     )

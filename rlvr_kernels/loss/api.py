@@ -606,11 +606,9 @@ def _seq_split_loss(
     import torch.distributed as dist
 
     from rlvr_kernels.parallel import columns as C
+    from rlvr_kernels.parallel.collectives import check_group
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("seq_group needs torch.distributed initialised (torch.distributed.init_process_group)")
-    if not isinstance(seq_group, dist.ProcessGroup):
-        raise TypeError(f"seq_group must be a torch.distributed ProcessGroup, got {type(seq_group).__name__}")
+    check_group("seq_group", seq_group)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         raise ValueError("attention_mask must be a [B, T_r] tensor (this rank's columns)")
     if not isinstance(_input, torch.Tensor) or _input.dim() != 3:

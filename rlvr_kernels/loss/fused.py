@@ -88,11 +88,8 @@ def fused_pass(
     """
     B, T, H = x.shape
     V = w.shape[0]
-    v_plan = V
-    if shard is not None:  # every rank must cut the same chunks (its collectives pair with the others')
-        v_plan = torch.tensor([V], dtype=torch.int64, device=x.device)
-        pv.dist.all_reduce(v_plan, op=pv.dist.ReduceOp.MAX, group=shard.group)
-        v_plan = int(v_plan)
+    # every rank must cut the same chunks (its collectives pair with the others'): plan for the largest shard
+    v_plan = V if shard is None else pv.max_over(V, shard.group, x.device)
     use_triton = resolve_backend(cfg.backend, x.device) == "triton"
     inv_temp = 1.0 / cfg.temperature
     need_x, need_w, need_b = need

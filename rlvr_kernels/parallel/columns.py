@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_kernels.parallel import vocab as pv
+from rlvr_kernels.parallel.collectives import all_gather
 
 
 def column_widths(width: int, group, device: torch.device) -> list[int]:
     """Every rank's number of columns ``T_r``, in rank order (one small all-gather)."""
-    w = pv.all_gather_rows(torch.tensor([width], dtype=torch.int64, device=device), group)
+    w = all_gather(torch.tensor([width], dtype=torch.int64, device=device), group)
     return [int(v) for v in w.view(-1).tolist()]
 
 
-def _gather(x: torch.Tensor, group, widths: list[int]) -> torch.Tensor:
+def whole_rows(x: torch.Tensor, group, widths: list[int]) -> torch.Tensor:
+    """``x [B, T_r, ...]`` -> the whole rows ``[B, sum(widths), ...]`` (no autograd; bool travels as uint8): one
+    all-gather of ``[W, B, max T_r, ...]``, O(tokens of the row) traffic."""
     if x.dtype == torch.bool:  # not every backend reduces / gathers bool
-        return _gather(x.to(torch.uint8), group, widths).bool()
+        return whole_rows(x.to(torch.uint8), group, widths).bool()
     b = x.shape[0]
     t_max = max(widths)
     rest = tuple(x.shape[2:])
     padded = x.new_zeros((b, t_max) + rest)
     padded[:, : x.shape[1]] = x
-    allr = pv.all_gather_rows(padded, group)
+    allr = all_gather(padded, group)
     return torch.cat([allr[r, :, : widths[r]] for r in range(len(widths))], dim=1)
 
 
@@ -36,7 +38,7 @@ class _GatherColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, widths, offset):
         ctx.cols = (offset, offset + x.shape[1])
-        return _gather(x, group, widths)
+        return whole_rows(x, group, widths)
 
     @staticmethod
     def backward(ctx, g):
@@ -55,4 +57,4 @@ def gather_columns(x: torch.Tensor | None, group, widths: list[int], rank: int) 
     offset = sum(widths[:rank])
     if x.requires_grad:
         return _GatherColumns.apply(x, group, widths, offset)
-    return _gather(x, group, widths)
+    return whole_rows(x, group, widths)

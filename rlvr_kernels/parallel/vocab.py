@@ -28,6 +28,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from rlvr_kernels.parallel.collectives import all_gather, all_reduce, check_group
+
 # Group names -> groups, registered by the public wrappers so that custom ops (which take the name) find them.
 _GROUPS: dict[str, object] = {}
 
@@ -47,20 +49,15 @@ def resolve_group(name: str):
     return group
 
 
-def all_gather_rows(t: torch.Tensor, group) -> torch.Tensor:
-    """``[world, *t.shape]``: every rank's ``t`` (contiguous, same shape on every rank), in rank order."""
-    world = dist.get_world_size(group)
-    t = t.contiguous()
-    out = t.new_empty((world,) + tuple(t.shape))
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out.view(-1), t.view(-1), group=group)
-    return out
-
-
 def all_reduce_sum_(t: torch.Tensor, group) -> torch.Tensor:
-    """``t`` summed in place over ``group`` (fp32 or wider: partial dX is summed before any cast)."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+    """``t`` summed in place over ``group`` (dX's parts: fp32 or wider, summed before any cast)."""
+    return all_reduce(t, [group])
+
+
+def max_over(value: int, group, device: torch.device) -> int:
+    """The largest ``value`` over the ranks of ``group`` (one scalar all-reduce)."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    return int(all_reduce(t, [group], op=dist.ReduceOp.MAX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +84,8 @@ def vocab_shard(group, size: int, vocab_start: int | None) -> VocabShard:
     """Check the tensor-parallel arguments (the same on every rank: they raise before any collective) and describe
     this rank's shard. ``vocab_start`` defaults to ``rank * size`` (Megatron's even split); shards of different
     sizes need it on every rank (a wrong layout is found after the exchange, on every rank alike)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("tp_group needs torch.distributed initialised (torch.distributed.init_process_group)")
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    check_group("tp_group", group)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of tp_group")
     if vocab_start is None:
         vocab_start = rank * size
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
@@ -132,7 +124,7 @@ def combine(
             trailer,
         ]
     )
-    allr = all_gather_rows(packed, shard.group)  # [world, 3N + NK + 2]
+    allr = all_gather(packed, shard.group)  # [world, 3N + NK + 2]
     layout = allr[:, -2:].cpu()
     starts, sizes = layout[:, 0].long().tolist(), layout[:, 1].long().tolist()
     expected = 0
