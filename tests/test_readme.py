@@ -3,6 +3,7 @@
 - Every ```python block of the API tour runs on CPU by itself, in a fresh namespace.
 - The ```python trl-recipe block trains three steps of a tiny offline model with RLVRGRPOTrainer (only test-sized
   settings such as max_steps are added to its GRPOConfig call, and the test's tokenizer to the trainer).
+- The ```python tp-recipe block runs on every rank of 2 real gloo processes (its assertion: the unsharded numbers).
 - The ```bash verl-recipe block: its Hydra overrides compose on verl's own ppo_trainer config, resolve to our
   policy-loss config and loss, and the module it exports to verl registers that loss.
 """
@@ -32,6 +33,20 @@ def test_readme_snippet_runs_by_itself(i):
 
 def test_readme_has_snippets():
     assert len(blocks("python")) >= 5
+
+
+def _run_block(rank, world, src):
+    namespace = {}
+    exec(compile(src, "README.md[python tp-recipe]", "exec"), namespace)
+    return float(namespace["loss"]), namespace["shard"].grad.shape[0]
+
+
+def test_readme_tp_recipe_runs_on_two_ranks():
+    from _gloo import run_ranks
+
+    (src,) = blocks("python tp-recipe")
+    (loss0, rows0), (loss1, rows1) = run_ranks(_run_block, 2, src)
+    assert loss0 == loss1 and rows0 == rows1 == 512
 
 
 def test_readme_trl_recipe_trains(tmp_path, monkeypatch):
