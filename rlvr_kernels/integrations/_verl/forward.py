@@ -39,6 +39,63 @@ FORWARD_BACKENDS = {"rlvr": "auto", "rlvr_triton": "triton", "rlvr_torch": "torc
 _FORWARD_BACKEND_STRATEGIES = ("fsdp", "fsdp2")
 
 
+def _head_logprobs(head, hidden, labels, temperature: float, backend: str):
+    """``fused_linear_logprobs`` of ``hidden`` through ``head`` (its ``weight`` / ``bias``) at ``labels``."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    dev = hidden.device.type
+    # Under autocast the GEMM runs in the autocast dtype (as a plain lm_head would); our op then keeps its fp32
+    # statistics and dtype checks, so autocast is disabled inside it.
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    with torch.autocast(device_type=dev, enabled=False):
+        return fused_linear_logprobs(
+            hidden.to(dt),
+            weight.to(dt),
+            labels,
+            bias=None if bias is None else bias.to(dt),
+            temperature=temperature,
+            backend=backend,
+        )
+
+
+def _is_fsdp2_unit(module) -> bool:
+    """Whether ``module`` is an FSDP2 (``fully_shard``) unit: its parameters are sharded ``DTensor`` s outside its
+    forward."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return False
+    return isinstance(module, FSDPModule)
+
+
+# the lm_head method registered as an FSDP2 forward method (see _fsdp2_head_method)
+_HEAD_METHOD = "_rlvr_linear_logprobs"
+
+
+def _fsdp2_head_method(head):
+    """``head``'s :func:`_head_logprobs` run as an FSDP2 forward of ``head``.
+
+    verl's ``apply_fsdp2`` (``_select_fsdp2_wrap_targets``) makes an untied ``lm_head`` an FSDP2 unit of its own; the
+    fused forward reads its weight without calling it, and FSDP2 unshards a unit only around its forward. Registered
+    with ``torch.distributed.fsdp.register_fsdp_forward_method``, the op runs between the unit's own pre-/post-forward
+    (all-gather of the weight, reshard after the forward when ``reshard_after_forward``, re-gather before the backward,
+    and the post-backward reduce-scatter of the gradient, averaged over the ranks, into the sharded ``.grad``),
+    exactly as when verl's non-fused forward calls ``lm_head``. The sharding verl chose is left as it is."""
+    method = head.__dict__.get(_HEAD_METHOD)
+    if method is None:
+        try:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import register_fsdp_forward_method
+
+        setattr(head, _HEAD_METHOD, types.MethodType(_head_logprobs, head))
+        register_fsdp_forward_method(head, _HEAD_METHOD)
+        method = head.__dict__[_HEAD_METHOD]
+    return method
+
+
 def _rlvr_forward(
     self,
     input_ids=None,
@@ -95,20 +152,11 @@ def _rlvr_forward(
             )
         temperature = float(temperature.item())
     head = self.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    dev = hidden.device.type
-    # Under autocast the GEMM runs in the autocast dtype (as a plain lm_head would); our op then keeps its fp32
-    # statistics and dtype checks, so autocast is disabled inside it.
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-    with torch.autocast(device_type=dev, enabled=False):
-        logp, ent = fused_linear_logprobs(
-            hidden.to(dt),
-            weight.to(dt),
-            rolled.long(),
-            bias=None if bias is None else bias.to(dt),
-            temperature=float(temperature),
-            backend=getattr(self, "_rlvr_backend", "auto"),
-        )
+    backend = getattr(self, "_rlvr_backend", "auto")
+    if _is_fsdp2_unit(head):
+        logp, ent = _fsdp2_head_method(head)(hidden, rolled.long(), float(temperature), backend)
+    else:
+        logp, ent = _head_logprobs(head, hidden, rolled.long(), float(temperature), backend)
     out = CausalLMOutputForPPO(
         log_probs=logp,
         entropy=ent,
