@@ -21,6 +21,7 @@ from rlvr_kernels.credit import (
     tp_schedule_mask,
     trajectory_percentile,
 )
+from rlvr_kernels.rollouts import d3s_select_rollouts
 from rlvr_kernels.schedule import TemporalSchedule
 
 # isort: split
@@ -56,6 +57,7 @@ __all__ = [
     "forking_token_mask",
     "tp_schedule_mask",
     "trajectory_percentile",
+    "d3s_select_rollouts",
     "TemporalSchedule",
     # token ops: CPPO and DelTA
     "CPPOMask",

@@ -183,10 +183,27 @@ def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, 
 
 
 def _triton_linear_backward(
-    hidden, w, b, tgt, ids, lse, ent, g_logp, g_ent, g_gath, inv_temp, ignore_index, need, g_lse=None, cast=True
+    hidden,
+    w,
+    b,
+    tgt,
+    ids,
+    lse,
+    ent,
+    g_logp,
+    g_ent,
+    g_gath,
+    inv_temp,
+    ignore_index,
+    need,
+    g_lse=None,
+    cast=True,
+    logit_scale=1.0,
+    softcap=None,
 ):
     """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no; ``dx`` stays
-    fp32 with ``cast=False``; ``g_lse``: the log-normaliser's upstream gradient).
+    fp32 with ``cast=False``; ``g_lse``: the log-normaliser's upstream gradient; ``logit_scale`` / ``softcap``: TRL's
+    logit transforms, :func:`rlvr_kernels.kernels.logprobs.logits_backward`).
 
     Blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row pass
     writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and ``dW_c = dz^T X``
@@ -216,7 +233,10 @@ def _triton_linear_backward(
             v1 = min(v, v0 + cols)
             z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
             out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
-            dz = K.logits_backward(z, t, lse, ent, gl, gh, inv_temp, ignore_index, out=out, c_p=cp, col_offset=v0)
+            dz = K.logits_backward(
+                z, t, lse, ent, gl, gh, inv_temp, ignore_index, out=out, c_p=cp, col_offset=v0,
+                logit_scale=logit_scale, softcap=softcap,
+            )  # fmt: skip
             del z
             wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
             if need_x:

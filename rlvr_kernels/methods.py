@@ -35,6 +35,7 @@ import torch
 
 from rlvr_kernels import _checks as C
 from rlvr_kernels.reference import cppo as _ref_cppo
+from rlvr_kernels.reference import loss as _ref_loss
 from rlvr_kernels.reference.credit import topk_budget
 from rlvr_kernels.schedule import SCHEDULE_MODES, TemporalSchedule
 
@@ -58,6 +59,10 @@ __all__ = [
     "rho",
     "token_local",
     "make_schedule",
+    "ROLLOUT_OPTIONS",
+    "ROLLOUT_CORRECTIONS",
+    "rollout_correction_active",
+    "rollout_correction",
 ]
 
 
@@ -110,6 +115,10 @@ def _optional_pos_int(name, v):
 
 def _iters(name, v):
     return C.integer(name, v, low=0)
+
+
+def _optional_pos(name, v):
+    return C.optional_real(name, v, low=0.0, low_open=True)
 
 
 def _cache_bytes(name, v):
@@ -200,6 +209,13 @@ _OPTION_LIST = (
         lambda n, v: C.optional_real(n, v, low=0.0, low_open=True),
         "DPPO/CPPO truncated-IS form -M A sg(min(rho, cap)) log p (verl's, cap 20); None keeps -M A rho.",
     ),
+    Option(
+        "dppo_divergence",
+        "binary_tv",
+        _choice(("binary_tv", "binary_kl")),
+        "DPPO's divergence: 'binary_tv' |pi(a) - mu(a)| (verl's dppo_tv) or 'binary_kl' KL(Ber(mu(a)) || Ber(pi(a))) "
+        "(verl's dppo_kl), each against its side's threshold.",
+    ),
     Option("cppo_w_min", 0.8, _unit, "CPPO: position weight at the last token, in [0, 1]."),
     Option("cppo_delta_b", 0.02, _nonneg, "CPPO: prefix divergence budget (the minimum when dynamic)."),
     Option("cppo_budget", "dynamic", _choice(_ref_cppo.BUDGETS), f"CPPO budget, one of {_ref_cppo.BUDGETS}."),
@@ -212,8 +228,51 @@ _OPTION_LIST = (
         _choice(_ref_cppo.DIVERGENCES),
         f"CPPO divergence, one of {_ref_cppo.DIVERGENCES}.",
     ),
+    # rollout corrections (train / rollout mismatch; docs/methods/rollout-corrections.md)
+    Option(
+        "rollout_is",
+        "none",
+        _choice(_ref_loss.ROLLOUT_IS_LEVELS),
+        "Rollout IS weight pi_old / mu from the training and rollout engines' log-probs: 'none', 'token' (per "
+        "token) or 'sequence' (exp of the row's summed log ratio).",
+    ),
+    Option(
+        "rollout_is_mode",
+        "truncate",
+        _choice(_ref_loss.ROLLOUT_IS_MODES),
+        "'truncate': the weight clamped to [rollout_is_low, rollout_is_high] (TIS); 'mask': tokens (sequences) "
+        "whose weight is outside that band leave the loss and its token counts (token level: IcePop; sequence "
+        "level: sequence MIS), the others keep their weight.",
+    ),
+    Option("rollout_is_low", None, _optional_pos, "Lower bound of the rollout IS weight (None: none)."),
+    Option("rollout_is_high", 2.0, _optional_pos, "Upper bound of the rollout IS weight (None: none)."),
+    Option(
+        "rollout_rs",
+        "none",
+        _choice(_ref_loss.ROLLOUT_RS_MODES),
+        "Rollout rejection (verl's criteria): *_k1 keep the tokens / sequences whose ratio (token_k1), product "
+        "(seq_sum_k1) or geometric mean (seq_mean_k1: Geo-RS) of pi_old / mu is in [rollout_rs_low, "
+        "rollout_rs_high]; *_k2 / *_k3 those whose divergence is <= rollout_rs_high. Rejected tokens leave the "
+        "loss and its token counts.",
+    ),
+    Option(
+        "rollout_rs_low",
+        None,
+        _optional_pos,
+        "Lower ratio bound of the *_k1 rejections (None: 1 / rollout_rs_high).",
+    ),
+    Option("rollout_rs_high", None, _optional_pos, "Upper bound of the rollout rejection (needed with rollout_rs)."),
 )
 OPTIONS: dict[str, Option] = {o.name: o for o in _OPTION_LIST}
+ROLLOUT_OPTIONS = (
+    "rollout_is",
+    "rollout_is_mode",
+    "rollout_is_low",
+    "rollout_is_high",
+    "rollout_rs",
+    "rollout_rs_low",
+    "rollout_rs_high",
+)
 SCHEDULE_OPTIONS = (
     "schedule_mode",
     "schedule_start_value",
@@ -278,12 +337,32 @@ def check_options(values: dict, *, prefix: str = "") -> dict:
             f"{prefix}delta_coef_lam_max must be a finite number >= {prefix}delta_coef_lam_min = "
             f"{out['delta_coef_lam_min']!r}, got {out['delta_coef_lam_max']!r}"
         )
+    if all(n in out for n in ROLLOUT_OPTIONS):
+        _check_rollout(out, prefix)
     if all(n in out for n in SCHEDULE_OPTIONS):
         try:  # the schedule's own checks (begin < end, gamma needs end_value 0, ...); total_steps comes at train time
             make_schedule(out, total_steps=1 << 30)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"invalid {prefix}schedule_* settings: {exc}") from None
     return out
+
+
+def _check_rollout(o: dict, prefix: str) -> None:
+    """The rollout-correction options together: bands in order, a rejection with its bound."""
+    for lo, hi in (("rollout_is_low", "rollout_is_high"), ("rollout_rs_low", "rollout_rs_high")):
+        if o[lo] is not None and o[hi] is not None and o[lo] > o[hi]:
+            raise ValueError(f"{prefix}{lo} = {o[lo]!r} must be <= {prefix}{hi} = {o[hi]!r}")
+    rs = o["rollout_rs"]
+    if rs != "none" and o["rollout_rs_high"] is None:
+        raise ValueError(f"{prefix}rollout_rs={rs!r} needs {prefix}rollout_rs_high")
+    if rs != "none" and not rs.endswith("k1") and o["rollout_rs_low"] is not None:
+        raise ValueError(f"{prefix}rollout_rs_low applies to the *_k1 rejections, not {rs!r}")
+    if (
+        o["rollout_is"] != "none"
+        and o["rollout_is_mode"] == "mask"
+        and (o["rollout_is_low"] is None and o["rollout_is_high"] is None)
+    ):
+        raise ValueError(f"{prefix}rollout_is_mode='mask' needs {prefix}rollout_is_low or {prefix}rollout_is_high")
 
 
 def make_schedule(opts, total_steps: int) -> TemporalSchedule:
@@ -359,9 +438,15 @@ class CreditRule:
         None when only the batch total is known in advance (:meth:`planned_total`)."""
         return mask.sum(-1)
 
-    def planned_total(self, cfg, valid: torch.Tensor, q: Optional[float]) -> torch.Tensor:
-        """Active tokens of a whole batch (fp32 0-dim) from its loss mask ``valid [B, T]`` (bool)."""
+    def planned_total(
+        self, cfg, valid: torch.Tensor, q: Optional[float], keep: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Active tokens of a whole batch (fp32 0-dim) from its loss mask ``valid [B, T]`` (bool); ``keep``: the
+        rollout correction's kept tokens (:func:`rollout_correction`), applied after the static mask as the loss
+        does."""
         mask = self.static_mask(cfg, valid.to(torch.float32), q)
+        if keep is not None:
+            mask = mask * keep
         counts = self.planned_counts(cfg, mask, q)
         return counts.sum().float()
 
@@ -433,10 +518,11 @@ class _D3S(_TopK):
             return None  # only the batch total is known; the rows' shares follow from the current entropies
         return super().planned_counts(cfg, mask, q)
 
-    def planned_total(self, cfg, valid, q):
+    def planned_total(self, cfg, valid, q, keep=None):
         if self.selects_over_batch(cfg):
-            return topk_budget(valid.sum().reshape(1), rho(cfg, q)).sum().float()
-        return super().planned_total(cfg, valid, q)
+            n = valid.sum() if keep is None else (valid.float() * keep).sum()
+            return topk_budget(n.reshape(1), rho(cfg, q)).sum().float()
+        return super().planned_total(cfg, valid, q, keep)
 
 
 class _EntropyAdv(CreditRule):
@@ -604,17 +690,25 @@ class TrustRegion:
 class _DPPO(TrustRegion):
     name = "dppo"
     loss_type = "dppo"
-    options = ("ratio_cap",)
+    options = ("ratio_cap", "dppo_divergence")
     needs_anchor = True
     thresholds = (
         "RLVRLoss epsilon_low/epsilon_high; TRL trust_region_delta (both sides); verl "
-        "clip_ratio_low/clip_ratio_high (as verl's dppo_tv)"
+        "clip_ratio_low/clip_ratio_high (as verl's dppo_tv / dppo_kl)"
     )
     doc = "docs/methods/cppo.md"
 
     def mask(self, cfg, logp, rows):
+        lp, lm = logp.detach(), rows.mu
+        p, m = lp.exp(), lm.exp()
+        if getattr(cfg, "dppo_divergence", "binary_tv") == "binary_kl":
+            # DPPO's Binary-KL (verl's dppo_kl, its 1e-8 guards): keep moves toward mu, else KL(Ber(mu) || Ber(pi))
+            # within the side's threshold
+            kl = m * (lm - lp) + (1.0 - m) * torch.log((1.0 - m + 1e-8) / (1.0 - p + 1e-8))
+            keep = torch.where(rows.adv > 0, (kl <= cfg.epsilon_high) | (p <= m), (kl <= cfg.epsilon_low) | (p >= m))
+            return keep.to(torch.float32), None
         # DPPO's Binary-TV: keep moves toward mu, else |pi(a) - mu(a)| within the side's threshold
-        diff = logp.detach().exp() - rows.mu.exp()
+        diff = p - m
         keep = torch.where(rows.adv > 0, diff <= cfg.epsilon_high, diff >= -cfg.epsilon_low)
         return keep.to(torch.float32), None
 
@@ -701,6 +795,62 @@ def token_local(cfg) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# rollout corrections
+
+
+#: The named rollout corrections and their option values (``RLVRLoss`` keywords, TRL fields, ``policy_loss.rlvr``
+#: keys); thresholds are examples. Every one is the pair of :func:`rollout_correction` options; each has a peer.
+ROLLOUT_CORRECTIONS: dict[str, dict] = {
+    "token_tis": dict(rollout_is="token", rollout_is_mode="truncate", rollout_is_high=2.0),  # TRL token_truncate
+    "token_mask": dict(rollout_is="token", rollout_is_mode="mask", rollout_is_high=2.0),  # TRL token_mask
+    "sequence_tis": dict(rollout_is="sequence", rollout_is_mode="truncate", rollout_is_high=2.0),  # TRL seq_trunc
+    "sequence_mask": dict(rollout_is="sequence", rollout_is_mode="mask", rollout_is_high=2.0),  # TRL sequence_mask
+    "icepop": dict(rollout_is="token", rollout_is_mode="mask", rollout_is_low=0.5, rollout_is_high=2.0),
+    "geo_rs_token_mis": dict(  # AReaL's Geo-RS + token MIS
+        rollout_is="token",
+        rollout_is_mode="mask",
+        rollout_is_low=0.5,
+        rollout_is_high=2.0,
+        rollout_rs="seq_mean_k1",
+        rollout_rs_high=1.001,
+    ),
+    "geo_rs_token_tis": dict(  # verl's decoupled_geo_rs_token_tis
+        rollout_is="token",
+        rollout_is_mode="truncate",
+        rollout_is_high=2.0,
+        rollout_rs="seq_mean_k1",
+        rollout_rs_high=1.001,
+    ),
+}
+
+
+def rollout_correction_active(cfg) -> bool:
+    """Whether ``cfg`` (a ``LossConfig`` or a mapping of options) asks for a rollout IS weight or rejection."""
+    get = cfg.get if isinstance(cfg, dict) else lambda n: getattr(cfg, n, "none")
+    return get("rollout_is") != "none" or get("rollout_rs") != "none"
+
+
+def rollout_correction(cfg, old: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor):
+    """``(keep, weight)`` of the rollout correction of ``cfg`` (:func:`rlvr_kernels.reference.loss.
+    rollout_correction`): ``old`` / ``mu`` the training / rollout engines' log-probs ``[B, T]``, ``mask`` the loss
+    tokens. Applied before the vocabulary pass: ``keep`` multiplies the loss mask (the removed tokens leave every
+    token count, as a credit rule's static mask), ``weight`` the rollout IS ratio. (None, None) when inactive."""
+    if not rollout_correction_active(cfg):
+        return None, None
+    return _ref_loss.rollout_correction(
+        old.float() - mu.float(),
+        mask,
+        is_level=cfg.rollout_is,
+        is_mode=cfg.rollout_is_mode,
+        is_low=cfg.rollout_is_low,
+        is_high=cfg.rollout_is_high,
+        rs=cfg.rollout_rs,
+        rs_low=cfg.rollout_rs_low,
+        rs_high=cfg.rollout_rs_high,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the catalogue as documentation
 
 
@@ -727,6 +877,12 @@ def markdown_table() -> str:
             f"| {', '.join(f'`{o}`' for o in t.options) or '-'} | {', '.join(needs) or '-'} "
             f"| {'yes' if t.token_local else 'no'} | [{t.doc}]({t.doc}) |"
         )
+    rows.append(
+        "| `rollout_is` / `rollout_rs` | rollout correction (train/rollout mismatch; named combinations: "
+        f"{', '.join(f'`{n}`' for n in ROLLOUT_CORRECTIONS)}) | {', '.join(f'`{o}`' for o in ROLLOUT_OPTIONS)} "
+        "| old and rollout log-probs | yes "
+        "| [docs/methods/rollout-corrections.md](docs/methods/rollout-corrections.md) |"
+    )
     rows += ["", "| option | default | meaning |", "|---|---|---|"]
     for o in OPTIONS.values():
         rows.append(f"| `{o.name}` | `{o.default!r}` | {o.help.replace('|', chr(92) + '|')} |")

@@ -10,6 +10,11 @@ hidden states x ``lm_head.weight``, never the ``[tokens x vocab]`` logits) inste
 ``credit`` (TP-Schedule, forking tokens, entropy-shaped advantages, D^3S, DelTA) or ``trust_region`` (DPPO, CISPO, CPPO)
 switches the loss to :class:`rlvr_kernels.RLVRLoss` on the same hidden states, with TRL's normalisation.
 
+To keep TRL's own trainer (no subclass, any TRL trainer built on ``add_fused_lm_head``), one line swaps TRL's fused-head
+kernel for this package's: ``use_rlvr_kernels_in_trl()`` makes ``trl.trainer.utils.add_fused_lm_head`` call
+:class:`ChunkedLogProbFunction` (TRL's ``trl.kernels.ChunkedLogProbFunction`` call and outputs, softcap and logit scale
+included, on the package's vocabulary pass; ``rlvr_kernels/integrations/_trl/chunked.py``).
+
 How the forward is routed (TRL 1.16). TRL 1.16 no longer has ``compute_liger_loss`` / ``_get_last_hidden_state`` in
 GRPO: ``GRPOTrainer.__init__`` patches the policy's ``forward`` (``trl.trainer.utils.add_fused_lm_head``) so that
 ``model(..., labels=..., fused_lm_head=True)`` runs the backbone and the LM head *inside the model's forward*, which
@@ -98,8 +103,15 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rlvr_kernels import methods as M
 from rlvr_kernels.delta import DeltaEstimator
+from rlvr_kernels.integrations._trl.chunked import (
+    OPTIONAL_OUTPUTS,
+    ChunkedLogProbFunction,
+    rlvr_kernels_in_trl,
+    use_rlvr_kernels_in_trl,
+)
 from rlvr_kernels.integrations._trl.config import CREDITS, TRUST_REGIONS, RLVRGRPOConfig
 from rlvr_kernels.integrations._trl.head import install_head, linear_logprobs, logit_scale, named_metrics, zero3_enabled
+from rlvr_kernels.integrations._trl.rollouts import apply_d3s_rollouts, check_d3s_rollouts_k
 from rlvr_kernels.loss import LossConfig, rlvr_loss
 from rlvr_kernels.schedule import TemporalSchedule
 
@@ -111,6 +123,10 @@ __all__ = [
     "DELTA_KEY",
     "ROLLOUT_KEY",
     "linear_logprobs",
+    "ChunkedLogProbFunction",
+    "OPTIONAL_OUTPUTS",
+    "use_rlvr_kernels_in_trl",
+    "rlvr_kernels_in_trl",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +200,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             install_head(self.accelerator.unwrap_model(self.ref_model), want_entropy=False, **common)
         self._rlvr_schedule_cache: dict[int, TemporalSchedule] = {}
         self._rlvr_anchor_logged = False
+        a.d3s_rollouts_k = check_d3s_rollouts_k(a.d3s_rollouts_k)  # D^3S sample level (_trl/rollouts.py)
 
     # -- schedule -------------------------------------------------------------------------------------------------
 
@@ -212,7 +229,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
     # -- per generation batch: DelTA coefficients, and the behaviour log-probs DPPO / CPPO need ------------------
 
     def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
+        out = apply_d3s_rollouts(self, super()._generate_and_score_completions(inputs))  # before DelTA
         if self.args.trust_region != "clip" and out.get(ROLLOUT_KEY) is None:
             self._rlvr_log_anchor()
         need_old = self.args.trust_region != "clip" and out.get("old_per_token_logps") is None

@@ -112,6 +112,7 @@ from rlvr_kernels.integrations._verl.options import (
     check_loss_mode,
     options_of,
 )
+from rlvr_kernels.integrations._verl.rollouts import apply_d3s_rollouts, d3s_rollout_mask  # noqa: F401 (public)
 
 __all__ = [
     "LOSS_NAMES",

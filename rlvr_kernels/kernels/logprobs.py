@@ -11,6 +11,12 @@ kernels make the passes over the ``[rows, columns]`` logits block a GEMM produce
   outputs' gradients) in the output buffer's dtype: the logits' own storage (in place) or a buffer in the GEMM
   dtype. The caller turns it into dX, dW, db with GEMMs (no atomics: deterministic).
 
+TRL's fused-head options (``rlvr_kernels/integrations/_trl/chunked.py``): the final-logit softcap (``c tanh(
+logit_scale z / c)`` before the temperature; a logit scale alone folds into the temperature) and the extra outputs
+``log sum p^2``, the mean logit and ``is_top1`` are computed in the same row passes by ``_logits_fwd_ext_kernel`` and
+``_logits_bwd_softcap_kernel``. Both share their body with the plain kernels (``_logits_fwd_rows`` /
+``_logits_bwd_rows``) under constexpr flags, so the plain kernels compile to the same code as without the options.
+
 Correctness rules kept here: columns past V are -inf, never 0; statistics in fp32 with max initialised to -inf;
 int64 row offsets; no grid dimension above 65535 (programs loop over the rest). Design notes:
 ``docs/design/vocab-pass.md``.
@@ -38,6 +44,93 @@ def _unit(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 @triton.jit
+def _logits_fwd_rows(
+    Z,
+    Tgt,
+    Logp,
+    Ent,
+    Lse,
+    N,
+    V,
+    stride_zn,
+    inv_temp,
+    ignore_index,
+    Sq,
+    Mean,
+    Top1,
+    logit_scale,
+    softcap,
+    BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SQ: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    HAS_TOP1: tl.constexpr,
+):
+    # HAS_SOFTCAP: the logits are x = softcap * tanh(logit_scale * z / softcap) * inv_temp (TRL's fused head; without
+    # softcap a logit scale folds into inv_temp). HAS_SQ / HAS_MEAN / HAS_TOP1: TRL's extra outputs log sum p^2, the
+    # mean logit and whether the target is the argmax. All off: the plain pass, unchanged.
+    for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
+        base = Z + row64 * stride_zn
+        tgt = tl.load(Tgt + row64)
+        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_V], tl.float32)
+        a = tl.zeros([BLOCK_V], tl.float32)
+        zt = tl.zeros([BLOCK_V], tl.float32)
+        if HAS_SQ:
+            q = tl.zeros([BLOCK_V], tl.float32)
+        if HAS_MEAN:
+            zs = tl.zeros([BLOCK_V], tl.float32)
+        if HAS_TOP1:
+            mb = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        # Lane-wise online statistics (each lane sees every BLOCK_V-th column), merged once at the end.
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = cols < V
+            if HAS_SOFTCAP:
+                y = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) * (logit_scale / softcap)
+                # tanh(y) = 2 sigmoid(2 y) - 1 (as TRL's kernel)
+                z = tl.where(ok, softcap * (2.0 * tl.sigmoid(2.0 * y) - 1.0) * inv_temp, float("-inf"))
+            else:
+                z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+            if HAS_MEAN:
+                zs += tl.where(ok, z, 0.0)
+            if HAS_TOP1:
+                mb = tl.maximum(mb, tl.where(ok & (cols < tgt), z, float("-inf")))
+            m_new = tl.maximum(m, z)
+            # Shift reference: 0 while a lane has seen only -inf (-inf - -inf would be NaN); exp(-inf - 0) = 0.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            d = tl.where(ok, z - m_ref, 0.0)
+            e = tl.where(ok, tl.exp(d), 0.0)
+            shift = tl.where(s > 0.0, m - m_ref, 0.0)
+            a = tl.where(alpha > 0.0, alpha * (a + s * shift), 0.0) + tl.where(e > 0.0, e * d, 0.0)
+            s = alpha * s + e
+            if HAS_SQ:
+                q = alpha * alpha * q + e * e
+            m = m_new
+            zt += tl.where(cols == tgt, z, 0.0)
+        mx = tl.max(m, 0)
+        r = tl.where(s > 0.0, tl.exp(m - mx), 0.0)
+        s_tot = tl.sum(r * s, 0)
+        a_tot = tl.sum(tl.where(r > 0.0, r * (a + tl.where(s > 0.0, s * (m - mx), 0.0)), 0.0), 0)
+        log_s = tl.log(s_tot)
+        lse = mx + log_s
+        ent = log_s - a_tot / s_tot
+        logp = tl.sum(zt, 0) - lse
+        ignored = tgt == ignore_index
+        if HAS_SQ:
+            tl.store(Sq + row64, tl.log(tl.sum(r * r * q, 0)) - 2.0 * log_s)
+        if HAS_MEAN:
+            tl.store(Mean + row64, tl.sum(zs, 0) / V)
+        if HAS_TOP1:
+            z_tgt = tl.sum(zt, 0)
+            tl.store(Top1 + row64, ((z_tgt >= mx) & (z_tgt > tl.max(mb, 0))).to(tl.int8))
+        tl.store(Lse + row64, lse)
+        tl.store(Logp + row64, tl.where(ignored, 0.0, logp))
+        tl.store(Ent + row64, tl.where(ignored, 0.0, ent))
+
+
+@triton.jit
 def _logits_fwd_kernel(
     Z,
     Tgt,
@@ -51,41 +144,94 @@ def _logits_fwd_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
 ):
+    # The plain pass: every option of _logits_fwd_rows off (compiled out)
+    _logits_fwd_rows(
+        Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, inv_temp, ignore_index, Lse, Lse, Lse, 1.0, 1.0,
+        BLOCK_V, False, False, False, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _logits_fwd_ext_kernel(
+    Z,
+    Tgt,
+    Logp,
+    Ent,
+    Lse,
+    Sq,
+    Mean,
+    Top1,
+    N,
+    V,
+    stride_zn,
+    inv_temp,
+    ignore_index,
+    logit_scale,
+    softcap,
+    BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SQ: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    HAS_TOP1: tl.constexpr,
+):
+    # TRL's fused-head options (the pointers of the outputs not requested are unused placeholders)
+    _logits_fwd_rows(
+        Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, inv_temp, ignore_index, Sq, Mean, Top1, logit_scale, softcap,
+        BLOCK_V, HAS_SOFTCAP, HAS_SQ, HAS_MEAN, HAS_TOP1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _logits_bwd_rows(
+    Z,
+    Tgt,
+    Lse,
+    Ent,
+    GL,
+    GH,
+    CP,
+    DZ,
+    N,
+    V,
+    stride_zn,
+    stride_dzn,
+    col_offset,
+    inv_temp,
+    ignore_index,
+    logit_scale,
+    softcap,
+    HAS_GH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
     for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
-        base = Z + row64 * stride_zn
         tgt = tl.load(Tgt + row64)
-        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_V], tl.float32)
-        a = tl.zeros([BLOCK_V], tl.float32)
-        zt = tl.zeros([BLOCK_V], tl.float32)
-        # Lane-wise online statistics (each lane sees every BLOCK_V-th column), merged once at the end.
+        keep = tgt != ignore_index
+        gl = tl.where(keep, tl.load(GL + row64), 0.0)
+        cp = tl.where(keep, tl.load(CP + row64), 0.0)
+        lse = tl.load(Lse + row64)
+        if HAS_GH:
+            gh = tl.where(keep, tl.load(GH + row64), 0.0)
+            ent = tl.load(Ent + row64)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = cols < V
-            z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, z)
-            # Shift reference: 0 while a lane has seen only -inf (-inf - -inf would be NaN); exp(-inf - 0) = 0.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)
-            d = tl.where(ok, z - m_ref, 0.0)
-            e = tl.where(ok, tl.exp(d), 0.0)
-            shift = tl.where(s > 0.0, m - m_ref, 0.0)
-            a = tl.where(alpha > 0.0, alpha * (a + s * shift), 0.0) + tl.where(e > 0.0, e * d, 0.0)
-            s = alpha * s + e
-            m = m_new
-            zt += tl.where(cols == tgt, z, 0.0)
-        mx = tl.max(m, 0)
-        r = tl.where(s > 0.0, tl.exp(m - mx), 0.0)
-        s_tot = tl.sum(r * s, 0)
-        a_tot = tl.sum(tl.where(r > 0.0, r * (a + tl.where(s > 0.0, s * (m - mx), 0.0)), 0.0), 0)
-        log_s = tl.log(s_tot)
-        lse = mx + log_s
-        ent = log_s - a_tot / s_tot
-        logp = tl.sum(zt, 0) - lse
-        ignored = tgt == ignore_index
-        tl.store(Lse + row64, lse)
-        tl.store(Logp + row64, tl.where(ignored, 0.0, logp))
-        tl.store(Ent + row64, tl.where(ignored, 0.0, ent))
+            if HAS_SOFTCAP:
+                y = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * (logit_scale / softcap)
+                th = 2.0 * tl.sigmoid(2.0 * y) - 1.0
+                z = softcap * th * inv_temp
+            else:
+                z = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * inv_temp
+            logp = z - lse
+            # ignored rows get exactly 0 (their lse may be -inf: a row of -inf logits, where 0 * NaN would leak)
+            p = tl.where(keep, tl.exp(logp), 0.0)
+            dz = tl.where(cols + col_offset == tgt, gl, 0.0) - cp * p
+            if HAS_GH:
+                dz -= gh * tl.where(p > 0.0, p * (logp + ent), 0.0)
+            dz = dz * inv_temp
+            if HAS_SOFTCAP:
+                dz = dz * ((1.0 - th * th) * logit_scale)
+            tl.store(DZ + row64 * stride_dzn + cols, dz.to(DZ.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -108,31 +254,50 @@ def _logits_bwd_kernel(
     HAS_GH: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
-        tgt = tl.load(Tgt + row64)
-        keep = tgt != ignore_index
-        gl = tl.where(keep, tl.load(GL + row64), 0.0)
-        cp = tl.where(keep, tl.load(CP + row64), 0.0)
-        lse = tl.load(Lse + row64)
-        if HAS_GH:
-            gh = tl.where(keep, tl.load(GH + row64), 0.0)
-            ent = tl.load(Ent + row64)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = cols < V
-            z = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * inv_temp
-            logp = z - lse
-            # ignored rows get exactly 0 (their lse may be -inf: a row of -inf logits, where 0 * NaN would leak)
-            p = tl.where(keep, tl.exp(logp), 0.0)
-            dz = tl.where(cols + col_offset == tgt, gl, 0.0) - cp * p
-            if HAS_GH:
-                dz -= gh * tl.where(p > 0.0, p * (logp + ent), 0.0)
-            tl.store(DZ + row64 * stride_dzn + cols, (dz * inv_temp).to(DZ.dtype.element_ty), mask=ok)
+    # The plain pass: no softcap (compiled out)
+    _logits_bwd_rows(
+        Z, Tgt, Lse, Ent, GL, GH, CP, DZ, N, V, stride_zn, stride_dzn, col_offset, inv_temp, ignore_index, 1.0, 1.0,
+        HAS_GH, BLOCK_V, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _logits_bwd_softcap_kernel(
+    Z,
+    Tgt,
+    Lse,
+    Ent,
+    GL,
+    GH,
+    CP,
+    DZ,
+    N,
+    V,
+    stride_zn,
+    stride_dzn,
+    col_offset,
+    inv_temp,
+    ignore_index,
+    logit_scale,
+    softcap,
+    HAS_GH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # TRL's final-logit softcap: the chain rule logit_scale (1 - tanh^2) in the same pass
+    _logits_bwd_rows(
+        Z, Tgt, Lse, Ent, GL, GH, CP, DZ, N, V, stride_zn, stride_dzn, col_offset, inv_temp, ignore_index,
+        logit_scale, softcap, HAS_GH, BLOCK_V, True,
+    )  # fmt: skip
 
 
 #: The BLOCK_V values the row passes launch with on a GPU (the smallest that holds a short row, else 4096); the
 #: offline sm_90 compile test checks each of them for register spills.
 ROW_BLOCKS = (256, 1024, 4096)
+
+
+#: The largest BLOCK_V of the forward row pass with TRL's options (``_logits_fwd_ext_kernel``): its three extra
+#: lane-wise statistics need 247 registers per thread at 4096 (sm_90), 124 at 1024.
+EXT_MAX_BLOCK = 1024
 
 
 def row_warps(block: int) -> int:
@@ -147,9 +312,21 @@ def _row_block(v: int) -> int:
 
 
 def logits_forward(
-    logits: torch.Tensor, targets: torch.Tensor, inv_temp: float, ignore_index: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    extras: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits ``[N, V]`` (unit stride along V), targets int64 ``[N]`` -> fp32 ``(logp, entropy, lse)``, each ``[N]``."""
+    """logits ``[N, V]`` (unit stride along V), targets int64 ``[N]`` -> fp32 ``(logp, entropy, lse)``, each ``[N]``.
+
+    TRL's fused-head options (off by default: the plain pass): ``softcap`` ``c`` turns the logits into
+    ``c tanh(logit_scale z / c)`` before the temperature (without softcap, ``logit_scale`` folds into ``inv_temp``);
+    ``extras``, a dict whose keys name the extra outputs to compute (``"log_sum_sq_probs"``, ``"mean_logits"``,
+    ``"is_top1"``), gets their ``[N]`` values (fp32; bool for ``is_top1``) from the same pass."""
     n, v = logits.shape
     if v > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -157,7 +334,13 @@ def logits_forward(
     logp = torch.empty(n, device=logits.device, dtype=torch.float32)
     ent = torch.empty_like(logp)
     lse = torch.empty_like(logp)
-    if n:
+    if softcap is None and logit_scale != 1.0:
+        inv_temp = inv_temp * logit_scale
+    want = () if extras is None else tuple(extras)
+    sq = torch.empty_like(logp) if "log_sum_sq_probs" in want else None
+    mean = torch.empty_like(logp) if "mean_logits" in want else None
+    top1 = torch.empty(n, device=logits.device, dtype=torch.int8) if "is_top1" in want else None
+    if n and softcap is None and not want:
         block = _row_block(v)
         _logits_fwd_kernel[(min(n, max_grid()),)](
             logits,
@@ -173,6 +356,35 @@ def logits_forward(
             BLOCK_V=block,
             num_warps=row_warps(block),
         )
+    elif n:
+        block = min(_row_block(v), EXT_MAX_BLOCK)
+        _logits_fwd_ext_kernel[(min(n, max_grid()),)](
+            logits,
+            targets,
+            logp,
+            ent,
+            lse,
+            lse if sq is None else sq,
+            lse if mean is None else mean,
+            lse if top1 is None else top1,
+            n,
+            v,
+            logits.stride(0),
+            inv_temp,
+            ignore_index,
+            float(logit_scale),
+            1.0 if softcap is None else float(softcap),
+            BLOCK_V=block,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_SQ=sq is not None,
+            HAS_MEAN=mean is not None,
+            HAS_TOP1=top1 is not None,
+            num_warps=row_warps(block),
+        )
+    if extras is not None:
+        for key, buf in (("log_sum_sq_probs", sq), ("mean_logits", mean), ("is_top1", top1)):
+            if buf is not None:
+                extras[key] = buf.bool() if key == "is_top1" else buf
     return logp, ent, lse
 
 
@@ -189,12 +401,16 @@ def logits_backward(
     *,
     c_p: torch.Tensor | None = None,
     col_offset: int = 0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits block ``[N, V_c]`` (columns ``col_offset ...`` of the vocabulary), written into
     ``out`` (default: a new tensor in the logits' dtype).
 
     ``out`` may be ``logits`` itself (each program reads a block, then overwrites it: in place) or a buffer of another
     dtype (the GEMM dtype: no separate cast pass). ``c_p`` (default ``g_logp``) multiplies the ``-p`` term.
+    ``logit_scale`` / ``softcap``: as in :func:`logits_forward` (the chain rule ``logit_scale (1 - tanh^2)`` is
+    applied in the same pass).
     """
     n, v = logits.shape
     if v > 1 and (logits.stride(1) != 1 or (out is not None and out.stride(1) != 1)):
@@ -202,9 +418,13 @@ def logits_backward(
     targets, lse, entropy, g_logp, g_ent = _unit(targets), _unit(lse), _unit(entropy), _unit(g_logp), _unit(g_ent)
     c_p = g_logp if c_p is None else _unit(c_p)
     dz = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
+    if softcap is None and logit_scale != 1.0:
+        inv_temp = inv_temp * logit_scale
+    opts = {} if softcap is None else {"logit_scale": float(logit_scale), "softcap": float(softcap)}
     if n:
         block = _row_block(v)
-        _logits_bwd_kernel[(min(n, max_grid()),)](
+        kernel = _logits_bwd_kernel if softcap is None else _logits_bwd_softcap_kernel
+        kernel[(min(n, max_grid()),)](
             logits,
             targets,
             lse,
@@ -223,6 +443,7 @@ def logits_backward(
             HAS_GH=g_ent is not None,
             BLOCK_V=block,
             num_warps=row_warps(block),
+            **opts,
         )
     return dz
 
@@ -235,4 +456,12 @@ def backward_chunk_columns(n: int, v: int, bytes_per_element: int, chunk_bytes: 
     return min(cols, v) if v > 0 else 0
 
 
-__all__ = ["logits_forward", "logits_backward", "backward_chunk_columns", "COLUMN_ALIGN", "ROW_BLOCKS", "row_warps"]
+__all__ = [
+    "logits_forward",
+    "logits_backward",
+    "backward_chunk_columns",
+    "COLUMN_ALIGN",
+    "ROW_BLOCKS",
+    "EXT_MAX_BLOCK",
+    "row_warps",
+]

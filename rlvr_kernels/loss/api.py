@@ -501,6 +501,21 @@ def rlvr_loss(
         # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
         rule = M.credit(cfg.credit)
         mask = M.call_hook(rule, "static_mask", cfg, torch.where(valid, _as_float(attention_mask), 0.0), q=q)
+        # the rollout correction (train / rollout mismatch): known before the vocabulary pass, its rejected tokens
+        # leave the mask (and every token count) as a static credit mask's do; its weight joins vllm_is_ratio
+        is_ratio = _inert_ratio(vllm_is_ratio, valid, cfg)
+        if M.rollout_correction_active(cfg):
+            if rollout_per_token_logps is None or old_per_token_logps is None:
+                raise ValueError(
+                    "rollout_is / rollout_rs need old_per_token_logps (the training engine's log-probs of the "
+                    "rollout) and rollout_per_token_logps (the rollout engine's)"
+                )
+            keep, weight = M.rollout_correction(cfg, old_per_token_logps.detach(), mu.detach(), valid)
+            mask = mask * keep
+            if weight is not None:
+                if is_ratio is not None and is_ratio.dim() == 1:
+                    is_ratio = is_ratio.unsqueeze(1)
+                is_ratio = weight if is_ratio is None else is_ratio * weight
         # Positions outside the loss mask may hold any id and any hidden state (padding): they are ignore_index rows
         # of the vocabulary pass, read as zeros, with logp = entropy = 0 and no gradient.
         ids = torch.where(
@@ -532,7 +547,7 @@ def rlvr_loss(
             _inert(advantages.detach().float(), valid),
             f(old_per_token_logps),
             f(ref_per_token_logps),
-            _inert_ratio(vllm_is_ratio, valid, cfg),
+            is_ratio,
             f(mu),
             f(delta_coefficients),
             f(old_entropy),

@@ -64,6 +64,7 @@ class LossConfig:
     entropy_adv_alpha: float = _D["entropy_adv_alpha"]
     entropy_adv_kappa: float = _D["entropy_adv_kappa"]
     d3s_scope: str = _D["d3s_scope"]
+    dppo_divergence: str = _D["dppo_divergence"]
     cppo_w_min: float = _D["cppo_w_min"]
     cppo_delta_b: float = _D["cppo_delta_b"]
     cppo_budget: str = _D["cppo_budget"]
@@ -71,6 +72,13 @@ class LossConfig:
     cppo_max_mult: float = _D["cppo_max_mult"]
     cppo_horizon: Optional[int] = _D["cppo_horizon"]
     cppo_divergence: str = _D["cppo_divergence"]
+    rollout_is: str = _D["rollout_is"]
+    rollout_is_mode: str = _D["rollout_is_mode"]
+    rollout_is_low: Optional[float] = _D["rollout_is_low"]
+    rollout_is_high: Optional[float] = _D["rollout_is_high"]
+    rollout_rs: str = _D["rollout_rs"]
+    rollout_rs_low: Optional[float] = _D["rollout_rs_low"]
+    rollout_rs_high: Optional[float] = _D["rollout_rs_high"]
     fused: object = "auto"
     backend: str = "auto"
     ignore_index: int = -100
@@ -82,6 +90,7 @@ class LossConfig:
         self._check_numbers()
         for name in LOSS_METHOD_OPTIONS:
             setattr(self, name, M.check_option(name, getattr(self, name)))
+        M.check_options({n: getattr(self, n) for n in M.ROLLOUT_OPTIONS})  # the bands and bounds together
         C.choice("loss_type", self.loss_type, ref_loss.LOSS_TYPES)
         C.choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
         if self.importance_sampling_level == "sequence" and self.loss_type in (

@@ -197,6 +197,86 @@ def row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp: float, ign
     return z.masked_fill_((targets == ignore_index).unsqueeze(1), 0.0)
 
 
+def transform_logits_(z: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor | None:
+    """The logit transforms of TRL's fused head, in place on unscaled logits ``z [n, V]``: ``z <- logit_scale * z``,
+    then (with ``softcap`` ``c``) ``z <- c tanh(z / c)``; the temperature comes after (the row functions' ``inv_temp``).
+    Returns ``tanh(z / c)`` (the softcap's chain rule needs ``1 - tanh^2``), or None without softcap."""
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    if softcap is None:
+        return None
+    t = torch.tanh(z.div_(softcap))
+    z.copy_(t).mul_(softcap)
+    return t
+
+
+def row_stats_ext(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temp: float,
+    ignore_index: int,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
+    is_top1: bool = False,
+):
+    """:func:`row_stats` with TRL's logit transforms and extra outputs, for one chunk of unscaled logits ``z [n, V]``
+    (not modified; one transformed copy). The transformed logits are ``x = softcap(logit_scale z) * inv_temp``
+    (:func:`transform_logits_`). Returns ``(logp, entropy, lse, extras)`` ``[n]`` in z's dtype, ``extras`` a dict
+    holding the requested ones of ``log_sum_sq_probs = log sum_v p_v^2``, ``mean_logits = mean_v x_v`` and ``is_top1``
+    (bool: ``x_y`` is the row's maximum and no earlier column equals it, as ``argmax``). Ignored rows give 0 for logp
+    and entropy only."""
+    x = z.clone()
+    transform_logits_(x, logit_scale, softcap)
+    if inv_temp != 1.0:
+        x.mul_(inv_temp)
+    extras = {}
+    if mean_logits:
+        extras["mean_logits"] = x.mean(1)
+    if is_top1:
+        n, v = x.shape
+        safe = targets.clamp(0, v - 1)
+        xt = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+        before = torch.arange(v, device=x.device).unsqueeze(0) < targets.unsqueeze(1)
+        max_before = x.masked_fill(~before, float("-inf")).amax(1)
+        extras["is_top1"] = (xt >= x.amax(1)) & (xt > max_before)
+    if log_sum_sq_probs:
+        # log sum_v p_v^2 = logsumexp(2 x) - 2 lse; computed before scaled_logit_stats overwrites x
+        extras["log_sum_sq_probs"] = torch.logsumexp(2 * x, 1)
+    logp, ent, lse = scaled_logit_stats(x, targets, ignore_index=ignore_index)
+    if log_sum_sq_probs:
+        extras["log_sum_sq_probs"] = extras["log_sum_sq_probs"] - 2 * lse
+    return logp, ent, lse, extras
+
+
+def row_grad_ext_(
+    z,
+    targets,
+    lse,
+    entropy,
+    g_logp,
+    g_ent,
+    c_p,
+    inv_temp: float,
+    ignore_index: int,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`row_grad_` through TRL's logit transforms: ``z [n, V]`` (unscaled logits) overwritten with ``dL/dz =
+    logit_scale (1 - tanh^2(logit_scale z / c)) inv_temp dL/dx`` (without softcap the ``tanh`` factor is 1), where
+    ``dL/dx = g_logp onehot - p (c_p + g_ent (log p + H))``; ignored rows become 0."""
+    t = transform_logits_(z, logit_scale, softcap)
+    row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp, ignore_index)
+    if t is not None:
+        z.mul_(t.mul_(t).neg_().add_(1.0))
+    if logit_scale != 1.0:
+        z.mul_(logit_scale)
+    return z
+
+
 def _zero_ignored(x: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """One chunk's hidden rows with the ignored ones replaced by 0 (a chunk-sized copy): padding holding NaN/inf
     then reaches neither the statistics nor ``dz.T @ x``."""

@@ -280,3 +280,105 @@ def normalizer(
         return torch.as_tensor(n, **f32).clamp(min=1.0) / dp_size
     seqs = global_batch_size if global_batch_size is not None else (row_counts > 0).sum()
     return torch.as_tensor(seqs, **f32).clamp(min=1.0) / dp_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout corrections (train / rollout mismatch)
+
+ROLLOUT_IS_LEVELS = ("none", "token", "sequence")
+ROLLOUT_IS_MODES = ("truncate", "mask")
+#: verl's rejection criteria (``rollout_corr_helper.SUPPORTED_ROLLOUT_RS_OPTIONS``): the k1 ones keep a band of the
+#: train/rollout ratio, the k2 / k3 ones an upper bound of the divergence.
+ROLLOUT_RS_MODES = (
+    "none",
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
+#: |log ratio| bound before any exp (verl's ``SAFETY_BOUND``)
+ROLLOUT_SAFETY_BOUND = 20.0
+
+
+def _log_or(v, default: float) -> float:
+    return math.log(v) if v is not None else default
+
+
+def rollout_correction(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    is_level: str = "none",
+    is_mode: str = "truncate",
+    is_low: float | None = None,
+    is_high: float | None = None,
+    rs: str = "none",
+    rs_low: float | None = None,
+    rs_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rollout correction of a batch: ``(keep, weight)``, both detached fp32.
+
+    ``log_ratio [B, T]``: ``log pi_old - log mu`` (training engine minus rollout engine log-probs of the sampled
+    tokens); ``mask [B, T]``: the loss tokens (other positions may hold anything and are never read). Everything is
+    computed in log space, the log ratios bounded to +-20 before any ``exp`` (no ``0 * inf``).
+
+    - IS weight (``is_level`` token: per-token ratio ``[B, T]``; sequence: ``exp(sum log ratio)`` ``[B, 1]``):
+      ``is_mode="truncate"`` clamps it to ``[is_low, is_high]`` (TIS; TRL's ``*_truncate``, verl's single threshold);
+      ``"mask"`` keeps it inside the band and removes the tokens (sequences) outside it from the loss (TRL's
+      ``*_mask``, IcePop / verl's ``"low_high"`` threshold at token level, sequence MIS at sequence level).
+    - Rejection (``rs``, verl's criteria on ``log pi_old - log mu``): ``*_k1`` keep the tokens / sequences whose
+      ratio (token), product (``seq_sum``) or geometric mean (``seq_mean``: Geo-RS) lies in ``[rs_low, rs_high]``
+      (``rs_low`` default ``1 / rs_high``); ``*_k2`` / ``*_k3`` keep those whose divergence (``0.5 lr^2``,
+      ``exp(lr) - 1 - lr``; per token, summed, averaged or the row's max) is ``<= rs_high``.
+
+    ``keep [B, T]``: 1 for the loss tokens that stay, 0 elsewhere (the removed tokens leave the loss and every
+    normaliser that counts tokens); ``weight``: ``[B, T]`` / ``[B, 1]`` or None (no IS weight), 1 at the removed
+    tokens (the peers' weight 0 there is ``weight * keep``).
+    """
+    with torch.no_grad():
+        on = mask != 0
+        f = on.to(torch.float32)
+        lr = torch.where(on, log_ratio.float(), 0.0).clamp(-ROLLOUT_SAFETY_BOUND, ROLLOUT_SAFETY_BOUND)
+        keep = on.clone()
+        weight = None
+        if is_level != "none":
+            lw = lr if is_level == "token" else lr.sum(-1, keepdim=True).clamp(-ROLLOUT_SAFETY_BOUND, 20.0)
+            lo, hi = _log_or(is_low, -math.inf), _log_or(is_high, math.inf)
+            if is_mode == "truncate":
+                weight = torch.exp(lw.clamp(lo, hi))
+            else:
+                inside = (lw >= lo) & (lw <= hi)
+                keep = keep & inside
+                weight = torch.where(inside, torch.exp(lw), 1.0)  # 1 (inert) where removed: out of the loss
+        if rs != "none":
+            keep = keep & _rejection_keep(lr, f, rs, rs_low, rs_high)
+        return keep.to(torch.float32), weight
+
+
+def _rejection_keep(lr: torch.Tensor, f: torch.Tensor, rs: str, low, high) -> torch.Tensor:
+    """Bool ``[B, T]`` (or ``[B, 1]``) of what verl's criterion ``rs`` keeps."""
+    k1 = rs.endswith("k1")
+    if rs.endswith("k1"):
+        stat = lr
+    elif rs.endswith("k2"):
+        stat = 0.5 * lr * lr
+    else:
+        stat = torch.exp(lr) - 1.0 - lr
+    if rs.startswith("seq_sum"):
+        stat = (stat * f).sum(-1, keepdim=True)
+    elif rs.startswith("seq_mean"):
+        stat = (stat * f).sum(-1, keepdim=True) / f.sum(-1, keepdim=True).clamp(min=1.0)
+    elif rs.startswith("seq_max"):
+        stat = torch.where(f > 0, stat, -math.inf).amax(-1, keepdim=True).clamp(min=0.0)
+    if k1:
+        hi = math.log(high)
+        lo = math.log(low) if low is not None else -hi
+        return (stat >= lo) & (stat <= hi)
+    return stat <= high

@@ -52,10 +52,15 @@ class RLVRGRPOConfig(GRPOConfig):
     end_value=schedule_end_value, begin=schedule_begin_frac, end=schedule_end_frac, gamma=schedule_gamma,
     total_steps=max_steps)(k)`` at the 1-based optimizer step k (``schedule_*_frac`` are fractions of the run).
     Trust region (``trust_region``): ``"clip"`` TRL's own objective (``loss_type``); ``"dppo"`` DPPO's Binary-TV
-    mask with threshold ``trust_region_delta`` on both sides; ``"cppo"`` CPPO's position-weighted prefix-budget mask
-    (delta ``trust_region_delta``, ``cppo_*``); ``"cispo"`` CISPO's clamp at ``epsilon_high`` (as TRL's
-    ``loss_type="cispo"``). They replace the objective and keep the normaliser of ``loss_type`` (one of grpo, bnpo,
-    dr_grpo, dapo; ``trust_region="cispo"`` with ``loss_type="dapo"`` is TRL's ``loss_type="cispo"``).
+    (or, ``dppo_divergence="binary_kl"``, Binary-KL) mask with threshold ``trust_region_delta`` on both sides;
+    ``"cppo"`` CPPO's position-weighted prefix-budget mask (delta ``trust_region_delta``, ``cppo_*``); ``"cispo"``
+    CISPO's clamp at ``epsilon_high`` (as TRL's ``loss_type="cispo"``). They replace the objective and keep the
+    normaliser of ``loss_type`` (one of grpo, bnpo, dr_grpo, dapo; ``trust_region="cispo"`` with
+    ``loss_type="dapo"`` is TRL's ``loss_type="cispo"``).
+    Rollout correction (``rollout_is``, ``rollout_rs`` and their bounds; ``docs/methods/rollout-corrections.md``):
+    the train/rollout IS weight and rejection computed in log space from ``old_per_token_logps`` and vLLM's
+    ``sampling_per_token_logps``, in place of TRL's ``vllm_importance_sampling_mode``; rejected tokens leave the loss
+    and its token counts.
     """
 
     credit: str = field(default="none", metadata=_help(f"Token credit rule, one of {CREDITS}."))
@@ -70,6 +75,13 @@ class RLVRGRPOConfig(GRPOConfig):
     entropy_adv_alpha: float = _option("entropy_adv_alpha")
     entropy_adv_kappa: float = _option("entropy_adv_kappa")
     d3s_scope: str = _option("d3s_scope")
+    d3s_rollouts_k: Optional[int] = field(
+        default=None,
+        metadata=_help(
+            "D^3S sample level: keep, per prompt group, the k completions whose advantages have the largest variance "
+            "(the others leave the loss); None keeps all. Independent of credit."
+        ),
+    )
     delta_coef_iters: int = _option("delta_coef_iters")
     delta_coef_lam_min: float = _option("delta_coef_lam_min")
     delta_coef_lam_max: float = _option("delta_coef_lam_max")
@@ -90,6 +102,7 @@ class RLVRGRPOConfig(GRPOConfig):
         default=0.15, metadata=_help("Divergence threshold delta of trust_region='dppo' (both sides) and 'cppo'.")
     )
     ratio_cap: Optional[float] = _option("ratio_cap")
+    dppo_divergence: str = _option("dppo_divergence")
     cppo_w_min: float = _option("cppo_w_min")
     cppo_delta_b: float = _option("cppo_delta_b")
     cppo_budget: str = _option("cppo_budget")
@@ -97,6 +110,13 @@ class RLVRGRPOConfig(GRPOConfig):
     cppo_max_mult: float = _option("cppo_max_mult")
     cppo_horizon: Optional[int] = _option("cppo_horizon")
     cppo_divergence: str = _option("cppo_divergence")
+    rollout_is: str = _option("rollout_is")
+    rollout_is_mode: str = _option("rollout_is_mode")
+    rollout_is_low: Optional[float] = _option("rollout_is_low")
+    rollout_is_high: Optional[float] = _option("rollout_is_high")
+    rollout_rs: str = _option("rollout_rs")
+    rollout_rs_low: Optional[float] = _option("rollout_rs_low")
+    rollout_rs_high: Optional[float] = _option("rollout_rs_high")
     rlvr_backend: str = field(
         default="auto",
         metadata=_help("rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."),
@@ -108,13 +128,32 @@ class RLVRGRPOConfig(GRPOConfig):
 
     @property
     def uses_rlvr_loss(self) -> bool:
-        """Whether the loss is computed by ``RLVRLoss`` (any credit rule or a trust region other than clip)."""
-        return self.credit != "none" or self.trust_region != "clip"
+        """Whether the loss is computed by ``RLVRLoss`` (any credit rule, a trust region other than clip, or a
+        rollout correction)."""
+        return self.credit != "none" or self.trust_region != "clip" or self.uses_rollout_correction
+
+    @property
+    def uses_rollout_correction(self) -> bool:
+        """Whether ``rollout_is`` / ``rollout_rs`` ask for the package's rollout correction (it then replaces TRL's
+        ``vllm_importance_sampling_mode``: the loss reads ``old_per_token_logps`` and ``sampling_per_token_logps``)."""
+        return M.rollout_correction_active(dict(rollout_is=self.rollout_is, rollout_rs=self.rollout_rs))
+
+    def rollout_correction_kwargs(self) -> dict:
+        """The ``RLVRLoss`` / ``LossConfig`` keywords of the rollout correction (empty when inactive)."""
+        return {n: getattr(self, n) for n in M.ROLLOUT_OPTIONS} if self.uses_rollout_correction else {}
 
     @property
     def uses_schedule(self) -> bool:
         """Whether the credit rule evaluates q(k) (``schedule``, or a rule defined by it)."""
         return M.credit(self.credit).uses_schedule(self.schedule)
+
+
+def _trainer_supports_rollout_correction() -> bool:
+    """Whether the TRL trainer passes ``rollout_correction_kwargs()`` and the sampling log-probs to the loss (its
+    module says so with ``SUPPORTS_ROLLOUT_CORRECTION = True``)."""
+    import importlib
+
+    return bool(getattr(importlib.import_module("rlvr_kernels.integrations.trl"), "SUPPORTS_ROLLOUT_CORRECTION", False))
 
 
 def validate(c: RLVRGRPOConfig) -> None:
@@ -155,6 +194,17 @@ def _validate(c: RLVRGRPOConfig) -> None:
                 f"delta (the two-sided clip of the PPO ratio) does not apply to trust_region={tr!r}; "
                 "use ratio_cap for a truncated-IS cap"
             )
+    if c.uses_rollout_correction and not (c.use_vllm and c.vllm_importance_sampling_correction):
+        raise ValueError(
+            "rollout_is / rollout_rs correct the vLLM rollout: they need use_vllm=True and "
+            "vllm_importance_sampling_correction=True (TRL then keeps the old and the sampling log-probs; the "
+            "package's correction replaces TRL's vllm_importance_sampling_mode)"
+        )
+    if c.uses_rollout_correction and not _trainer_supports_rollout_correction():
+        raise ValueError(
+            "rollout_is / rollout_rs: this version of rlvr_kernels.integrations.trl.RLVRGRPOTrainer does not pass "
+            "the rollout correction to the loss yet (use TRL's vllm_importance_sampling_mode, or RLVRLoss directly)"
+        )
     if c.uses_rlvr_loss:
         what = f"credit={c.credit!r}, trust_region={c.trust_region!r}"
         if c.top_entropy_quantile < 1.0:

@@ -110,6 +110,7 @@ def loss_config(
     )  # verl clamps the log-ratio at +-20
     kw.update(_thresholds(spec.region, low, high, clip_c, opts))
     kw.update({n: getattr(opts, n) for n in spec.region.options if n in LOSS_METHOD_OPTIONS and n != "ratio_cap"})
+    kw.update({n: getattr(opts, n) for n in M.ROLLOUT_OPTIONS})  # the rollout correction, with every loss
     kw["aggregation"] = loss_agg_mode
     # verl's agg_loss takes the horizon of seq-mean-token-sum-norm from global_batch_info only (ppo_loss copies
     # actor.loss_scale_factor there); default: the padded response width
@@ -173,11 +174,13 @@ def _read_inputs(spec: LossSpec, opts: Options, ctx: dict, log_prob: torch.Tenso
                 f"{DELTA_COEF_KEY!r} at the start of each actor update ({_HOOK_HELP}); otherwise set "
                 "that [bs, response_len] batch field or loss_context(delta_coefficients=...); see rlvr_kernels.delta"
             )
-    if spec.region.needs_anchor and opts.anchor == "rollout":
+    rollout = M.rollout_correction_active(dict(rollout_is=opts.rollout_is, rollout_rs=opts.rollout_rs))
+    if (spec.region.needs_anchor and opts.anchor == "rollout") or rollout:
         mu = response_tensor(ctx, ROLLOUT_LOGP_KEY, log_prob)
         if mu is None:
+            why = "policy_loss.rlvr.rollout_is / rollout_rs" if rollout else "policy_loss.rlvr.anchor=rollout"
             raise ValueError(
-                f"{spec.name} with policy_loss.rlvr.anchor=rollout needs the batch field "
+                f"{spec.name} with {why} needs the batch field "
                 f"{ROLLOUT_LOGP_KEY!r} (rollout.calculate_log_probs=True) or "
                 "loss_context(rollout_log_probs=)"
             )
@@ -243,8 +246,16 @@ def policy_loss(
         entropy = entropy.detach().float()
     if coef is not None:
         coef = coef.detach().float()
-    mu = old if mu is None else mu.detach().float()
     is_ratio = rollout_is_weights.detach().float() if rollout_is_weights is not None else None
+    if M.rollout_correction_active(cfg):
+        # the rollout correction from old_log_prob and the rollout engine's log-probs (verl's
+        # compute_rollout_correction_and_rejection_mask, inside the loss): rejected tokens leave the mask and the
+        # token counts; the weight joins verl's own rollout_is_weights when both are set
+        keep, weight = M.rollout_correction(cfg, old, mu.detach().float(), valid)
+        mask = mask * keep
+        if weight is not None:
+            is_ratio = weight if is_ratio is None else is_ratio * weight
+    mu = old if (mu is None or not spec.region.needs_anchor or opts.anchor != "rollout") else mu.detach().float()
     rows = _loss.Rows(mask=mask, adv=advantages.detach().float(), old=old, mu=mu, is_ratio=is_ratio, coef=coef)
     one = torch.ones((), dtype=torch.float32, device=log_prob.device)
     loss_unnorm, sums, active = _loss.token_pass(cfg, logp, entropy, rows, q, one, one)
