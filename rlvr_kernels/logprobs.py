@@ -7,21 +7,24 @@ whose target is not ``ignore_index`` enter the GEMMs. The forward saves 8 bytes 
 backward recomputes the logits one block of vocabulary columns at a time and turns ``dz`` into dX, dW and db with
 GEMMs: dW is written once per block by one GEMM (fp32 accumulation inside it, none across blocks) and dX accumulates
 over blocks in fp32 in a fixed order, so the backward is deterministic (no atomics). The torch backend is the
-plain-torch reference in ``rlvr_kernels.reference.logprobs``, chunked over tokens.
-Design notes: ``docs/design/vocab-pass.md``.
+plain-torch reference in ``rlvr_kernels.reference.logprobs``, chunked over tokens. This module holds the custom ops
+and their autograd; the per-backend work is :mod:`rlvr_kernels.vocab_pass`, and ``tp_group=`` hands over to
+:mod:`rlvr_kernels.vocab_parallel`. Design notes: ``docs/design/vocab-pass.md``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlvr_kernels import _checks, _gemm
-from rlvr_kernels._backend import autocast_inputs, first_order_backward, no_autocast, resolve_backend
-from rlvr_kernels.cpu import vocab_rows
-from rlvr_kernels.reference import logprobs as ref
-
-# Rows x K x H elements per chunk when gathering extra ids (CPPO's Top-K divergences).
-_GATHER_CHUNK_ELEMENTS = 1 << 24
+from rlvr_kernels import _checks, vocab_parallel
+from rlvr_kernels._backend import autocast_inputs, first_order_backward, no_autocast
+from rlvr_kernels.vocab_pass import (
+    _out_dtype,
+    linear_backward,
+    linear_forward,
+    logits_backward,
+    logits_forward,
+)
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -104,171 +107,9 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             raise ValueError(f"gather_ids is on {gather_ids.device} but hidden is on {hidden.device}")
 
 
-def _gathered_logits(x, w, b, ids, inv_temp) -> torch.Tensor:
-    """fp32 ``[N, K]`` scaled logits at ``ids``: row-chunked dot products, O(N K H)."""
-    n, h = x.shape
-    k = ids.shape[1]
-    out = torch.empty((n, k), device=x.device, dtype=torch.float32)
-    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * h))
-    for s in range(0, n, chunk):
-        i = ids[s : s + chunk]
-        z = torch.einsum("rh,rkh->rk", x[s : s + chunk].float(), w[i].float())
-        if b is not None:
-            z = z + b[i].float()
-        out[s : s + chunk] = z * inv_temp
-    return out
-
-
-def _gathered_onehot_grads(x, w, ids, gg, inv_temp, dx, dw, db) -> None:
-    """Add the ``onehot(ids)`` part of the gathered outputs' gradient to dx, dw, db (row-chunked)."""
-    n, h = x.shape
-    k = ids.shape[1]
-    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * h))
-    for s in range(0, n, chunk):
-        i = ids[s : s + chunk]
-        g = gg[s : s + chunk] * inv_temp
-        if dx is not None:
-            dx[s : s + chunk] += torch.einsum("rk,rkh->rh", g, w[i].float()).to(dx.dtype)
-        if dw is not None:
-            rows = (g.unsqueeze(-1) * x[s : s + chunk].float().unsqueeze(1)).reshape(-1, h)
-            dw.index_add_(0, i.reshape(-1), rows.to(dw.dtype))
-        if db is not None:
-            db.index_add_(0, i.reshape(-1), g.reshape(-1))
-
-
-def _valid_rows(ignored: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows that count (target not ``ignore_index``), or None when every row counts (one host sync).
-    The GEMMs run on those rows only: padding and prompt tokens cost nothing."""
-    n_ignored = int(ignored.sum())
-    if n_ignored == 0:
-        return None
-    return (~ignored).nonzero().squeeze(1)
-
-
-def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, check=True):
-    """Triton-backend forward on flattened ``[N, H]`` inputs: ``(logp, entropy, gathered, lse)``, fp32, each ``[N]``
-    (``gathered [N, K]``), zero on ignored rows.
-
-    Blocks of rows whose fp32 ``[rows, V]`` logits fit the chunk budget; per block one GEMM (cuBLAS, fp32 result) and
-    one Triton row pass (``logits_forward``). Only the rows that count enter the GEMMs."""
-    from rlvr_kernels.kernels import logprobs as K
-
-    n, v = hidden.shape[0], weight.shape[0]
-    ignored = targets == ignore_index
-    rows = _valid_rows(ignored)
-    x = hidden if rows is None else hidden.index_select(0, rows)
-    t = targets if rows is None else targets.index_select(0, rows)
-    nv = x.shape[0]
-    lp = torch.empty(nv, device=hidden.device, dtype=torch.float32)
-    ent = torch.empty_like(lp)
-    lse = torch.empty_like(lp)
-    step = max(1, _gemm.chunk_bytes(hidden.device) // max(1, v * 4))
-    for r0 in range(0, nv, step):
-        r1 = min(nv, r0 + step)
-        z = _gemm.logits_fp32(x[r0:r1], weight, bias)
-        lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
-        del z
-    if check:
-        ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
-    if rows is not None:
-        lp, ent, lse = (
-            torch.zeros(n, device=hidden.device, dtype=torch.float32).index_copy_(0, rows, u) for u in (lp, ent, lse)
-        )
-    if gather_ids is not None:
-        zg = _gathered_logits(ref.inert_rows(hidden, ignored), weight, bias, gather_ids, inv_temp)
-        gathered = torch.where(ignored.unsqueeze(1), 0.0, zg - lse.unsqueeze(1))
-    else:
-        gathered = lp.new_zeros((n, 0))
-    return lp, ent, gathered, lse
-
-
-def _triton_linear_backward(
-    hidden,
-    w,
-    b,
-    tgt,
-    ids,
-    lse,
-    ent,
-    g_logp,
-    g_ent,
-    g_gath,
-    inv_temp,
-    ignore_index,
-    need,
-    g_lse=None,
-    cast=True,
-    logit_scale=1.0,
-    softcap=None,
-):
-    """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no; ``dx`` stays
-    fp32 with ``cast=False``; ``g_lse``: the log-normaliser's upstream gradient; ``logit_scale`` / ``softcap``: TRL's
-    logit transforms, :func:`rlvr_kernels.kernels.logprobs.logits_backward`).
-
-    Blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row pass
-    writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and ``dW_c = dz^T X``
-    (one GEMM per block, all rows: no accumulation of dW across blocks) and ``db_c = sum dz``."""
-    from rlvr_kernels.kernels import logprobs as K
-
-    need_x, need_w, need_b = need
-    n, h = hidden.shape
-    v = w.shape[0]
-    gl, gh, gg, cp = ref.upstream_coefficients(tgt, ignore_index, g_logp, g_ent, g_gath, ids, torch.float32, g_lse)
-    rows = _valid_rows(tgt == ignore_index)
-    x, t = hidden, tgt
-    if rows is not None:
-        x, t, gl, cp, lse, ent = (u.index_select(0, rows) for u in (hidden, tgt, gl, cp, lse, ent))
-        gh = None if gh is None else gh.index_select(0, rows)
-    nv = x.shape[0]
-    # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients (fp32, weight chunk upcast)
-    dz_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-    xm = x if dz_dtype == x.dtype else x.to(dz_dtype)
-    per_logit = 4 + (0 if dz_dtype == torch.float32 else torch.finfo(dz_dtype).bits // 8)
-    cols = K.backward_chunk_columns(nv, v, per_logit, _gemm.chunk_bytes(x.device))
-    dx_v = torch.zeros((nv, h), device=x.device, dtype=torch.float32) if need_x else None
-    dw = torch.zeros_like(w) if need_w else None
-    db = torch.zeros(v, device=x.device, dtype=torch.float32) if need_b else None
-    if nv and (need_x or need_w or need_b):
-        for v0 in range(0, v, cols):
-            v1 = min(v, v0 + cols)
-            z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
-            out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
-            dz = K.logits_backward(
-                z, t, lse, ent, gl, gh, inv_temp, ignore_index, out=out, c_p=cp, col_offset=v0,
-                logit_scale=logit_scale, softcap=softcap,
-            )  # fmt: skip
-            del z
-            wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
-            if need_x:
-                _gemm.addmm_fp32_(dx_v, dz, wc)
-            if need_w:
-                _gemm.mm_into(dw[v0:v1], dz.T, xm)
-            if need_b:
-                db[v0:v1] = dz.sum(0, dtype=torch.float32)
-            del dz, out
-    dx = None
-    if need_x:
-        dx = (
-            dx_v
-            if rows is None
-            else torch.zeros((n, h), device=x.device, dtype=torch.float32).index_copy_(0, rows, dx_v)
-        )
-    if gg is not None and n:
-        _gathered_onehot_grads(ref.inert_rows(hidden, tgt == ignore_index), w, ids, gg, inv_temp, dx, dw, db)
-    return (
-        None if dx is None else (dx.to(hidden.dtype) if cast else dx),
-        dw,
-        None if db is None else db.to(b.dtype),
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The linear form as a PyTorch custom op (torch.library): opaque to torch.compile (no graph break, whatever host
 # reads the kernels make), with a fake implementation for tracing and its autograd registered.
-
-
-def _out_dtype(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @torch.library.custom_op("rlvr_kernels::linear_logprobs", mutates_args=())
@@ -290,34 +131,6 @@ def _linear_logprobs_op(
     if gather_ids is not None:
         _check_ids_range(gather_ids, v, "gather_ids")
     return linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend)
-
-
-def linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend, check=True):
-    """The body of ``rlvr_kernels::linear_logprobs`` after the ids' check, on the chosen backend (``check=False``:
-    no finiteness check of the rows; a vocabulary shard's caller checks the combined rows)."""
-    which = resolve_backend(backend, hidden.device)
-    if which == "triton" and hidden.dtype == torch.float64:
-        raise TypeError(
-            "backend='triton' supports float32, bfloat16 and float16 inputs; use backend='torch' for float64"
-        )
-    with no_autocast(hidden.device):
-        if which == "triton" and hidden.shape[0] > 0:
-            return _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, check)
-        cdt = ref.compute_dtype(hidden, weight, bias)
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
-        return ref.chunked_linear_forward(
-            hidden,
-            w,
-            b,
-            targets,
-            gather_ids,
-            inv_temp,
-            ignore_index,
-            ref.default_chunk(weight.shape[0], hidden.device, cdt),
-            stats=vocab_rows.row_stats,
-            check=check,
-        )
 
 
 @_linear_logprobs_op.register_fake
@@ -361,28 +174,6 @@ def _linear_logprobs_backward_op(
         empty.clone() if dw is None else dw.to(weight.dtype),
         empty.clone() if (db is None or bias is None) else db.to(bias.dtype),
     )
-
-
-def linear_backward(
-    hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index, backend,
-    need, g_lse=None,
-):  # fmt: skip
-    """``(dx, dw, db)`` on the chosen backend, None where ``need`` says no; dx in fp32 (float64 for float64 inputs on
-    the torch backend), dw and db in the compute dtype. ``g_lse``: the log-normaliser's upstream gradient."""
-    which = resolve_backend(backend, hidden.device)
-    with no_autocast(hidden.device):
-        if which == "triton" and hidden.shape[0] > 0:
-            return _triton_linear_backward(
-                hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp,
-                ignore_index, need, g_lse=g_lse, cast=False,
-            )  # fmt: skip
-        cdt = ref.compute_dtype(hidden, weight, bias)
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
-        return ref.chunked_linear_backward(
-            hidden, w, b, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index,
-            ref.default_chunk(weight.shape[0], hidden.device, cdt), need, grad=vocab_rows.row_grad_, g_lse=g_lse,
-        )  # fmt: skip
 
 
 @_linear_logprobs_backward_op.register_fake
@@ -519,8 +310,6 @@ def _fused_linear_logprobs(
     ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
     tp_group, vocab_start, grad_hidden = tp
     if tp_group is not None:
-        from rlvr_kernels import vocab_parallel  # builds on this module's ops
-
         logp, ent, gathered = vocab_parallel.linear_logprobs(
             x, weight, t, bias, 1.0 / float(temperature), int(ignore_index), ids, backend, tp_group, vocab_start,
             grad_hidden,
@@ -552,30 +341,6 @@ def _logits_op(
     return logits_forward(logits, targets, temperature, ignore_index, backend)
 
 
-def logits_forward(logits, targets, temperature, ignore_index, backend, check=True):
-    """The body of ``rlvr_kernels::logprobs_from_logits`` after the ids' check: ``(logp, entropy, lse)``
-    (``check=False``: no finiteness check of the rows)."""
-    which = resolve_backend(backend, logits.device)
-    if which == "triton" and logits.dtype == torch.float64:
-        raise TypeError(
-            "backend='triton' supports float32, bfloat16 and float16 logits; use backend='torch' for float64"
-        )
-    with no_autocast(logits.device):
-        if which == "triton" and logits.shape[0] > 0:
-            from rlvr_kernels.kernels import logprobs as K
-
-            z = logits if logits.stride(-1) == 1 else logits.contiguous()
-            logp, ent, lse = K.logits_forward(z, targets, 1.0 / temperature, ignore_index)
-            if check:
-                ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
-            return logp, ent, lse
-        logp, ent, lse = ref.logprobs_from_logits(
-            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index, stats=vocab_rows.row_stats,
-            check=check,
-        )  # fmt: skip
-        return logp, ent, lse
-
-
 @_logits_op.register_fake
 def _(logits, targets, temperature, ignore_index, return_entropy, backend):
     dt = _out_dtype(logits)
@@ -598,25 +363,6 @@ def _logits_backward_op(
     """The gradient with respect to ``logits``, in the logits' dtype. Triton: one row pass from the saved ``lse`` and
     entropy. Torch: the reference's analytic backward, recomputed one ``[chunk, V]`` block at a time."""
     return logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend)
-
-
-def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend, g_lse=None):
-    """The body of ``rlvr_kernels::logprobs_from_logits_backward``; ``g_lse``: the log-normaliser's upstream
-    gradient (:func:`rlvr_kernels.reference.logprobs.upstream_coefficients`)."""
-    which = resolve_backend(backend, logits.device)
-    with no_autocast(logits.device):
-        if which == "triton" and logits.shape[0] > 0:
-            from rlvr_kernels.kernels import logprobs as K
-
-            z = logits if logits.stride(-1) == 1 else logits.contiguous()
-            gl, gh, _, cp = ref.upstream_coefficients(
-                targets, ignore_index, g_logp, g_ent, None, None, torch.float32, g_lse
-            )
-            return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index, c_p=cp)
-        return ref.logits_backward(
-            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, grad=vocab_rows.row_grad_,
-            g_lse=g_lse,
-        )  # fmt: skip
 
 
 @_logits_backward_op.register_fake
@@ -688,8 +434,6 @@ def logprobs_from_logits(
     v = logits.shape[-1]
     lead = tuple(targets.shape)
     if tp_group is not None:
-        from rlvr_kernels import vocab_parallel  # builds on this module's ops
-
         logp, ent = vocab_parallel.logprobs_from_logits(
             logits.reshape(-1, v), targets.reshape(-1).long(), float(temperature), int(ignore_index), backend,
             tp_group, vocab_start,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_kernels import logprobs as lp
+from rlvr_kernels import vocab_pass as lp
 from rlvr_kernels._backend import first_order_backward
 from rlvr_kernels.parallel import vocab as pv
 

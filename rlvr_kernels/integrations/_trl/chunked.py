@@ -102,7 +102,7 @@ def _backward_pass(x, w, b, t, lse, ent, g_logp, g_ent, g_lse, inv_temp, logit_s
     if softcap is None:
         inv_temp, logit_scale = inv_temp * logit_scale, 1.0
     if which == "triton":
-        from rlvr_kernels.logprobs import _triton_linear_backward
+        from rlvr_kernels.vocab_pass import _triton_linear_backward
 
         return _triton_linear_backward(
             x, w, b, t, None, lse, ent, g_logp, g_ent, None, inv_temp, _NO_IGNORE, need, g_lse=g_lse, cast=False,
