@@ -63,6 +63,13 @@ there are no rollout log-probs and mu is the generating policy, the behaviour lo
 pi equals mu and nothing is masked; the trainer says so once (a ``logging`` warning on the main process) instead of
 CPPO's anchor warning at every step.
 
+Rollout correction (``rollout_is`` / ``rollout_rs``, ``docs/methods/rollout-corrections.md``; needs ``use_vllm=True``
+and ``vllm_importance_sampling_correction=True``, so that TRL keeps ``old_per_token_logps`` and
+``sampling_per_token_logps``). The loss runs in ``RLVRLoss`` with the correction's options and the same
+``rollout_per_token_logps`` (NaN -> behaviour log-prob); it replaces TRL's ``importance_sampling_ratio``
+(``vllm_importance_sampling_mode`` is then not applied). The rejected tokens leave the loss mask and the token-count
+normaliser: ``num_items_in_batch`` is recounted over the kept tokens of the generation batch.
+
 Precision. Under ``bf16=True`` / ``fp16=True`` accelerate runs the model's forward under autocast and converts its
 outputs to fp32, rebuilding the returned containers (``type(x)(iterable)``). The head function runs with autocast
 off on the hidden states and head cast to the autocast dtype (what ``lm_head`` would have computed in) and returns
@@ -137,6 +144,8 @@ _TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")
 DELTA_KEY = "rlvr_delta_coefficients"
 # TRL's batch-dict key of the rollout engine's per-token log-probs (vLLM, or a rollout_func), NaN where unscored.
 ROLLOUT_KEY = "sampling_per_token_logps"
+# This trainer passes RLVRGRPOConfig's rollout correction (rollout_is / rollout_rs) to RLVRLoss; the config reads it.
+SUPPORTS_ROLLOUT_CORRECTION = True
 _MULTIMODAL_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -164,7 +173,8 @@ class RLVRGRPOTrainer(GRPOTrainer):
       ``_get_per_token_logps_and_entropies`` keeps its 3-tuple and ``_compute_loss`` runs unchanged, so every TRL
       loss type, mask, IS correction, entropy mask/bonus and metric behaves as in TRL, to float tolerance.
     - otherwise ``compute_loss`` runs :func:`rlvr_kernels.loss.rlvr_loss` on the hidden states inside the model's
-      forward, with the schedule at ``state.global_step + 1`` of ``state.max_steps``, and logs ``rlvr/...`` metrics.
+      forward, with the schedule at ``state.global_step + 1`` of ``state.max_steps``, and logs ``rlvr/...`` metrics;
+      so does a rollout correction (``rollout_is`` / ``rollout_rs``).
     """
 
     def __init__(self, *args, **kwargs):
@@ -179,7 +189,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
             for name, value in defaults.items():
                 if not hasattr(a, name):
                     setattr(a, name, value)
-        self._rlvr_custom = a.credit != "none" or a.trust_region != "clip"
+        self._rlvr_custom = a.credit != "none" or a.trust_region != "clip" or _uses_rollout_correction(a)
         if self.aux_loss_enabled:
             raise NotImplementedError(
                 "RLVRGRPOTrainer does not add the MoE router aux loss yet; set "
@@ -391,8 +401,15 @@ class RLVRGRPOTrainer(GRPOTrainer):
         return m if "tool_mask" not in batch else m * batch["tool_mask"]
 
     def _planned_active(self, batch: dict, cfg: LossConfig, q: Optional[float]) -> torch.Tensor:
-        """Tokens of ``batch`` the credit rule will keep (fp32 0-dim); known before the vocabulary pass."""
-        return M.credit(cfg.credit).planned_total(cfg, self._loss_mask(batch).bool(), q)
+        """Tokens of ``batch`` the credit rule and the rollout correction will keep (fp32 0-dim); known before the
+        vocabulary pass."""
+        mask = self._loss_mask(batch).bool()
+        keep = None
+        if M.rollout_correction_active(cfg):
+            old, mu = batch.get("old_per_token_logps"), _rollout_logps(batch)
+            if old is not None and mu is not None:  # else the loss raises its own error
+                keep, _ = M.rollout_correction(cfg, old, mu, mask)
+        return M.credit(cfg.credit).planned_total(cfg, mask, q, keep=keep)
 
     def _token_count_normaliser(self, inputs: dict, cfg: LossConfig, q: Optional[float], mode: str) -> torch.Tensor:
         """TRL's ``num_items_in_batch`` for the tokens the credit rule keeps, rescaled to one accumulation window
@@ -440,6 +457,7 @@ class RLVRGRPOTrainer(GRPOTrainer):
                 kw.update(aggregation="token-mean")
             elif lt == "dr_grpo":
                 kw.update(aggregation="seq-mean-token-sum-norm", loss_horizon=self.max_completion_length)
+        kw.update(_rollout_correction_kwargs(a))  # rollout_is / rollout_rs (empty when inactive)
         # TRL's entropy bonus is a token mean over the kept tokens divided by the accumulation steps; RLVRLoss adds
         # it inside the loss, so the token-count types (not divided afterwards) take the division here.
         coef = float(self.entropy_coef) if self._entropy_bonus_enabled else 0.0
@@ -485,18 +503,18 @@ class RLVRGRPOTrainer(GRPOTrainer):
         q = None if schedule is None else float(schedule(step))
         cfg, per_micro_batch, token_count = self._rlvr_loss_config(mode, schedule)
         num_items = self._token_count_normaliser(inputs, cfg, q, mode) if token_count else None
+        rollout_correction = M.rollout_correction_active(cfg)
         is_ratio = None
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if self.use_vllm and self.vllm_importance_sampling_correction and not rollout_correction:
+            # TRL's vLLM IS ratio (vllm_importance_sampling_mode); the package's rollout correction replaces it
             is_ratio = inputs.get("importance_sampling_ratio")
         extra = {}
         if cfg.aggregation in ("seq-mean-token-mean", "seq-mean-token-sum-norm"):
             extra["global_batch_size"] = B  # TRL's grpo / dr_grpo divide by every row of the micro-batch
-        mu = inputs.get(ROLLOUT_KEY) if a.trust_region != "clip" else None
+        # DPPO/CPPO's anchor and the rollout correction's mu: the rollout engine's log-probs (NaN -> behaviour)
+        mu = _rollout_logps(inputs) if a.trust_region != "clip" or rollout_correction else None
         if mu is not None:
-            # DPPO/CPPO's anchor: the rollout engine's log-probs; a token the engine did not score (NaN) takes the
-            # behaviour log-prob, as TRL's IS correction leaves such a token uncorrected
-            old = inputs["old_per_token_logps"]
-            extra["rollout_per_token_logps"] = torch.where(torch.isnan(mu), old, mu.to(old.dtype))
+            extra["rollout_per_token_logps"] = mu
         # without rollout log-probs the anchor is the generating policy (logged once at generation): CPPO's
         # "mu equals pi" warning would say nothing new at every step
         quiet_cppo = a.trust_region == "cppo" and mu is None
@@ -586,3 +604,27 @@ class RLVRGRPOTrainer(GRPOTrainer):
             m["rlvr/cppo_delta_b_mean"].append(mean("cppo/delta_b_mean"))
         if "delta/coef_std" in named:
             m["rlvr/delta_coef_std"].append(mean("delta/coef_std"))
+
+
+def _uses_rollout_correction(a) -> bool:
+    """Whether the trainer arguments ``a`` ask for the rollout correction (a plain ``GRPOConfig`` never does)."""
+    return M.rollout_correction_active(
+        dict(rollout_is=getattr(a, "rollout_is", "none"), rollout_rs=getattr(a, "rollout_rs", "none"))
+    )
+
+
+def _rollout_correction_kwargs(a) -> dict:
+    """The ``LossConfig`` keywords of the rollout correction of ``a`` (``RLVRGRPOConfig.rollout_correction_kwargs``;
+    empty when inactive)."""
+    return {n: getattr(a, n) for n in M.ROLLOUT_OPTIONS} if _uses_rollout_correction(a) else {}
+
+
+def _rollout_logps(batch: dict) -> Optional[torch.Tensor]:
+    """The rollout engine's log-probs of ``batch`` (TRL's ``sampling_per_token_logps``), a token the engine did not
+    score (NaN) taking the behaviour log-prob, as TRL's IS correction leaves such a token uncorrected; None without
+    them."""
+    mu = batch.get(ROLLOUT_KEY)
+    if mu is None:
+        return None
+    old = batch["old_per_token_logps"]
+    return torch.where(torch.isnan(mu), old, mu.to(old.dtype))
