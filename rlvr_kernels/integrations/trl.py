@@ -144,8 +144,6 @@ _TOKEN_COUNT_TYPES = ("dapo", "cispo", "vespo")
 DELTA_KEY = "rlvr_delta_coefficients"
 # TRL's batch-dict key of the rollout engine's per-token log-probs (vLLM, or a rollout_func), NaN where unscored.
 ROLLOUT_KEY = "sampling_per_token_logps"
-# This trainer passes RLVRGRPOConfig's rollout correction (rollout_is / rollout_rs) to RLVRLoss; the config reads it.
-SUPPORTS_ROLLOUT_CORRECTION = True
 _MULTIMODAL_KEYS = (
     "pixel_values",
     "image_grid_thw",

@@ -148,14 +148,6 @@ class RLVRGRPOConfig(GRPOConfig):
         return M.credit(self.credit).uses_schedule(self.schedule)
 
 
-def _trainer_supports_rollout_correction() -> bool:
-    """Whether the TRL trainer passes ``rollout_correction_kwargs()`` and the sampling log-probs to the loss (its
-    module says so with ``SUPPORTS_ROLLOUT_CORRECTION = True``)."""
-    import importlib
-
-    return bool(getattr(importlib.import_module("rlvr_kernels.integrations.trl"), "SUPPORTS_ROLLOUT_CORRECTION", False))
-
-
 def validate(c: RLVRGRPOConfig) -> None:
     """Every rlvr option of ``c`` (the catalogue's checks, normalised values stored back) and the combinations.
     Every bad value is a ``ValueError``, as for TRL's own options (a wrong type included)."""
@@ -199,11 +191,6 @@ def _validate(c: RLVRGRPOConfig) -> None:
             "rollout_is / rollout_rs correct the vLLM rollout: they need use_vllm=True and "
             "vllm_importance_sampling_correction=True (TRL then keeps the old and the sampling log-probs; the "
             "package's correction replaces TRL's vllm_importance_sampling_mode)"
-        )
-    if c.uses_rollout_correction and not _trainer_supports_rollout_correction():
-        raise ValueError(
-            "rollout_is / rollout_rs: this version of rlvr_kernels.integrations.trl.RLVRGRPOTrainer does not pass "
-            "the rollout correction to the loss yet (use TRL's vllm_importance_sampling_mode, or RLVRLoss directly)"
         )
     if c.uses_rlvr_loss:
         what = f"credit={c.credit!r}, trust_region={c.trust_region!r}"
