@@ -117,7 +117,8 @@ class _Rows:
         return x
 
     def check_advantages(self, adv) -> tuple[torch.Tensor, bool]:
-        """Returns (advantages, per_token). Per row: ``[B]`` or ``[B, 1]``; per token: the shape of mask."""
+        """Returns (advantages, per_token). Per row: ``[B]`` or ``[B, 1]``; per token: the shape of mask. In the packed
+        layout a ``[N]`` tensor with ``N == B`` (as many tokens as rows) reads as per token: pass ``[B, 1]`` there."""
         if not isinstance(adv, torch.Tensor):
             raise TypeError(f"advantages must be a torch.Tensor, got {type(adv).__name__}")
         if not adv.dtype.is_floating_point:

@@ -34,6 +34,46 @@ def _check_temperature(temperature) -> float:
     return _checks.temperature(temperature)
 
 
+def _temperature_arg(temperature, targets: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """``temperature`` -> ``(T, None)`` for a number (or a one-element tensor of another shape than ``targets``), or
+    ``(1.0, T [...])`` for a float tensor of ``targets``' shape: one temperature per token. Static checks only (type,
+    shape, device); the values are checked inside the op, where the rows that count are known (:func:`_temp_rows`)."""
+    if isinstance(temperature, torch.Tensor) and (
+        tuple(temperature.shape) == tuple(targets.shape) or temperature.numel() != 1
+    ):
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(
+                f"temperature must be a number or a float tensor of targets' shape, got {temperature.dtype}"
+            )
+        if tuple(temperature.shape) != tuple(targets.shape):
+            raise ValueError(
+                f"temperature as a tensor (one per token) must have targets' shape {tuple(targets.shape)}, "
+                f"got {tuple(temperature.shape)}"
+            )
+        if temperature.device != targets.device:
+            raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
+        return 1.0, temperature
+    return _check_temperature(temperature), None
+
+
+def _temp_rows(temp, targets, ignore_index: int, dtype: torch.dtype, inverse: bool, check: bool) -> torch.Tensor:
+    """A per-token temperature ``temp [N]`` -> ``T`` (or ``1 / T`` with ``inverse``) ``[N]`` in ``dtype``, 1 on ignored
+    rows (whatever they hold). ``check``: every row that counts must have ``T > 0`` finite with ``1 / T`` finite in
+    fp32, else a ``ValueError`` naming ``temperature`` (one host sync)."""
+    keep = targets != ignore_index
+    t = temp.detach().to(torch.float64)
+    if check and t.numel():
+        bad = keep & ~(torch.isfinite(t) & (t > 0) & (1.0 / t <= _checks.F32_MAX))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"temperature must be > 0 and finite (1 / temperature finite in float32) on every row that is not "
+                f"ignore_index; row {row} has {float(t[row])!r}"
+            )
+    t = torch.where(keep, t, torch.ones((), dtype=t.dtype, device=t.device))
+    return (1.0 / t if inverse else t).to(dtype)
+
+
 def _check_int_tensor(t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -94,7 +134,7 @@ def _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_inde
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
-    _check_temperature(temperature)
+    _temperature_arg(temperature, targets)
     _checks.integer("ignore_index", ignore_index)
     if gather_ids is not None:
         _check_int_tensor(gather_ids, "gather_ids")
@@ -122,19 +162,25 @@ def _linear_logprobs_op(
     inv_temp: float,
     ignore_index: int,
     backend: str,
+    temperature: torch.Tensor | None = None,
+    head_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden [N, H]``, ``weight [V, H]``, ``bias [V]``, ``targets [N]``, ``gather_ids [N, K]`` ->
     ``(logp [N], entropy [N], gathered [N, K], lse [N])`` (fp32; float64 for float64 inputs on the torch backend).
-    Checks the ids' range (a host read) before any kernel runs."""
+    ``temperature [N]``: one temperature per token (then ``inv_temp`` is ignored). ``head_fp32``: an fp32 lm_head;
+    the forward's fp32-output GEMM is already its (exact products, fp32 sums); the flag reaches the backward. Checks
+    the ids' range and the temperatures (host reads) before any kernel runs."""
     v = weight.shape[0]
     _check_ids_range(targets, v, "targets", ignore_index)
     if gather_ids is not None:
         _check_ids_range(gather_ids, v, "gather_ids")
+    if temperature is not None:
+        inv_temp = _temp_rows(temperature, targets, ignore_index, _out_dtype(hidden, weight, bias), True, True)
     return linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend)
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend):
+def _(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend, temperature=None, head_fp32=False):
     n = hidden.shape[0]
     k = 0 if gather_ids is None else gather_ids.shape[1]
     dt = _out_dtype(hidden, weight, bias)
@@ -162,11 +208,15 @@ def _linear_logprobs_backward_op(
     ignore_index: int,
     backend: str,
     need: list[bool],
+    temperature: torch.Tensor | None = None,
+    head_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(d hidden, d weight, d bias)`` in the inputs' dtypes; an empty tensor where ``need`` says no."""
+    if temperature is not None:
+        inv_temp = _temp_rows(temperature, targets, ignore_index, _out_dtype(hidden, weight, bias), True, False)
     dx, dw, db = linear_backward(
         hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index,
-        backend, need,
+        backend, need, head_fp32=head_fp32,
     )  # fmt: skip
     empty = hidden.new_empty(0)
     return (
@@ -192,6 +242,8 @@ def _(
     ignore_index,
     backend,
     need,
+    temperature=None,
+    head_fp32=False,
 ):
     empty = hidden.new_empty(0)
     return (
@@ -202,20 +254,20 @@ def _(
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend = inputs
+    hidden, weight, bias, targets, gather_ids, inv_temp, ignore_index, backend, temperature, head_fp32 = inputs
     _, ent, _, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, lse, ent)
-    ctx.args = (inv_temp, ignore_index, backend)
+    ctx.save_for_backward(hidden, weight, bias, targets, gather_ids, lse, ent, temperature)
+    ctx.args = (inv_temp, ignore_index, backend, head_fp32)
     ctx.set_materialize_grads(False)
 
 
 @first_order_backward
 def _linear_backward(ctx, g_logp, g_ent, g_gath, _g_lse):
-    hidden, weight, bias, targets, gather_ids, lse, ent = ctx.saved_tensors
-    inv_temp, ignore_index, backend = ctx.args
+    hidden, weight, bias, targets, gather_ids, lse, ent, temperature = ctx.saved_tensors
+    inv_temp, ignore_index, backend, head_fp32 = ctx.args
     need = [bool(f) for f in ctx.needs_input_grad[:3]]
     if not any(need) or (g_logp is None and g_ent is None and g_gath is None):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 10
     dx, dw, db = torch.ops.rlvr_kernels.linear_logprobs_backward(
         hidden,
         weight,
@@ -231,8 +283,11 @@ def _linear_backward(ctx, g_logp, g_ent, g_gath, _g_lse):
         ignore_index,
         backend,
         need,
+        temperature,
+        head_fp32,
     )
-    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None, None, None)
+    # no gradient with respect to the temperatures
+    return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 7
 
 
 _linear_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
@@ -244,7 +299,7 @@ def fused_linear_logprobs(
     targets: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = True,
     gather_ids: torch.Tensor | None = None,
@@ -252,6 +307,7 @@ def fused_linear_logprobs(
     tp_group=None,
     vocab_start: int | None = None,
     grad_hidden: str = "full",
+    head_dtype: torch.dtype | None = None,
 ):
     """Per-token log-probs (and entropies) of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -260,7 +316,9 @@ def fused_linear_logprobs(
         weight: ``[V, H]`` lm_head weight (nn.Linear layout), same dtype and device as ``hidden``.
         targets: int64 ``[...]`` (hidden's leading shape), each in ``[0, V)`` or equal to ``ignore_index``.
         bias: optional ``[V]``.
-        temperature: logits are divided by it (> 0); gradients carry the same ``1 / T``.
+        temperature: logits are divided by it (> 0); gradients carry the same ``1 / T``. A number, or a float tensor
+            of ``targets``' shape: one temperature per token (> 0 and finite on the rows that are not
+            ``ignore_index``; not differentiated).
         ignore_index: rows with this target give ``logp = 0``, ``entropy = 0`` and no gradient.
         return_entropy: also return the full-vocabulary entropy ``-sum_v p_v log p_v``.
         gather_ids: optional int64 ``[..., K]``: also return the log-probs at these ids (CPPO's Top-K divergences).
@@ -273,6 +331,11 @@ def fused_linear_logprobs(
         grad_hidden: with ``tp_group``, ``"full"`` sums d hidden over the group (one all-reduce in fp32);
             ``"partial"`` leaves each rank its shard's part, for frameworks whose own op reduces it (Megatron's
             column-parallel output layer).
+        head_dtype: ``torch.float32``: an fp32 lm_head (TRL's ``cast_lm_head_to_fp32``): the GEMMs see hidden and
+            weight in fp32 and the gradients come back in the inputs' dtypes. The forward GEMMs already compute in
+            fp32 (exact bf16/fp16 products, fp32 sums), so only the Triton backward changes: ``dz`` and the gradient
+            GEMMs in fp32, the weight cast one vocabulary block at a time (never a full fp32 copy; hidden is cast
+            once, ``4 N H`` bytes). The torch backend computes in fp32 either way. ``None`` (default): the inputs'.
 
     Returns:
         ``(logp, entropy)`` fp32 of ``targets``' shape (entropy is None when not requested), plus ``gathered``
@@ -285,30 +348,41 @@ def fused_linear_logprobs(
     """
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as the lm_head would compute under autocast
     _check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, gather_ids)
+    if head_dtype not in (None, torch.float32):
+        raise ValueError(f"head_dtype must be None or torch.float32, got {head_dtype!r}")
+    head_fp32 = head_dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16)
+    if tp_group is not None and _temperature_arg(temperature, targets)[1] is not None:
+        raise NotImplementedError("fused_linear_logprobs: a per-token temperature tensor with tp_group")
+    if tp_group is not None and head_fp32:
+        raise NotImplementedError("fused_linear_logprobs: head_dtype=torch.float32 with tp_group")
     with no_autocast(hidden.device):
         return _fused_linear_logprobs(
             hidden,
             weight,
             targets,
             bias,
-            _check_temperature(temperature),
+            temperature,
             ignore_index,
             return_entropy,
             gather_ids,
             backend,
             (tp_group, vocab_start, grad_hidden),
+            head_fp32,
         )
 
 
 def _fused_linear_logprobs(
-    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids, backend, tp=(None,) * 3
-):
+    hidden, weight, targets, bias, temperature, ignore_index, return_entropy, gather_ids, backend, tp=(None,) * 3,
+    head_fp32=False,
+):  # fmt: skip
     lead = tuple(targets.shape)
     h = hidden.shape[-1]
     x = hidden.reshape(-1, h)
     t = targets.reshape(-1).long()
     ids = None if gather_ids is None else gather_ids.reshape(x.shape[0], gather_ids.shape[-1]).long()
     tp_group, vocab_start, grad_hidden = tp
+    temperature, temp = _temperature_arg(temperature, targets)
+    temp = None if temp is None else temp.reshape(-1)
     if tp_group is not None:
         logp, ent, gathered = vocab_parallel.linear_logprobs(
             x, weight, t, bias, 1.0 / float(temperature), int(ignore_index), ids, backend, tp_group, vocab_start,
@@ -316,7 +390,7 @@ def _fused_linear_logprobs(
         )  # fmt: skip
     else:
         logp, ent, gathered, _ = torch.ops.rlvr_kernels.linear_logprobs(
-            x, weight, bias, t, ids, 1.0 / float(temperature), int(ignore_index), backend
+            x, weight, bias, t, ids, 1.0 / float(temperature), int(ignore_index), backend, temp, bool(head_fp32)
         )
     logp = logp.reshape(lead)
     ent = ent.reshape(lead) if return_entropy else None
@@ -333,16 +407,20 @@ def _logits_op(
     ignore_index: int,
     return_entropy: bool,
     backend: str,
+    temperature_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits [N, V]``, ``targets [N]`` -> ``(logp [N], entropy [N], lse [N])`` (fp32; float64 for float64 logits
-    on the torch backend; the entropy is computed either way). Checks the
-    ids' range (a host read) before any kernel runs."""
+    on the torch backend; the entropy is computed either way). ``temperature_rows [N]``: one temperature per token
+    (then ``temperature`` is ignored). Checks the ids' range and the temperatures (host reads) before any kernel
+    runs."""
     _check_ids_range(targets, logits.shape[-1], "targets", ignore_index)
+    if temperature_rows is not None:
+        temperature = _temp_rows(temperature_rows, targets, ignore_index, _out_dtype(logits), False, True)
     return logits_forward(logits, targets, temperature, ignore_index, backend)
 
 
 @_logits_op.register_fake
-def _(logits, targets, temperature, ignore_index, return_entropy, backend):
+def _(logits, targets, temperature, ignore_index, return_entropy, backend, temperature_rows=None):
     dt = _out_dtype(logits)
     n = logits.shape[0]
     return logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt), logits.new_empty(n, dtype=dt)
@@ -359,35 +437,38 @@ def _logits_backward_op(
     temperature: float,
     ignore_index: int,
     backend: str,
+    temperature_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient with respect to ``logits``, in the logits' dtype. Triton: one row pass from the saved ``lse`` and
     entropy. Torch: the reference's analytic backward, recomputed one ``[chunk, V]`` block at a time."""
+    if temperature_rows is not None:
+        temperature = _temp_rows(temperature_rows, targets, ignore_index, _out_dtype(logits), False, False)
     return logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend)
 
 
 @_logits_backward_op.register_fake
-def _(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend):
+def _(logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, backend, temperature_rows=None):
     return torch.empty_like(logits)
 
 
 def _logits_setup_context(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, _, backend = inputs
+    logits, targets, temperature, ignore_index, _, backend, temperature_rows = inputs
     _, ent, lse = output
-    ctx.save_for_backward(logits, targets, lse, ent)
+    ctx.save_for_backward(logits, targets, lse, ent, temperature_rows)
     ctx.args = (temperature, ignore_index, backend)
     ctx.set_materialize_grads(False)
 
 
 @first_order_backward
 def _logits_backward(ctx, g_logp, g_ent, _g_lse):
-    logits, targets, lse, ent = ctx.saved_tensors
+    logits, targets, lse, ent, temperature_rows = ctx.saved_tensors
     if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
-        return None, None, None, None, None, None
+        return (None,) * 7
     temperature, ignore_index, backend = ctx.args
     dz = torch.ops.rlvr_kernels.logprobs_from_logits_backward(
-        logits, targets, lse, ent, g_logp, g_ent, temperature, ignore_index, backend
+        logits, targets, lse, ent, g_logp, g_ent, temperature, ignore_index, backend, temperature_rows
     )
-    return dz, None, None, None, None, None
+    return (dz,) + (None,) * 6
 
 
 _logits_op.register_autograd(_logits_backward, setup_context=_logits_setup_context)
@@ -397,7 +478,7 @@ def logprobs_from_logits(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = True,
     backend: str = "auto",
@@ -409,7 +490,8 @@ def logprobs_from_logits(
     Args:
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64 on the torch backend); not modified.
         targets: int64 ``[...]`` (logits' leading shape), in ``[0, V)`` or ``ignore_index``.
-        temperature, ignore_index, return_entropy, backend: as in :func:`fused_linear_logprobs`.
+        temperature, ignore_index, return_entropy, backend: as in :func:`fused_linear_logprobs` (``temperature``: a
+            number or a float tensor of ``targets``' shape).
         tp_group, vocab_start: vocabulary-sharded logits (a tensor-parallel lm_head's output, Megatron's layout):
             ``logits`` are this rank's columns ``[vocab_start, vocab_start + V_r)``, ``targets`` global ids; every
             rank gets the unsharded outputs (one all-gather of O(N) statistics) and the gradient of its own shard.
@@ -429,11 +511,13 @@ def logprobs_from_logits(
         )
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
-    temperature = _check_temperature(temperature)
+    temperature, temp = _temperature_arg(temperature, targets)
     _checks.integer("ignore_index", ignore_index)
     v = logits.shape[-1]
     lead = tuple(targets.shape)
     if tp_group is not None:
+        if temp is not None:
+            raise NotImplementedError("logprobs_from_logits: a per-token temperature tensor with tp_group")
         logp, ent = vocab_parallel.logprobs_from_logits(
             logits.reshape(-1, v), targets.reshape(-1).long(), float(temperature), int(ignore_index), backend,
             tp_group, vocab_start,
@@ -446,5 +530,6 @@ def logprobs_from_logits(
         int(ignore_index),
         bool(return_entropy),
         backend,
+        None if temp is None else temp.reshape(-1),
     )
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

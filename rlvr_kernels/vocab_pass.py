@@ -31,7 +31,7 @@ def _gathered_logits(x, w, b, ids, inv_temp) -> torch.Tensor:
         z = torch.einsum("rh,rkh->rk", x[s : s + chunk].float(), w[i].float())
         if b is not None:
             z = z + b[i].float()
-        out[s : s + chunk] = z * inv_temp
+        out[s : s + chunk] = z * ref.temp_col(ref.temp_rows(inv_temp, s, s + chunk), z)
     return out
 
 
@@ -42,7 +42,7 @@ def _gathered_onehot_grads(x, w, ids, gg, inv_temp, dx, dw, db) -> None:
     chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * h))
     for s in range(0, n, chunk):
         i = ids[s : s + chunk]
-        g = gg[s : s + chunk] * inv_temp
+        g = gg[s : s + chunk] * ref.temp_col(ref.temp_rows(inv_temp, s, s + chunk), gg)
         if dx is not None:
             dx[s : s + chunk] += torch.einsum("rk,rkh->rh", g, w[i].float()).to(dx.dtype)
         if dw is not None:
@@ -50,6 +50,19 @@ def _gathered_onehot_grads(x, w, ids, gg, inv_temp, dx, dw, db) -> None:
             dw.index_add_(0, i.reshape(-1), rows.to(dw.dtype))
         if db is not None:
             db.index_add_(0, i.reshape(-1), g.reshape(-1))
+
+
+def _select_rows(inv_temp, rows):
+    """A per-row ``inv_temp`` (tensor ``[N]``) at ``rows`` (None: all); a number passes through."""
+    if rows is None or not isinstance(inv_temp, torch.Tensor):
+        return inv_temp
+    return inv_temp.index_select(0, rows)
+
+
+def _torch_rows(inv_temp, native):
+    """The row op of the torch backend: the native CPU rows (``rlvr_kernels.cpu.vocab_rows``) take a scalar
+    temperature only; a temperature per row runs the reference rows."""
+    return native if not isinstance(inv_temp, torch.Tensor) else None
 
 
 def _valid_rows(ignored: torch.Tensor) -> torch.Tensor | None:
@@ -74,6 +87,7 @@ def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, 
     rows = _valid_rows(ignored)
     x = hidden if rows is None else hidden.index_select(0, rows)
     t = targets if rows is None else targets.index_select(0, rows)
+    it = _select_rows(inv_temp, rows)
     nv = x.shape[0]
     lp = torch.empty(nv, device=hidden.device, dtype=torch.float32)
     ent = torch.empty_like(lp)
@@ -82,7 +96,7 @@ def _triton_linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, 
     for r0 in range(0, nv, step):
         r1 = min(nv, r0 + step)
         z = _gemm.logits_fp32(x[r0:r1], weight, bias)
-        lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], inv_temp, ignore_index)
+        lp[r0:r1], ent[r0:r1], lse[r0:r1] = K.logits_forward(z, t[r0:r1], ref.temp_rows(it, r0, r1), ignore_index)
         del z
     if check:
         ref.check_finite_rows(lse, torch.ones_like(lse, dtype=torch.bool), "fused_linear_logprobs")
@@ -116,10 +130,12 @@ def _triton_linear_backward(
     cast=True,
     logit_scale=1.0,
     softcap=None,
+    head_fp32=False,
 ):
     """Triton-backend backward: ``(dx, dw, db)`` in the inputs' dtypes (None where ``need`` says no; ``dx`` stays
     fp32 with ``cast=False``; ``g_lse``: the log-normaliser's upstream gradient; ``logit_scale`` / ``softcap``: TRL's
-    logit transforms, :func:`rlvr_kernels.kernels.logprobs.logits_backward`).
+    logit transforms, :func:`rlvr_kernels.kernels.logprobs.logits_backward`; ``head_fp32``: an fp32 lm_head, ``dz``
+    and the gradient GEMMs in fp32, each weight block cast on its own).
 
     Blocks of vocabulary columns; per block one GEMM recomputes the ``[rows, columns]`` logits, a Triton row pass
     writes ``dz`` in the GEMM dtype, then ``dX += dz W_c`` (fp32 accumulation across blocks) and ``dW_c = dz^T X``
@@ -132,12 +148,21 @@ def _triton_linear_backward(
     gl, gh, gg, cp = ref.upstream_coefficients(tgt, ignore_index, g_logp, g_ent, g_gath, ids, torch.float32, g_lse)
     rows = _valid_rows(tgt == ignore_index)
     x, t = hidden, tgt
+    it = _select_rows(inv_temp, rows)
     if rows is not None:
         x, t, gl, cp, lse, ent = (u.index_select(0, rows) for u in (hidden, tgt, gl, cp, lse, ent))
         gh = None if gh is None else gh.index_select(0, rows)
+    # an fp32 head folds the gathered outputs' one-hot part into each block's fp32 dz (no bf16 accumulation of dW)
+    fold = head_fp32 and gg is not None
+    if fold:
+        gv = gg * ref.temp_col(inv_temp, gg)
+        iv = ids
+        if rows is not None:
+            gv, iv = gv.index_select(0, rows), ids.index_select(0, rows)
     nv = x.shape[0]
-    # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients (fp32, weight chunk upcast)
-    dz_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    # dz in the GEMM dtype, except fp16, whose dz would underflow small gradients, and an fp32 head (fp32, weight chunk
+    # upcast, hidden states upcast once)
+    dz_dtype = torch.float32 if (x.dtype == torch.float16 or head_fp32) else x.dtype
     xm = x if dz_dtype == x.dtype else x.to(dz_dtype)
     per_logit = 4 + (0 if dz_dtype == torch.float32 else torch.finfo(dz_dtype).bits // 8)
     cols = K.backward_chunk_columns(nv, v, per_logit, _gemm.chunk_bytes(x.device))
@@ -150,10 +175,13 @@ def _triton_linear_backward(
             z = _gemm.logits_fp32(x, w[v0:v1], None if b is None else b[v0:v1])
             out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
             dz = K.logits_backward(
-                z, t, lse, ent, gl, gh, inv_temp, ignore_index, out=out, c_p=cp, col_offset=v0,
+                z, t, lse, ent, gl, gh, it, ignore_index, out=out, c_p=cp, col_offset=v0,
                 logit_scale=logit_scale, softcap=softcap,
             )  # fmt: skip
             del z
+            if fold:
+                inside = (iv >= v0) & (iv < v1)
+                dz.scatter_add_(1, (iv - v0).clamp(0, v1 - v0 - 1), torch.where(inside, gv, 0.0))
             wc = w[v0:v1] if dz_dtype == w.dtype else w[v0:v1].to(dz_dtype)
             if need_x:
                 _gemm.addmm_fp32_(dx_v, dz, wc)
@@ -169,7 +197,7 @@ def _triton_linear_backward(
             if rows is None
             else torch.zeros((n, h), device=x.device, dtype=torch.float32).index_copy_(0, rows, dx_v)
         )
-    if gg is not None and n:
+    if gg is not None and n and not fold:
         _gathered_onehot_grads(ref.inert_rows(hidden, tgt == ignore_index), w, ids, gg, inv_temp, dx, dw, db)
     return (
         None if dx is None else (dx.to(hidden.dtype) if cast else dx),
@@ -205,30 +233,33 @@ def linear_forward(hidden, weight, bias, targets, gather_ids, inv_temp, ignore_i
             inv_temp,
             ignore_index,
             ref.default_chunk(weight.shape[0], hidden.device, cdt),
-            stats=vocab_rows.row_stats,
+            stats=_torch_rows(inv_temp, vocab_rows.row_stats),
             check=check,
         )
 
 
 def linear_backward(
     hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index, backend,
-    need, g_lse=None,
+    need, g_lse=None, head_fp32=False,
 ):  # fmt: skip
     """``(dx, dw, db)`` on the chosen backend, None where ``need`` says no; dx in fp32 (float64 for float64 inputs on
-    the torch backend), dw and db in the compute dtype. ``g_lse``: the log-normaliser's upstream gradient."""
+    the torch backend), dw and db in the compute dtype. ``g_lse``: the log-normaliser's upstream gradient.
+    ``head_fp32``: an fp32 lm_head (TRL's ``cast_lm_head_to_fp32``): Triton computes ``dz`` and the gradient GEMMs in
+    fp32; the torch backend always does (its forward's fp32-output GEMM is already the fp32 head's on both)."""
     which = resolve_backend(backend, hidden.device)
     with no_autocast(hidden.device):
         if which == "triton" and hidden.shape[0] > 0:
             return _triton_linear_backward(
                 hidden, weight, bias, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp,
-                ignore_index, need, g_lse=g_lse, cast=False,
+                ignore_index, need, g_lse=g_lse, cast=False, head_fp32=head_fp32,
             )  # fmt: skip
         cdt = ref.compute_dtype(hidden, weight, bias)
         w = weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
         return ref.chunked_linear_backward(
             hidden, w, b, targets, gather_ids, lse, entropy, g_logp, g_ent, g_gath, inv_temp, ignore_index,
-            ref.default_chunk(weight.shape[0], hidden.device, cdt), need, grad=vocab_rows.row_grad_, g_lse=g_lse,
+            ref.default_chunk(weight.shape[0], hidden.device, cdt), need,
+            grad=_torch_rows(inv_temp, vocab_rows.row_grad_), g_lse=g_lse,
         )  # fmt: skip
 
 
@@ -250,8 +281,8 @@ def logits_forward(logits, targets, temperature, ignore_index, backend, check=Tr
                 ref.check_finite_rows(lse, targets != ignore_index, "logprobs_from_logits")
             return logp, ent, lse
         logp, ent, lse = ref.logprobs_from_logits(
-            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index, stats=vocab_rows.row_stats,
-            check=check,
+            logits.detach(), targets, temperature=temperature, ignore_index=ignore_index,
+            stats=_torch_rows(temperature, vocab_rows.row_stats), check=check,
         )  # fmt: skip
         return logp, ent, lse
 
@@ -270,6 +301,6 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_ent, temperature, i
             )
             return K.logits_backward(z, targets, lse, entropy, gl, gh, 1.0 / temperature, ignore_index, c_p=cp)
         return ref.logits_backward(
-            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index, grad=vocab_rows.row_grad_,
-            g_lse=g_lse,
+            logits, targets, lse, entropy, g_logp, g_ent, temperature, ignore_index,
+            grad=_torch_rows(temperature, vocab_rows.row_grad_), g_lse=g_lse,
         )  # fmt: skip

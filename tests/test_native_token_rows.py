@@ -266,8 +266,9 @@ def test_public_selections_padded_and_packed(case, rho):
     packed = {
         "pct": rk.trajectory_percentile(pm, values=pe, cu_seqlens=cu, backend="torch"),
         "fork": rk.forking_token_mask(pe, pm, rho, cu_seqlens=cu, backend="torch"),
-        "d3s_b": rk.d3s_token_mask(adv, pe, pm, rho, cu_seqlens=cu, backend="torch"),
-        "d3s_s": rk.d3s_token_mask(adv, pe, pm, rho, scope="sequence", cu_seqlens=cu, backend="torch"),
+        # per-row advantages as [B, 1]: a packed [N] with N == B would read as per token
+        "d3s_b": rk.d3s_token_mask(adv[:, None], pe, pm, rho, cu_seqlens=cu, backend="torch"),
+        "d3s_s": rk.d3s_token_mask(adv[:, None], pe, pm, rho, scope="sequence", cu_seqlens=cu, backend="torch"),
     }
     for name in want:
         assert _same(packed[name], padded_to_packed(want[name], cu)), name

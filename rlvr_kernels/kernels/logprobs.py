@@ -16,6 +16,8 @@ logit_scale z / c)`` before the temperature; a logit scale alone folds into the 
 ``log sum p^2``, the mean logit and ``is_top1`` are computed in the same row passes by ``_logits_fwd_ext_kernel`` and
 ``_logits_bwd_softcap_kernel``. Both share their body with the plain kernels (``_logits_fwd_rows`` /
 ``_logits_bwd_rows``) under constexpr flags, so the plain kernels compile to the same code as without the options.
+A temperature per row (``inv_temp`` an fp32 ``[N]`` tensor of ``1 / T``) launches ``_logits_fwd_rowt_kernel`` /
+``_logits_bwd_rowt_kernel``: the same bodies under ``HAS_ROW_T``, which reads ``1 / T`` once per row.
 
 Correctness rules kept here: columns past V are -inf, never 0; statistics in fp32 with max initialised to -inf;
 int64 row offsets; no grid dimension above 65535 (programs loop over the rest). Design notes:
@@ -65,13 +67,21 @@ def _logits_fwd_rows(
     HAS_SQ: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     HAS_TOP1: tl.constexpr,
+    InvT,
+    HAS_ROW_T: tl.constexpr,
 ):
+    # HAS_ROW_T: a temperature per row (InvT [N] fp32 holds 1 / T per row) instead of the scalar inv_temp
+    # (_logits_fwd_rowt_kernel); off, the kernels compile as without it.
     # HAS_SOFTCAP: the logits are x = softcap * tanh(logit_scale * z / softcap) * inv_temp (TRL's fused head; without
     # softcap a logit scale folds into inv_temp). HAS_SQ / HAS_MEAN / HAS_TOP1: TRL's extra outputs log sum p^2, the
     # mean logit and whether the target is the argmax. All off: the plain pass, unchanged.
     for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         base = Z + row64 * stride_zn
         tgt = tl.load(Tgt + row64)
+        if HAS_ROW_T:
+            it = tl.load(InvT + row64)
+        else:
+            it = inv_temp
         m = tl.full([BLOCK_V], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_V], tl.float32)
         a = tl.zeros([BLOCK_V], tl.float32)
@@ -89,9 +99,9 @@ def _logits_fwd_rows(
             if HAS_SOFTCAP:
                 y = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32) * (logit_scale / softcap)
                 # tanh(y) = 2 sigmoid(2 y) - 1 (as TRL's kernel)
-                z = tl.where(ok, softcap * (2.0 * tl.sigmoid(2.0 * y) - 1.0) * inv_temp, float("-inf"))
+                z = tl.where(ok, softcap * (2.0 * tl.sigmoid(2.0 * y) - 1.0) * it, float("-inf"))
             else:
-                z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+                z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) * it
             if HAS_MEAN:
                 zs += tl.where(ok, z, 0.0)
             if HAS_TOP1:
@@ -147,7 +157,28 @@ def _logits_fwd_kernel(
     # The plain pass: every option of _logits_fwd_rows off (compiled out)
     _logits_fwd_rows(
         Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, inv_temp, ignore_index, Lse, Lse, Lse, 1.0, 1.0,
-        BLOCK_V, False, False, False, False,
+        BLOCK_V, False, False, False, False, Lse, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _logits_fwd_rowt_kernel(
+    Z,
+    Tgt,
+    Logp,
+    Ent,
+    Lse,
+    N,
+    V,
+    stride_zn,
+    InvT,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    # The plain pass with a temperature per row: InvT [N] fp32 holds 1 / T
+    _logits_fwd_rows(
+        Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, 1.0, ignore_index, Lse, Lse, Lse, 1.0, 1.0,
+        BLOCK_V, False, False, False, False, InvT, True,
     )  # fmt: skip
 
 
@@ -177,7 +208,7 @@ def _logits_fwd_ext_kernel(
     # TRL's fused-head options (the pointers of the outputs not requested are unused placeholders)
     _logits_fwd_rows(
         Z, Tgt, Logp, Ent, Lse, N, V, stride_zn, inv_temp, ignore_index, Sq, Mean, Top1, logit_scale, softcap,
-        BLOCK_V, HAS_SOFTCAP, HAS_SQ, HAS_MEAN, HAS_TOP1,
+        BLOCK_V, HAS_SOFTCAP, HAS_SQ, HAS_MEAN, HAS_TOP1, Lse, False,
     )  # fmt: skip
 
 
@@ -203,10 +234,16 @@ def _logits_bwd_rows(
     HAS_GH: tl.constexpr,
     BLOCK_V: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    InvT,
+    HAS_ROW_T: tl.constexpr,
 ):
     for row64 in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         tgt = tl.load(Tgt + row64)
         keep = tgt != ignore_index
+        if HAS_ROW_T:
+            it = tl.load(InvT + row64)
+        else:
+            it = inv_temp
         gl = tl.where(keep, tl.load(GL + row64), 0.0)
         cp = tl.where(keep, tl.load(CP + row64), 0.0)
         lse = tl.load(Lse + row64)
@@ -219,16 +256,16 @@ def _logits_bwd_rows(
             if HAS_SOFTCAP:
                 y = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * (logit_scale / softcap)
                 th = 2.0 * tl.sigmoid(2.0 * y) - 1.0
-                z = softcap * th * inv_temp
+                z = softcap * th * it
             else:
-                z = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * inv_temp
+                z = tl.load(Z + row64 * stride_zn + cols, mask=ok, other=0.0).to(tl.float32) * it
             logp = z - lse
             # ignored rows get exactly 0 (their lse may be -inf: a row of -inf logits, where 0 * NaN would leak)
             p = tl.where(keep, tl.exp(logp), 0.0)
             dz = tl.where(cols + col_offset == tgt, gl, 0.0) - cp * p
             if HAS_GH:
                 dz -= gh * tl.where(p > 0.0, p * (logp + ent), 0.0)
-            dz = dz * inv_temp
+            dz = dz * it
             if HAS_SOFTCAP:
                 dz = dz * ((1.0 - th * th) * logit_scale)
             tl.store(DZ + row64 * stride_dzn + cols, dz.to(DZ.dtype.element_ty), mask=ok)
@@ -257,7 +294,34 @@ def _logits_bwd_kernel(
     # The plain pass: no softcap (compiled out)
     _logits_bwd_rows(
         Z, Tgt, Lse, Ent, GL, GH, CP, DZ, N, V, stride_zn, stride_dzn, col_offset, inv_temp, ignore_index, 1.0, 1.0,
-        HAS_GH, BLOCK_V, False,
+        HAS_GH, BLOCK_V, False, Lse, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _logits_bwd_rowt_kernel(
+    Z,
+    Tgt,
+    Lse,
+    Ent,
+    GL,
+    GH,
+    CP,
+    DZ,
+    N,
+    V,
+    stride_zn,
+    stride_dzn,
+    col_offset,
+    InvT,
+    ignore_index,
+    HAS_GH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # The plain pass with a temperature per row: InvT [N] fp32 holds 1 / T
+    _logits_bwd_rows(
+        Z, Tgt, Lse, Ent, GL, GH, CP, DZ, N, V, stride_zn, stride_dzn, col_offset, 1.0, ignore_index, 1.0, 1.0,
+        HAS_GH, BLOCK_V, False, InvT, True,
     )  # fmt: skip
 
 
@@ -286,7 +350,7 @@ def _logits_bwd_softcap_kernel(
     # TRL's final-logit softcap: the chain rule logit_scale (1 - tanh^2) in the same pass
     _logits_bwd_rows(
         Z, Tgt, Lse, Ent, GL, GH, CP, DZ, N, V, stride_zn, stride_dzn, col_offset, inv_temp, ignore_index,
-        logit_scale, softcap, HAS_GH, BLOCK_V, True,
+        logit_scale, softcap, HAS_GH, BLOCK_V, True, Lse, False,
     )  # fmt: skip
 
 
@@ -298,6 +362,19 @@ ROW_BLOCKS = (256, 1024, 4096)
 #: The largest BLOCK_V of the forward row pass with TRL's options (``_logits_fwd_ext_kernel``): its three extra
 #: lane-wise statistics need 247 registers per thread at 4096 (sm_90), 124 at 1024.
 EXT_MAX_BLOCK = 1024
+
+
+def _split_temp(inv_temp, softcap, logit_scale):
+    """``(scalar inv_temp, per-row fp32 [N] or None)``: ``inv_temp`` is a number or a per-row tensor (a temperature
+    per token); without softcap a logit scale folds into it."""
+    if isinstance(inv_temp, torch.Tensor):
+        rows = inv_temp.to(torch.float32)
+        if softcap is None and logit_scale != 1.0:
+            rows = rows * logit_scale
+        return 1.0, _unit(rows.contiguous())
+    if softcap is None and logit_scale != 1.0:
+        inv_temp = inv_temp * logit_scale
+    return inv_temp, None
 
 
 def row_warps(block: int) -> int:
@@ -314,7 +391,7 @@ def _row_block(v: int) -> int:
 def logits_forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    inv_temp: float,
+    inv_temp: float | torch.Tensor,
     ignore_index: int,
     *,
     logit_scale: float = 1.0,
@@ -326,7 +403,8 @@ def logits_forward(
     TRL's fused-head options (off by default: the plain pass): ``softcap`` ``c`` turns the logits into
     ``c tanh(logit_scale z / c)`` before the temperature (without softcap, ``logit_scale`` folds into ``inv_temp``);
     ``extras``, a dict whose keys name the extra outputs to compute (``"log_sum_sq_probs"``, ``"mean_logits"``,
-    ``"is_top1"``), gets their ``[N]`` values (fp32; bool for ``is_top1``) from the same pass."""
+    ``"is_top1"``), gets their ``[N]`` values (fp32; bool for ``is_top1``) from the same pass. ``inv_temp``: a number,
+    or ``[N]`` (one ``1 / T`` per row; not with the options that change the kernel: softcap, extras)."""
     n, v = logits.shape
     if v > 1 and logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -334,15 +412,15 @@ def logits_forward(
     logp = torch.empty(n, device=logits.device, dtype=torch.float32)
     ent = torch.empty_like(logp)
     lse = torch.empty_like(logp)
-    if softcap is None and logit_scale != 1.0:
-        inv_temp = inv_temp * logit_scale
+    inv_temp, inv_rows = _split_temp(inv_temp, softcap, logit_scale)
     want = () if extras is None else tuple(extras)
     sq = torch.empty_like(logp) if "log_sum_sq_probs" in want else None
     mean = torch.empty_like(logp) if "mean_logits" in want else None
     top1 = torch.empty(n, device=logits.device, dtype=torch.int8) if "is_top1" in want else None
     if n and softcap is None and not want:
         block = _row_block(v)
-        _logits_fwd_kernel[(min(n, max_grid()),)](
+        kernel = _logits_fwd_kernel if inv_rows is None else _logits_fwd_rowt_kernel
+        kernel[(min(n, max_grid()),)](
             logits,
             targets,
             logp,
@@ -351,12 +429,14 @@ def logits_forward(
             n,
             v,
             logits.stride(0),
-            inv_temp,
+            inv_temp if inv_rows is None else inv_rows,
             ignore_index,
             BLOCK_V=block,
             num_warps=row_warps(block),
         )
     elif n:
+        if inv_rows is not None:
+            raise NotImplementedError("logits_forward: a per-row temperature with TRL's fused-head options")
         block = min(_row_block(v), EXT_MAX_BLOCK)
         _logits_fwd_ext_kernel[(min(n, max_grid()),)](
             logits,
@@ -395,7 +475,7 @@ def logits_backward(
     entropy: torch.Tensor,
     g_logp: torch.Tensor,
     g_ent: torch.Tensor | None,
-    inv_temp: float,
+    inv_temp: float | torch.Tensor,
     ignore_index: int,
     out: torch.Tensor | None = None,
     *,
@@ -418,12 +498,15 @@ def logits_backward(
     targets, lse, entropy, g_logp, g_ent = _unit(targets), _unit(lse), _unit(entropy), _unit(g_logp), _unit(g_ent)
     c_p = g_logp if c_p is None else _unit(c_p)
     dz = torch.empty((n, v), device=logits.device, dtype=logits.dtype) if out is None else out
-    if softcap is None and logit_scale != 1.0:
-        inv_temp = inv_temp * logit_scale
+    inv_temp, inv_rows = _split_temp(inv_temp, softcap, logit_scale)
+    if inv_rows is not None and softcap is not None:
+        raise NotImplementedError("logits_backward: a per-row temperature with a softcap")
     opts = {} if softcap is None else {"logit_scale": float(logit_scale), "softcap": float(softcap)}
     if n:
         block = _row_block(v)
         kernel = _logits_bwd_kernel if softcap is None else _logits_bwd_softcap_kernel
+        if inv_rows is not None:
+            kernel = _logits_bwd_rowt_kernel
         kernel[(min(n, max_grid()),)](
             logits,
             targets,
@@ -438,7 +521,7 @@ def logits_backward(
             logits.stride(0),
             dz.stride(0),
             col_offset,
-            inv_temp,
+            inv_temp if inv_rows is None else inv_rows,
             ignore_index,
             HAS_GH=g_ent is not None,
             BLOCK_V=block,

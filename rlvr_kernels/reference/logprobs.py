@@ -25,6 +25,24 @@ from rlvr_kernels._backend import first_order_backward
 CHUNK_ELEMENTS = 1 << 21
 
 
+def temp_col(inv_temp, like: torch.Tensor | None = None):
+    """``inv_temp`` (a number, or a per-row tensor ``[n]``: a temperature per token) shaped to scale ``[n, V]``
+    logits (a tensor becomes ``[n, 1]``, in ``like``'s dtype)."""
+    if not isinstance(inv_temp, torch.Tensor):
+        return inv_temp
+    return inv_temp.to(like.dtype if like is not None else inv_temp.dtype).unsqueeze(1)
+
+
+def temp_rows(inv_temp, s: int, e: int):
+    """Rows ``[s, e)`` of a per-row ``inv_temp`` (a number passes through)."""
+    return inv_temp[s:e] if isinstance(inv_temp, torch.Tensor) else inv_temp
+
+
+def temp_is_one(inv_temp) -> bool:
+    """Whether ``inv_temp`` is the number 1 (no scaling); a per-row tensor never is."""
+    return not isinstance(inv_temp, torch.Tensor) and inv_temp == 1.0
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any given tensor is float64, else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -34,7 +52,7 @@ def logprobs_from_logits(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = True,
     stats=None,
@@ -57,7 +75,8 @@ def logprobs_from_logits(
     lse = torch.empty_like(logp)
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
-        lp, en, ls = (stats or row_stats)(logits[s : s + chunk].detach().to(cdt), t, 1.0 / temperature, ignore_index)
+        inv = temp_rows(1.0 / temperature, s, s + chunk)
+        lp, en, ls = (stats or row_stats)(logits[s : s + chunk].detach().to(cdt), t, inv, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
     # a row that counts has a finite log-normaliser (NaN, +inf or all -inf logits do not)
     if check:
@@ -72,7 +91,7 @@ def logits_backward(
     entropy: torch.Tensor,
     g_logp: torch.Tensor | None,
     g_ent: torch.Tensor | None,
-    temperature: float,
+    temperature: float | torch.Tensor,
     ignore_index: int,
     grad=None,
     g_lse: torch.Tensor | None = None,
@@ -87,12 +106,13 @@ def logits_backward(
     out = torch.empty_like(logits)
     chunk = max(1, CHUNK_ELEMENTS // max(v, 1))
     gl, gh, _, cp = upstream_coefficients(targets, ignore_index, g_logp, g_ent, None, None, cdt, g_lse)
+    inv_temp = 1.0 / temperature  # a number, or [N] with a temperature per row
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         z = torch.empty((e - s, v), dtype=cdt, device=logits.device).copy_(logits[s:e])  # never the caller's
         (grad or row_grad_)(
             z, targets[s:e], lse[s:e], entropy[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e],
-            1.0 / temperature, ignore_index,
+            temp_rows(inv_temp, s, e), ignore_index,
         )  # fmt: skip
         out[s:e] = z
     return out
@@ -180,20 +200,20 @@ def dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p):
     return dz
 
 
-def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, ignore_index: int):
+def row_stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float | torch.Tensor, ignore_index: int):
     """``(logp, entropy, lse)`` ``[n]`` of the scaled logits ``z * inv_temp`` of one chunk (``z [n, V]`` unscaled, not
     modified; one scaled copy): :func:`scaled_logit_stats`."""
-    return scaled_logit_stats(z * inv_temp, targets, ignore_index=ignore_index)
+    return scaled_logit_stats(z * temp_col(inv_temp, z), targets, ignore_index=ignore_index)
 
 
-def row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp: float, ignore_index: int) -> torch.Tensor:
+def row_grad_(z, targets, lse, entropy, g_logp, g_ent, c_p, inv_temp, ignore_index: int) -> torch.Tensor:
     """``z [n, V]`` (unscaled logits) overwritten with ``dL/dz = inv_temp (g_logp onehot - p (c_p + g_ent (log p +
     H)))`` (:func:`dlogits_from_scaled_logits`); ignored rows become 0 whatever they (or their ``lse``) held."""
-    if inv_temp != 1.0:
-        z.mul_(inv_temp)
+    if not temp_is_one(inv_temp):
+        z.mul_(temp_col(inv_temp, z))
     dlogits_from_scaled_logits(z, lse, entropy, targets, g_logp, g_ent, c_p)
-    if inv_temp != 1.0:
-        z.mul_(inv_temp)
+    if not temp_is_one(inv_temp):
+        z.mul_(temp_col(inv_temp, z))
     return z.masked_fill_((targets == ignore_index).unsqueeze(1), 0.0)
 
 
@@ -230,8 +250,8 @@ def row_stats_ext(
     and entropy only."""
     x = z.clone()
     transform_logits_(x, logit_scale, softcap)
-    if inv_temp != 1.0:
-        x.mul_(inv_temp)
+    if not temp_is_one(inv_temp):
+        x.mul_(temp_col(inv_temp, x))
     extras = {}
     if mean_logits:
         extras["mean_logits"] = x.mean(1)
@@ -328,10 +348,11 @@ def chunked_linear_forward(x, w, b, targets, gather_ids, inv_temp, ignore_index,
     for s in range(0, n, chunk):
         t = targets[s : s + chunk]
         z = _scaled_logits(_zero_ignored(x[s : s + chunk], t, ignore_index), w, b, 1.0, out=buf)
-        lp, en, ls = (stats or row_stats)(z, t, inv_temp, ignore_index)
+        inv = temp_rows(inv_temp, s, s + chunk)
+        lp, en, ls = (stats or row_stats)(z, t, inv, ignore_index)
         logp[s : s + chunk], ent[s : s + chunk], lse[s : s + chunk] = lp, en, ls
         if gather_ids is not None:
-            zg = z.gather(1, gather_ids[s : s + chunk]) * inv_temp - ls.unsqueeze(1)
+            zg = z.gather(1, gather_ids[s : s + chunk]) * temp_col(inv, z) - ls.unsqueeze(1)
             gathered[s : s + chunk] = torch.where((t == ignore_index).unsqueeze(1), 0.0, zg)
     if check:
         check_finite_rows(lse, targets != ignore_index, "fused_linear_logprobs")
@@ -358,12 +379,13 @@ def chunked_linear_backward(
         e = min(n, s + chunk)
         xc = _zero_ignored(x[s:e].to(cdt), targets[s:e], ignore_index)
         z = _scaled_logits(xc, w, b, 1.0, out=buf)
+        inv = temp_rows(inv_temp, s, e)
         dz = (grad or row_grad_)(
-            z, targets[s:e], lse[s:e], ent[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e], inv_temp,
+            z, targets[s:e], lse[s:e], ent[s:e], gl[s:e], None if gh is None else gh[s:e], cp[s:e], inv,
             ignore_index,
         )  # fmt: skip
         if gg is not None:
-            dz.scatter_add_(1, ids[s:e], gg[s:e] * inv_temp)
+            dz.scatter_add_(1, ids[s:e], gg[s:e] * temp_col(inv, dz))
         if need_x:
             torch.mm(dz, w, out=dx[s:e])  # straight into the rows of dx (no temporary)
         if need_w:
