@@ -56,9 +56,36 @@ def _cpu_flags() -> list[str]:
     return []
 
 
+# A build lock older than this was left by a process killed while it built (torch waits on it forever).
+STALE_LOCK_S = 900.0
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove torch's build lock of extension ``name`` when it is older than :data:`STALE_LOCK_S`: a process killed
+    mid-build (a timeout, Ctrl-C) leaves it behind, and every later first use would wait on it without end. A build
+    takes seconds to a few minutes; a live one keeps its lock younger than that."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    lock = pathlib.Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(
+            f"rlvr_kernels: removing a stale build lock of csrc ({lock}, {age:.0f} s old: a build was interrupted)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        lock.unlink(missing_ok=True)
+
+
 def _build(stem: str, src: pathlib.Path) -> None:
     from torch.utils import cpp_extension
 
+    _clear_stale_lock(f"rlvr_kernels_{stem}")
     cflags = ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP=1", *(_cpu_flags() if sys.platform == "linux" else [])]
     cpp_extension.load(
         name=f"rlvr_kernels_{stem}",

@@ -191,3 +191,26 @@ def test_failed_build_is_said_once_and_falls_back(tmp_path):
     assert len(res["said"]) == 1 and "plain-torch path" in res["said"][0]
     off = _run({"RLVR_KERNELS_NATIVE": "0"})
     torch.testing.assert_close(torch.tensor(res["lp"]), torch.tensor(off["lp"]), atol=0, rtol=0)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A process killed mid-build leaves torch's lock file behind, and torch waits on it without end: a lock older
+    than STALE_LOCK_S is removed (said once), a younger one (a live build) is left to torch."""
+    import pathlib
+    import time
+
+    from torch.utils import cpp_extension
+
+    from rlvr_kernels import _native
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = pathlib.Path(cpp_extension._get_build_directory("rlvr_kernels_stale_test", verbose=False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    _native._clear_stale_lock("rlvr_kernels_stale_test")
+    assert lock.exists()  # a live build's lock
+    old = time.time() - _native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        _native._clear_stale_lock("rlvr_kernels_stale_test")
+    assert not lock.exists()
