@@ -667,13 +667,19 @@ class TrustRegion:
     """One trust region. ``loss_type``: the :class:`rlvr_kernels.RLVRLoss` objective that carries it (``None`` for
     ``clip``: the base objective's own PPO clip); ``options``: catalogue options it reads; ``needs_anchor``: it
     measures a divergence against the rollout (behaviour) policy mu; ``token_local`` as for credit rules;
-    ``thresholds``: how each trainer spells its thresholds (their own clip settings)."""
+    ``batch_wide``: its mask is a selection over the whole batch from the current policy (the fused path cannot
+    run it); ``settings``: the ``RLVRLoss`` settings it fixes beyond ``loss_type``; ``trl``: offered by the TRL
+    plug-in's ``trust_region`` (the others are TRL objectives of their own, or verl's); ``thresholds``: how each
+    trainer spells its thresholds (their own clip settings)."""
 
     name = "clip"
     loss_type: Optional[str] = None
     options: tuple = ()
     needs_anchor = False
     token_local = True
+    batch_wide = False
+    settings: dict = {}
+    trl = True
     thresholds = "RLVRLoss epsilon_low/epsilon_high; TRL epsilon/epsilon_high; verl clip_ratio_low/clip_ratio_high"
     doc = "docs/methods/objectives.md"
 
@@ -762,7 +768,108 @@ class _CPPO(TrustRegion):
         return res.mask.to(torch.float32), db
 
 
-TRUST_REGIONS: dict[str, TrustRegion] = {t.name: t for t in (TrustRegion(), _DPPO(), _CISPO(), _CPPO())}
+class _GSPO(TrustRegion):
+    name = "gspo"
+    settings = {"importance_sampling_level": "sequence_token"}
+    token_local = False  # the sequence's mean log-ratio
+    trl = False  # TRL's own importance_sampling_level="sequence"
+    thresholds = (
+        "the PPO clip of the sequence ratio: RLVRLoss epsilon_low/epsilon_high with importance_sampling_level="
+        "'sequence' (TRL's GSPO) or 'sequence_token' (verl's GSPO-token); verl clip_ratio_low/clip_ratio_high"
+    )
+
+
+class _SAPO(TrustRegion):
+    name = "sapo"
+    loss_type = "sapo"
+    trl = False  # TRL's own loss_type="sapo"
+    thresholds = "the soft gate's temperatures: RLVRLoss sapo_temperature_pos/neg; verl actor tau_pos/tau_neg"
+
+
+class _GPG(TrustRegion):
+    name = "gpg"
+    loss_type = "gpg"
+    trl = False
+    thresholds = "none: the plain policy gradient -A log p"
+
+
+class _DRO(TrustRegion):
+    name = "dro"
+    loss_type = "dro"
+    trl = False
+    thresholds = "a quadratic log-ratio penalty: RLVRLoss dro_beta; verl policy_loss.dro_beta"
+
+
+class _GeoMean(TrustRegion):
+    name = "geo_mean"
+    loss_type = "geo_mean"
+    token_local = False  # the sequence's geometric mean
+    trl = False
+    thresholds = (
+        "log-ratio bounds (GMPO): RLVRLoss epsilon_low/epsilon_high; verl clip_ratio_low/clip_ratio_high, as the "
+        "bounds of the log-ratio"
+    )
+
+
+class _KLCov(TrustRegion):
+    name = "kl_cov"
+    loss_type = "kl_cov"
+    token_local = False
+    batch_wide = True
+    trl = False
+    thresholds = "RLVRLoss kl_cov_ratio, kl_cov_coef; verl policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef"
+
+    def mask(self, cfg, logp, rows):
+        from rlvr_kernels.cov import kl_cov_selection
+
+        return (~kl_cov_selection(rows.adv, logp, rows.mask, cfg.kl_cov_ratio)).to(torch.float32), None
+
+
+class _ClipCov(TrustRegion):
+    name = "clip_cov"
+    loss_type = "clip_cov"
+    token_local = False
+    batch_wide = True
+    trl = False
+    thresholds = (
+        "the PPO clip (RLVRLoss epsilon_low/epsilon_high) and RLVRLoss clip_cov_ratio/clip_cov_lb/clip_cov_ub; verl "
+        "clip_ratio_low/clip_ratio_high and policy_loss.clip_cov_ratio/clip_cov_lb/clip_cov_ub"
+    )
+
+    def mask(self, cfg, logp, rows):
+        from rlvr_kernels.cov import clip_cov_selection
+
+        old = rows.old if rows.old is not None else logp.detach()
+        sel = clip_cov_selection(
+            rows.adv,
+            logp,
+            old,
+            rows.mask,
+            ratio=cfg.clip_cov_ratio,
+            lb=cfg.clip_cov_lb,
+            ub=cfg.clip_cov_ub,
+            clip_low=cfg.epsilon_low,
+            clip_high=cfg.epsilon_high,
+        )
+        return (~sel).to(torch.float32), None
+
+
+TRUST_REGIONS: dict[str, TrustRegion] = {
+    t.name: t
+    for t in (
+        TrustRegion(),
+        _DPPO(),
+        _CISPO(),
+        _CPPO(),
+        _GSPO(),
+        _SAPO(),
+        _GPG(),
+        _DRO(),
+        _GeoMean(),
+        _KLCov(),
+        _ClipCov(),
+    )
+}
 
 
 def trust_region(name: str) -> TrustRegion:
@@ -779,7 +886,7 @@ def trust_region_of_loss_type(loss_type: str) -> TrustRegion:
 
 
 #: Objectives whose per-token term reads its whole sequence (a sequence weight).
-_SEQUENCE_OBJECTIVES = ("vespo",)
+_SEQUENCE_OBJECTIVES = ("vespo", "geo_mean")
 
 
 def token_local(cfg) -> bool:
@@ -854,6 +961,12 @@ def rollout_correction(cfg, old: torch.Tensor, mu: torch.Tensor, mask: torch.Ten
 # the catalogue as documentation
 
 
+def _loss_settings(t: TrustRegion) -> str:
+    """The ``RLVRLoss`` keywords of a trust region, as Markdown."""
+    kw = ([f"loss_type={t.loss_type}"] if t.loss_type else []) + [f"{k}={v}" for k, v in t.settings.items()]
+    return ", ".join(f"`{k}`" for k in kw)
+
+
 def markdown_table() -> str:
     """The catalogue as Markdown: one row per method (kind, options, needs, token-local, page) and one row per
     option (default, meaning). The README's method table is this text
@@ -872,8 +985,10 @@ def markdown_table() -> str:
         if t.name == "clip":
             continue
         needs = ["rollout (anchor) log-probs"] if t.needs_anchor else []
+        # TRL's trust_region offers the TRL ones; the others are RLVRLoss settings and verl's rlvr_<name> modes
+        where = f"`trust_region={t.name}`" if t.trl else f"`rlvr_{t.name}` ({_loss_settings(t)})"
         rows.append(
-            f"| `trust_region={t.name}` | trust region (thresholds: {t.thresholds}) "
+            f"| {where} | trust region (thresholds: {t.thresholds}) "
             f"| {', '.join(f'`{o}`' for o in t.options) or '-'} | {', '.join(needs) or '-'} "
             f"| {'yes' if t.token_local else 'no'} | [{t.doc}]({t.doc}) |"
         )

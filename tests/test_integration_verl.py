@@ -52,7 +52,9 @@ def actor_config(loss_mode="rlvr_clip", loss_agg_mode="token-mean", rlvr=None, *
     kw.setdefault("clip_ratio_low", 0.2)
     kw.setdefault("clip_ratio_high", 0.28)
     pl = (
-        rv.RLVRPolicyLossConfig(loss_mode=loss_mode, rlvr=dict(rlvr or {}))
+        rv.RLVRPolicyLossConfig(
+            loss_mode=loss_mode, rlvr=dict(rlvr or {}), dro_beta=0.5 if loss_mode.endswith("_dro") else None
+        )
         if loss_mode.startswith("rlvr_")
         else PolicyLossConfig(loss_mode=loss_mode)
     )  # verl's own losses, for parity

@@ -19,10 +19,18 @@ EXPRESSED = {
     "dppo_tv": ("rlvr_dppo", {}),
     "dppo_kl": ("rlvr_dppo", {"dppo_divergence": "binary_kl"}),
     "cispo": ("rlvr_cispo", {}),
+    "gspo": ("rlvr_gspo", {}),
+    "sapo": ("rlvr_sapo", {}),
+    "gpg": ("rlvr_gpg", {}),
+    "dro": ("rlvr_dro", {}),
+    "geo_mean": ("rlvr_geo_mean", {}),
+    "kl_cov": ("rlvr_kl_cov", {}),
+    "clip_cov": ("rlvr_clip_cov", {}),
 }
-#: verl losses without an rlvr_* mode yet (GSPO and SAPO exist as RLVRLoss options, importance_sampling_level=
-#: "sequence" and loss_type="sapo", but not as verl modes)
-NOT_EXPRESSED = {"gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro", "bypass_mode"}
+#: verl's own keys of the objectives (read by both verl's loss and the rlvr_* mode)
+VERL_KEYS = dict(dro_beta=0.3, kl_cov_ratio=0.1, ppo_kl_coef=0.7, clip_cov_ratio=0.1, clip_cov_lb=0.02, clip_cov_ub=3.0)
+#: verl losses without an rlvr_* mode yet
+NOT_EXPRESSED = {"bypass_mode"}
 AGG = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
@@ -35,7 +43,7 @@ def test_inventory_of_verl_losses():
 def _cfg(pl, agg):
     return FSDPActorConfig(
         strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, loss_agg_mode=agg, clip_ratio_low=0.05,
-        clip_ratio_high=0.08, clip_ratio_c=10.0, policy_loss=pl,
+        clip_ratio_high=0.08, clip_ratio_c=10.0, policy_loss=pl, tau_pos=1.3, tau_neg=0.9,
     )  # fmt: skip
 
 
@@ -50,6 +58,7 @@ def _batch(seed, B=6, T=10):
 
 
 def _run(name, cfg, old, lp, adv, mask, agg, isw):
+    torch.manual_seed(1234)  # clip_cov draws its tokens with torch.randperm: the same draw on both sides
     x = lp.clone().requires_grad_()
     loss, met = get_policy_loss_fn(name)(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
                                          loss_agg_mode=agg, config=cfg, rollout_is_weights=isw)  # fmt: skip
@@ -64,8 +73,9 @@ def test_rlvr_mode_matches_verl(verl_name, agg):
     for seed, isw_on in ((0, False), (1, True)):
         old, lp, adv, mask, isw = _batch(seed)
         isw = isw if isw_on else None
-        lv, gv, _ = _run(verl_name, _cfg(PolicyLossConfig(loss_mode=verl_name), agg), old, lp, adv, mask, agg, isw)
-        cfg = _cfg(rv.RLVRPolicyLossConfig(loss_mode=ours, rlvr=opts), agg)
+        verl_cfg = _cfg(PolicyLossConfig(loss_mode=verl_name, **VERL_KEYS), agg)
+        lv, gv, _ = _run(verl_name, verl_cfg, old, lp, adv, mask, agg, isw)
+        cfg = _cfg(rv.RLVRPolicyLossConfig(loss_mode=ours, rlvr=opts, **VERL_KEYS), agg)
         lo, go, met = _run(ours, cfg, old, lp, adv, mask, agg, isw)
         torch.testing.assert_close(lo, lv, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(go, gv, rtol=1e-5, atol=1e-6)

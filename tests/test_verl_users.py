@@ -121,6 +121,7 @@ def call(name, t, mode="token-mean", rlvr=None, gbi=None, mask=MASK, log_prob_dt
             delta_coefficients=t["delta_coef"],
             rollout_log_probs=t["rollout_log_probs"],
         )
+    torch.manual_seed(0)  # clip_cov draws its tokens at random: the same draw in every call
     with rv.loss_context(**ctx):
         loss, metrics = get_policy_loss_fn(name)(
             old_log_prob=t["old_log_prob"],

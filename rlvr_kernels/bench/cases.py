@@ -113,8 +113,8 @@ EXTRA_LOSSES = {
 # The base objective of the credit-rule cases (DAPO with clip-higher).
 CREDIT_BASE = dict(loss_type="dapo", epsilon_high=0.28)
 # Settings a trust-region case uses beyond its loss_type (none: RLVRLoss's defaults). CISPO's clip bound of 4 is the
-# paper's and the one it was always benchmarked with.
-TRUST_REGION_SETTINGS = {"cispo": dict(epsilon_high=4.0)}
+# paper's and the one it was always benchmarked with; DRO needs its penalty weight.
+TRUST_REGION_SETTINGS = {"cispo": dict(epsilon_high=4.0), "dro": dict(dro_beta=0.1)}
 # Loss types LigerFusedLinearGRPOLoss 0.8.5 offers: a trust-region case whose loss_type Liger has is compared with it.
 LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
@@ -131,7 +131,7 @@ def method_cases(credits=None, trust_regions=None) -> dict:
         trust_regions = methods.TRUST_REGIONS if trust_regions is None else trust_regions
     out = {}
     for name, tr in trust_regions.items():
-        if tr.loss_type is None:  # "clip": the base objectives' own PPO clip
+        if tr.loss_type is None:  # "clip" (the base objectives' own PPO clip) and "gspo" (a base case)
             continue
         ours = dict(loss_type=tr.loss_type, **TRUST_REGION_SETTINGS.get(name, {}))
         out[name] = dict(ours=ours, liger=dict(ours) if tr.loss_type in LIGER_LOSS_TYPES else None)

@@ -20,7 +20,9 @@ from rlvr_kernels._backend import BACKENDS
 from rlvr_kernels.reference import loss as ref_loss
 from rlvr_kernels.schedule import TemporalSchedule
 
-IS_LEVELS = ("token", "sequence")
+#: ``"sequence"``: GSPO as TRL / Liger compute it (one ratio per sequence); ``"sequence_token"``: GSPO-token as verl
+#: computes it (the sequence ratio's value, each token's own gradient, the sequence log-ratio capped at 10).
+IS_LEVELS = ("token", "sequence", "sequence_token")
 
 #: The catalogue options that are ``LossConfig`` fields (the others are trainer-level: the schedule settings, which
 #: reach the loss as a :class:`TemporalSchedule`, and DelTA's estimator settings, which reach it as coefficients).
@@ -51,6 +53,12 @@ class LossConfig:
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
     # beyond Liger
+    dro_beta: Optional[float] = None
+    kl_cov_ratio: float = 0.0002
+    kl_cov_coef: float = 1.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
     aggregation: Optional[str] = None
     loss_horizon: Optional[int] = None
     dual_clip: Optional[float] = None
@@ -93,17 +101,16 @@ class LossConfig:
         M.check_options({n: getattr(self, n) for n in M.ROLLOUT_OPTIONS})  # the bands and bounds together
         C.choice("loss_type", self.loss_type, ref_loss.LOSS_TYPES)
         C.choice("importance_sampling_level", self.importance_sampling_level, IS_LEVELS)
-        if self.importance_sampling_level == "sequence" and self.loss_type in (
-            "cispo",
-            "sapo",
-            "vespo",
-            "dppo",
-            "cppo",
-        ):
+        if self.importance_sampling_level != "token" and self.loss_type not in ref_loss.PPO_CLIP_TYPES:
             raise ValueError(
-                f"importance_sampling_level='sequence' (GSPO) is not supported with "
-                f"loss_type={self.loss_type!r}: its trust region or weight is per token"
+                f"importance_sampling_level={self.importance_sampling_level!r} (GSPO) is not supported with "
+                f"loss_type={self.loss_type!r}: GSPO's sequence ratio goes with the PPO clip types "
+                f"{ref_loss.PPO_CLIP_TYPES}"
             )
+        if self.loss_type == "dro" and self.dro_beta is None:
+            raise ValueError("loss_type='dro' needs dro_beta > 0 (the weight of its quadratic log-ratio penalty)")
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {self.clip_cov_lb} >= {self.clip_cov_ub}")
         if self.loss_type == "dr_grpo" and self.max_completion_length is None:
             raise ValueError(
                 "loss_type='dr_grpo' needs max_completion_length (it divides by B * max_completion_length)"
@@ -128,17 +135,22 @@ class LossConfig:
         if isinstance(self.fused, str) and self.fused != "auto" or not isinstance(self.fused, (str, bool)):
             raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         if self.fused is True and self.batch_selection:
+            what = (
+                f"loss_type={self.loss_type!r}: its covariance selection"
+                if M.trust_region_of_loss_type(self.loss_type).batch_wide
+                else f"credit={self.credit!r} with d3s_scope='batch': the batch-wide top-rho selection"
+            )
             raise ValueError(
-                f"fused=True cannot run credit={self.credit!r} with d3s_scope='batch': the batch-wide "
-                "top-rho selection needs every token's current entropy before any chunk's gradient; "
-                "use fused='auto' (composable path) or d3s_scope='sequence'"
+                f"fused=True cannot run {what} needs every token's current log-prob or entropy before any chunk's "
+                "gradient; use fused='auto' (composable path)"
             )
 
     @property
     def batch_selection(self) -> bool:
-        """Whether the credit rule's per-row active counts are known only after the vocabulary pass of the whole
-        batch (a selection over the batch: D^3S with ``d3s_scope="batch"``)."""
-        return M.credit(self.credit).selects_over_batch(self)
+        """Whether the loss selects tokens over the whole batch from the current policy, so that no chunk's gradient
+        is known before the vocabulary pass of every row: the credit rule's per-row active counts (D^3S with
+        ``d3s_scope="batch"``) or the objective's covariance selection (Clip-Cov, KL-Cov)."""
+        return M.credit(self.credit).selects_over_batch(self) or M.trust_region_of_loss_type(self.loss_type).batch_wide
 
     def _check_numbers(self) -> None:
         """Every Liger-level number and flag: type and range, stored back as a plain Python value (NaN never
@@ -156,6 +168,11 @@ class LossConfig:
             "vespo_k_neg": nonneg,
             "vespo_lambda_neg": nonneg,
             "entropy_coef": {},
+            "kl_cov_ratio": dict(low=0.0, low_open=True, high=1.0),
+            "kl_cov_coef": nonneg,
+            "clip_cov_ratio": dict(low=0.0, low_open=True, high=1.0),
+            "clip_cov_lb": {},
+            "clip_cov_ub": {},
         }
         optional_reals = {
             "delta": pos,
@@ -163,6 +180,7 @@ class LossConfig:
             "dual_clip": dict(low=1.0, low_open=True),
             "cispo_min": nonneg,
             "log_ratio_clip": pos,
+            "dro_beta": pos,
         }
         for name, rng in reals.items():
             setattr(self, name, C.real(name, getattr(self, name), **rng))

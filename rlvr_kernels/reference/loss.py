@@ -10,11 +10,22 @@ Every function works on padded ``[B, T]`` float32 tensors. Per-token terms follo
 - ``vespo``: ``-sg(phi_seq) A log p`` with the gamma weight ``phi(w) = exp(lambda + k log w - lambda w)``;
 - ``dppo | cppo``: ``-M A rho`` (or ``-M A sg(min(rho, cap)) log p`` with ``ratio_cap``), ``M`` a detached
   direction-aware trust-region mask (DPPO, arXiv 2602.04879; CPPO, arXiv 2606.10968 Eq. 11); the log-ratio is
-  clamped to +-20 as both official codes do.
-``c`` is the importance ratio ``exp(logp - old)``: per token, or per sequence (GSPO) as ``exp`` of the masked mean.
-Then ``x vllm_is_ratio`` (except vespo, which folds it into phi), then ``+ beta k3(ref, logp)`` (times ``c`` with the
-bias-corrected KL). The aggregation divides by constants that the caller computes once for the whole batch
-(:func:`normalizer`), so the same functions give the loss of any subset of whole sequences (the fused path).
+  clamped to +-20 as both official codes do;
+- ``gpg``: the plain policy gradient ``-A log p`` (GPG, arXiv 2504.02546; verl's ``gpg``);
+- ``dro``: ``-(A log p - dro_beta / 2 (log p - old)^2)`` (verl's ``dro``: a quadratic log-ratio penalty);
+- ``geo_mean``: GMPO (arXiv 2507.20673, verl's ``geo_mean``): per sequence ``-mean(A) exp(mean_t l_t)`` with
+  ``l_t = sgn(A_t) min(sgn(A_t) lr_t, sgn(A_t) clamp(lr_t, -epsilon_low, epsilon_high))`` (the clip is on the
+  log-ratio), one value per sequence, averaged over the sequences; the rollout IS weight enters as the sequence's
+  geometric mean;
+- ``kl_cov``: ``-A c + kl_cov_coef |lr|`` on the KL-Cov tokens, ``-A c`` elsewhere (no clip); ``clip_cov``: the PPO
+  clip term, 0 (and no gradient) on the Clip-Cov tokens (arXiv 2505.22617; the selections are
+  :mod:`rlvr_kernels.reference.cov`, passed in as the trust mask ``M``, 1 = not selected).
+``c`` is the importance ratio ``exp(logp - old)``: per token, or per sequence (GSPO) as ``exp`` of the masked mean
+(``importance_sampling_level="sequence"``), or GSPO-token as verl computes it (``"sequence_token"``: that value with
+each token's own gradient, ``exp(min(lr_t - sg(lr_t) + sg(mean lr), 10))``).
+Then ``x vllm_is_ratio`` (except vespo, which folds it into phi, and geo_mean), then ``+ beta k3(ref, logp)`` (times
+``c`` with the bias-corrected KL). The aggregation divides by constants that the caller computes once for the whole
+batch (:func:`normalizer`), so the same functions give the loss of any subset of whole sequences (the fused path).
 Empty rows and all-zero masks give 0, never NaN (every divisor is clamped to >= 1).
 """
 
@@ -25,7 +36,9 @@ import math
 import torch
 
 PPO_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-LOSS_TYPES = PPO_CLIP_TYPES + ("cispo", "sapo", "vespo", "dppo", "cppo")
+LOSS_TYPES = PPO_CLIP_TYPES + ("cispo", "sapo", "vespo", "dppo", "cppo", "gpg", "dro", "geo_mean", "kl_cov", "clip_cov")
+#: verl caps GSPO-token's sequence log-ratio at 10 before ``exp``
+GSPO_TOKEN_LOG_RATIO_MAX = 10.0
 VERL_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -36,10 +49,15 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 def importance_log_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
-    """``[B, T]`` per-token log-ratio, or ``[B, 1]`` masked sequence mean (GSPO) when ``level == "sequence"``."""
+    """``[B, T]`` per-token log-ratio, or ``[B, 1]`` masked sequence mean (GSPO) when ``level == "sequence"``, or
+    ``[B, T]`` GSPO-token (``"sequence_token"``: the sequence mean's value, each token's own gradient, capped at
+    ``GSPO_TOKEN_LOG_RATIO_MAX``)."""
     if level == "token":
         return log_ratio
-    return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    seq = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    if level == "sequence":
+        return seq
+    return (log_ratio - log_ratio.detach() + seq.detach()).clamp(max=GSPO_TOKEN_LOG_RATIO_MAX)
 
 
 def vespo_phi(advantages, log_ratio, mask, is_ratio, k_pos, lam_pos, k_neg, lam_neg) -> torch.Tensor:
@@ -129,6 +147,18 @@ def policy_token_loss(
             A, log_ratio, mask, is_ratio, cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg
         )
         loss = -phi * A * logp
+    elif lt == "gpg":
+        loss = -A * logp
+    elif lt == "dro":
+        loss = -(A * logp - 0.5 * cfg.dro_beta * log_ratio.square())
+    elif lt == "geo_mean":
+        loss, low, high = _gmpo(cfg, A, log_ratio, mask, is_ratio)
+    elif lt == "kl_cov":
+        loss = -A * coef + cfg.kl_cov_coef * log_ratio.abs() * (1.0 - trust_mask)
+    elif lt == "clip_cov":
+        c2 = coef.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+        low, high = coef < 1.0 - cfg.epsilon_low, coef > 1.0 + cfg.epsilon_high
+        loss = -torch.min(coef * A, c2 * A) * trust_mask
     elif lt in ("dppo", "cppo"):
         m = trust_mask
         if cfg.ratio_cap is not None:
@@ -140,7 +170,7 @@ def policy_token_loss(
     else:  # validated earlier
         raise ValueError(f"unknown loss_type {lt!r}")
     loss = loss.expand_as(A) if loss.shape != A.shape else loss
-    if is_ratio is not None and lt != "vespo":
+    if is_ratio is not None and lt not in ("vespo", "geo_mean"):
         loss = loss * is_ratio
     kl = None
     if cfg.beta != 0.0:
@@ -158,6 +188,20 @@ def policy_token_loss(
     }
 
 
+def _gmpo(cfg, A, log_ratio, mask, is_ratio):
+    """GMPO's ``[B, 1]`` sequence loss and its ``[B, T]`` low / high clip flags (see the module docstring)."""
+    sgn = torch.sign(A)
+    clamped = log_ratio.clamp(-cfg.epsilon_low, cfg.epsilon_high)
+    lr = sgn * torch.min(sgn * log_ratio, sgn * clamped)
+    n = mask.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp((lr * mask).sum(-1, keepdim=True) / n)
+    loss = -(A * mask).sum(-1, keepdim=True) / n * ratio
+    if is_ratio is not None:  # the geometric mean of the weights over the sequence (verl's 1e-10 guard)
+        w = is_ratio.expand_as(A) if is_ratio.shape != A.shape else is_ratio
+        loss = loss * torch.exp((torch.log(w + 1e-10) * mask).sum(-1, keepdim=True) / n)
+    return loss, log_ratio < -cfg.epsilon_low, log_ratio > cfg.epsilon_high
+
+
 def aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -173,7 +217,8 @@ def aggregate(
     per-token weights, so the loss of a batch is the sum of its segments' losses.
 
     Modes: ``token-sum-over-norm`` (sum of masked tokens / norm: bnpo, dapo, cispo, dr_grpo, verl token-mean),
-    ``seq-mean-token-mean`` (per-sequence token mean, summed, / norm: grpo, sapo, verl seq-mean-token-mean),
+    ``seq-mean-token-mean`` (per-sequence token mean, summed, / norm: grpo, sapo, geo_mean, verl
+    seq-mean-token-mean),
     ``seq-mean-token-sum`` (per-sequence token sum / norm), ``seq-mean-token-sum-norm`` (that / horizon),
     ``luspo`` (TRL's masked per-sequence sum, / norm = B; Liger 0.8.5's luspo is TRL's older unmasked
     ``(per_token_loss * L).mean()``, which also sums padded positions: the two agree only while the per-token loss
@@ -204,7 +249,7 @@ def aggregation_mode(cfg, T: int) -> tuple[str, float | None]:
     """``(mode, horizon)`` of :func:`aggregate` for a configuration (no communication, no batch statistics)."""
     agg = cfg.aggregation
     if agg is None:
-        if cfg.loss_type in ("grpo", "sapo"):
+        if cfg.loss_type in ("grpo", "sapo", "geo_mean"):
             return "seq-mean-token-mean", None
         if cfg.loss_type == "luspo":
             return "luspo", None
@@ -244,11 +289,11 @@ def normalizer(
     """The batch-global divisor of :func:`aggregate` (fp32 0-dim), from the active-token count of every row.
 
     row_counts: ``[B]`` active tokens per row. Without ``cfg.aggregation`` the loss type's own normaliser is used,
-    as Liger and TRL define it: grpo/sapo/luspo B (after a per-sequence mean for grpo/sapo); bnpo the token count;
-    dr_grpo B * max_completion_length; dapo/cispo/vespo/dppo/cppo ``num_items_in_batch`` (else the all-reduced
-    token count) / world size. With a verl mode, ``batch_num_tokens`` and ``global_batch_size`` (verl's
-    ``global_batch_info``) replace the local token count and the count of rows with an active token, and the
-    divisor is divided by ``dp_size`` (verl's ``agg_loss`` multiplies by it).
+    as Liger and TRL define it: grpo/sapo/luspo/geo_mean B (after a per-sequence mean for grpo/sapo/geo_mean); bnpo
+    the token count; dr_grpo B * max_completion_length; dapo/cispo/vespo/dppo/cppo/gpg/dro/kl_cov/clip_cov
+    ``num_items_in_batch`` (else the all-reduced token count) / world size. With a verl mode, ``batch_num_tokens``
+    and ``global_batch_size`` (verl's ``global_batch_info``) replace the local token count and the count of rows with
+    an active token, and the divisor is divided by ``dp_size`` (verl's ``agg_loss`` multiplies by it).
     """
     B = row_counts.shape[0]
     f32 = dict(device=row_counts.device, dtype=torch.float32)
@@ -256,7 +301,7 @@ def normalizer(
     agg = cfg.aggregation
     if agg is None:
         lt = cfg.loss_type
-        if lt in ("grpo", "sapo", "luspo"):
+        if lt in ("grpo", "sapo", "luspo", "geo_mean"):
             return torch.tensor(float(max(B, 1)), **f32)
         if lt == "bnpo":
             return tokens.clamp(min=1.0)

@@ -20,7 +20,7 @@ from rlvr_kernels._backend import BACKENDS
 __all__ = ["RLVRGRPOConfig", "CREDITS", "TRUST_REGIONS", "TRUST_REGION_BASES"]
 
 CREDITS = tuple(M.CREDITS)
-TRUST_REGIONS = tuple(M.TRUST_REGIONS)
+TRUST_REGIONS = tuple(n for n, t in M.TRUST_REGIONS.items() if t.trl)
 # TRL loss types whose normaliser a trust region other than "clip" can take over (the others are objectives of their
 # own).
 TRUST_REGION_BASES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -159,6 +159,7 @@ def validate(c: RLVRGRPOConfig) -> None:
 
 def _validate(c: RLVRGRPOConfig) -> None:
     rule = M.credit(c.credit)
+    C.choice("trust_region", c.trust_region, TRUST_REGIONS)  # the others are TRL objectives or verl's
     trust = M.trust_region(c.trust_region)
     for name, value in M.check_options({n: getattr(c, n) for n in M.OPTIONS}).items():
         setattr(c, name, value)

@@ -82,10 +82,55 @@ def _thresholds(region: M.TrustRegion, low: float, high: float, clip_c: float, o
     if "ratio_cap" in region.options:  # DPPO / CPPO: verl's truncated-IS form (dppo_tv), cap clip_ratio_c
         cap = opts.ratio_cap
         return {"ratio_cap": None if cap == "none" else float(clip_c) if cap is None else cap}
-    if region.loss_type is None:  # the PPO clip: clip_ratio_c is the dual clip
+    if region.name == "clip":  # the PPO clip: clip_ratio_c is the dual clip (verl's gspo has none)
         return {"dual_clip": float(clip_c)}
     if region.loss_type == "cispo":  # verl: sg(clamp(ratio, 1 - low, 1 + high)); ours clamps at absolute bounds
         return {"epsilon_high": 1.0 + float(high), "cispo_min": 1.0 - float(low)}
+    return {}
+
+
+#: verl's own form of the objectives beyond the clip keys. verl clamps the log-ratio at +-20 before ``exp`` in
+#: vanilla, dppo_*, cispo and sapo, and not in the others (its GSPO-token caps the sequence log-ratio at 10 itself);
+#: sapo aggregates seq-mean-token-mean whatever loss_agg_mode says; geo_mean takes the mean over the micro-batch's
+#: sequences, ignoring loss_agg_mode and global_batch_info (aggregation None: the loss type's own normaliser).
+_VERL_FORMS: dict[str, dict] = {
+    "gspo": dict(log_ratio_clip=None),
+    "sapo": dict(aggregation="seq-mean-token-mean"),
+    "gpg": dict(log_ratio_clip=None),
+    "dro": dict(log_ratio_clip=None),
+    "geo_mean": dict(log_ratio_clip=None, aggregation=None),
+    "kl_cov": dict(log_ratio_clip=None),
+    "clip_cov": dict(log_ratio_clip=None),
+}
+
+
+def _verl_objective_keys(region: M.TrustRegion, config) -> dict:
+    """The objective's parameters from verl's own keys (``actor.tau_pos`` / ``tau_neg``, ``policy_loss.dro_beta``,
+    ``policy_loss.kl_cov_ratio`` / ``ppo_kl_coef``, ``policy_loss.clip_cov_*``), so that ``loss_mode=X`` and
+    ``loss_mode=rlvr_X`` read the same settings; unset keys take the fallbacks of verl's functions."""
+    pl = cfg_value(config, "policy_loss", None)
+
+    def key(name, fallback):
+        return fallback if pl is None else cfg_value(pl, name, fallback)
+
+    if region.name == "sapo":
+        return dict(
+            sapo_temperature_pos=float(cfg_value(config, "tau_pos", 1.0)),
+            sapo_temperature_neg=float(cfg_value(config, "tau_neg", 1.05)),
+        )
+    if region.name == "dro":
+        beta = key("dro_beta", None)
+        if beta is None or float(beta) <= 0:
+            raise ValueError("policy_loss.dro_beta must be a positive value with rlvr_*dro (verl's dro key)")
+        return dict(dro_beta=float(beta))
+    if region.name == "kl_cov":
+        return dict(kl_cov_ratio=float(key("kl_cov_ratio", 0.0002)), kl_cov_coef=float(key("ppo_kl_coef", 1.0)))
+    if region.name == "clip_cov":
+        return dict(
+            clip_cov_ratio=float(key("clip_cov_ratio", 0.0002)),
+            clip_cov_lb=float(key("clip_cov_lb", 1.0)),
+            clip_cov_ub=float(key("clip_cov_ub", 5.0)),
+        )
     return {}
 
 
@@ -109,6 +154,8 @@ def loss_config(
         log_ratio_clip=20.0,
     )  # verl clamps the log-ratio at +-20
     kw.update(_thresholds(spec.region, low, high, clip_c, opts))
+    kw.update(spec.region.settings)
+    kw.update(_verl_objective_keys(spec.region, config))
     kw.update({n: getattr(opts, n) for n in spec.region.options if n in LOSS_METHOD_OPTIONS and n != "ratio_cap"})
     kw.update({n: getattr(opts, n) for n in M.ROLLOUT_OPTIONS})  # the rollout correction, with every loss
     kw["aggregation"] = loss_agg_mode
@@ -116,6 +163,7 @@ def loss_config(
     # actor.loss_scale_factor there); default: the padded response width
     lsf = (cfg_value(config, "global_batch_info", {}) or {}).get("loss_scale_factor", None)
     kw["loss_horizon"] = int(lsf) if lsf is not None else None
+    kw.update(_VERL_FORMS.get(spec.trust, {}))
     if spec.credit is not None:
         kw["credit"] = spec.credit
         kw.update({n: getattr(opts, n) for n in spec.rule.options if n in LOSS_METHOD_OPTIONS})

@@ -118,7 +118,7 @@ def _specs() -> dict[str, LossSpec]:
         if rule is plain:
             continue
         for t in trusts:
-            name = f"rlvr_{credit}" if M.TRUST_REGIONS[t].loss_type is None else f"rlvr_{credit}_{t}"
+            name = f"rlvr_{credit}" if t == "clip" else f"rlvr_{credit}_{t}"
             out[name] = LossSpec(name, t, credit)
     return out
 
