@@ -25,6 +25,7 @@ from rlvr_kernels.vocab_pass import (
     logits_backward,
     logits_forward,
 )
+from rlvr_kernels.vocab_pass import temperature_rows as _temp_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -54,24 +55,6 @@ def _temperature_arg(temperature, targets: torch.Tensor) -> tuple[float, torch.T
             raise ValueError(f"temperature is on {temperature.device} but targets is on {targets.device}")
         return 1.0, temperature
     return _check_temperature(temperature), None
-
-
-def _temp_rows(temp, targets, ignore_index: int, dtype: torch.dtype, inverse: bool, check: bool) -> torch.Tensor:
-    """A per-token temperature ``temp [N]`` -> ``T`` (or ``1 / T`` with ``inverse``) ``[N]`` in ``dtype``, 1 on ignored
-    rows (whatever they hold). ``check``: every row that counts must have ``T > 0`` finite with ``1 / T`` finite in
-    fp32, else a ``ValueError`` naming ``temperature`` (one host sync)."""
-    keep = targets != ignore_index
-    t = temp.detach().to(torch.float64)
-    if check and t.numel():
-        bad = keep & ~(torch.isfinite(t) & (t > 0) & (1.0 / t <= _checks.F32_MAX))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"temperature must be > 0 and finite (1 / temperature finite in float32) on every row that is not "
-                f"ignore_index; row {row} has {float(t[row])!r}"
-            )
-    t = torch.where(keep, t, torch.ones((), dtype=t.dtype, device=t.device))
-    return (1.0 / t if inverse else t).to(dtype)
 
 
 def _check_int_tensor(t: torch.Tensor, name: str) -> None:
@@ -351,10 +334,6 @@ def fused_linear_logprobs(
     if head_dtype not in (None, torch.float32):
         raise ValueError(f"head_dtype must be None or torch.float32, got {head_dtype!r}")
     head_fp32 = head_dtype == torch.float32 and hidden.dtype in (torch.bfloat16, torch.float16)
-    if tp_group is not None and _temperature_arg(temperature, targets)[1] is not None:
-        raise NotImplementedError("fused_linear_logprobs: a per-token temperature tensor with tp_group")
-    if tp_group is not None and head_fp32:
-        raise NotImplementedError("fused_linear_logprobs: head_dtype=torch.float32 with tp_group")
     with no_autocast(hidden.device):
         return _fused_linear_logprobs(
             hidden,
@@ -386,7 +365,7 @@ def _fused_linear_logprobs(
     if tp_group is not None:
         logp, ent, gathered = vocab_parallel.linear_logprobs(
             x, weight, t, bias, 1.0 / float(temperature), int(ignore_index), ids, backend, tp_group, vocab_start,
-            grad_hidden,
+            grad_hidden, temp, bool(head_fp32),
         )  # fmt: skip
     else:
         logp, ent, gathered, _ = torch.ops.rlvr_kernels.linear_logprobs(
@@ -516,11 +495,9 @@ def logprobs_from_logits(
     v = logits.shape[-1]
     lead = tuple(targets.shape)
     if tp_group is not None:
-        if temp is not None:
-            raise NotImplementedError("logprobs_from_logits: a per-token temperature tensor with tp_group")
         logp, ent = vocab_parallel.logprobs_from_logits(
             logits.reshape(-1, v), targets.reshape(-1).long(), float(temperature), int(ignore_index), backend,
-            tp_group, vocab_start,
+            tp_group, vocab_start, None if temp is None else temp.reshape(-1),
         )  # fmt: skip
         return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
     logp, ent, _ = torch.ops.rlvr_kernels.logprobs_from_logits(

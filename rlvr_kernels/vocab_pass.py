@@ -11,13 +11,31 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_kernels import _gemm
+from rlvr_kernels import _checks, _gemm
 from rlvr_kernels._backend import no_autocast, resolve_backend
 from rlvr_kernels.cpu import vocab_rows
 from rlvr_kernels.reference import logprobs as ref
 
 # Rows x K x H elements per chunk when gathering extra ids (CPPO's Top-K divergences).
 _GATHER_CHUNK_ELEMENTS = 1 << 24
+
+
+def temperature_rows(temp, targets, ignore_index: int, dtype: torch.dtype, inverse: bool, check: bool) -> torch.Tensor:
+    """A per-token temperature ``temp [N]`` -> ``T`` (or ``1 / T`` with ``inverse``) ``[N]`` in ``dtype``, 1 on ignored
+    rows (whatever they hold). ``check``: every row that counts must have ``T > 0`` finite with ``1 / T`` finite in
+    fp32, else a ``ValueError`` naming ``temperature`` (one host sync)."""
+    keep = targets != ignore_index
+    t = temp.detach().to(torch.float64)
+    if check and t.numel():
+        bad = keep & ~(torch.isfinite(t) & (t > 0) & (1.0 / t <= _checks.F32_MAX))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"temperature must be > 0 and finite (1 / temperature finite in float32) on every row that is not "
+                f"ignore_index; row {row} has {float(t[row])!r}"
+            )
+    t = torch.where(keep, t, torch.ones((), dtype=t.dtype, device=t.device))
+    return (1.0 / t if inverse else t).to(dtype)
 
 
 def _gathered_logits(x, w, b, ids, inv_temp) -> torch.Tensor:

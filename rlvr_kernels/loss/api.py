@@ -196,6 +196,7 @@ class RLVRLoss(nn.Module):
         vocab_start: Optional[int] = None,
         grad_hidden: str = "full",
         seq_group=None,
+        temperature=None,
     ):
         """Loss of one micro-batch.
 
@@ -214,6 +215,11 @@ class RLVRLoss(nn.Module):
         gets the unsharded loss and metrics, the gradient of its own shard and, by default, the full d``_input``).
         ``seq_group``: sequence-split rows (Ulysses / context parallelism): every per-token input is this rank's
         columns of the rows (rank order; see :func:`rlvr_kernels.loss.api.rlvr_loss`).
+        ``temperature``: the sampling temperature of this call, instead of the constructor's: a float tensor ``[B]``
+        (one per row: vLLM / TRL sample each request with its own), ``[B, 1]``, ``[B, T]`` (one per token) or 0-dim,
+        or a number; > 0 and finite on the loss tokens (``ValueError`` otherwise; other positions are not read). The
+        policy's and the reference model's logits (``ref_input``) are divided by it alike; log-probs passed in
+        (``old_`` / ``ref_per_token_logps``) are taken as they are. Not differentiated.
         """
         return rlvr_loss(
             self.config,
@@ -241,6 +247,7 @@ class RLVRLoss(nn.Module):
             vocab_start=vocab_start,
             grad_hidden=grad_hidden,
             seq_group=seq_group,
+            temperature=temperature,
         )
 
 
@@ -440,6 +447,7 @@ def rlvr_loss(
     vocab_start: Optional[int] = None,
     grad_hidden: str = "full",
     seq_group=None,
+    temperature=None,
     _token_logprobs=None,
 ):
     """Functional form of :class:`RLVRLoss` (``cfg`` a :class:`LossConfig`). Returns ``(loss, LossMetrics)``.
@@ -456,6 +464,8 @@ def rlvr_loss(
     respect to its own tokens' hidden states and their share of dW (the shares sum to the whole dW over the group).
     Frameworks that average gradients over the sequence-parallel ranks (FSDP with Ulysses) should multiply the loss by
     the group's size, as verl's Ulysses gather does for its log-probs. Runs the composable path; eager only.
+    ``temperature``: None (``cfg.temperature``), or this call's temperature as :meth:`RLVRLoss.forward` takes it
+    (with ``seq_group``: ``[B]``, ``[B, 1]``, 0-dim, or this rank's columns ``[B, T_r]``).
     ``_token_logprobs``: internal (the whole rows' ``(logp, entropy)`` ``[B, T]``, already computed)."""
     if seq_group is not None:
         return _seq_split_loss(
@@ -464,6 +474,7 @@ def rlvr_loss(
             rollout_per_token_logps=rollout_per_token_logps, delta_coefficients=delta_coefficients,
             old_entropy=old_entropy, global_batch_size=global_batch_size, batch_num_tokens=batch_num_tokens,
             dp_size=dp_size, tp_group=tp_group, vocab_start=vocab_start, grad_hidden=grad_hidden, seq_group=seq_group,
+            temperature=temperature,
         )  # fmt: skip
     _input, lin_weight, bias, ref_input, ref_weight, ref_bias = autocast_inputs(
         _input, lin_weight, bias, ref_input, ref_weight, ref_bias
@@ -496,6 +507,9 @@ def rlvr_loss(
         )
         ref_loss.check_global_batch_info(cfg, dp_size, batch_num_tokens, global_batch_size)
         B, T, H = _input.shape
+        # this call's temperature: [B, T] (1 outside the loss mask), or None for the configuration's number
+        temp = None if _token_logprobs is not None else _call_temperature(cfg, temperature, attention_mask, _input)
+        temp_arg = cfg.temperature if temp is None else temp
         q = _schedule_value(cfg, step)
         valid = attention_mask != 0
         # The loss mask as weights; positions outside it are exactly 0 (never NaN * 0) and take no part in anything.
@@ -528,7 +542,7 @@ def rlvr_loss(
                     ref_weight,
                     ids,
                     bias=ref_bias,
-                    temperature=cfg.temperature,
+                    temperature=temp_arg,
                     return_entropy=False,
                     ignore_index=cfg.ignore_index,
                     backend=cfg.backend,
@@ -576,7 +590,7 @@ def rlvr_loss(
                 lin_weight,
                 ids,
                 bias=bias,
-                temperature=cfg.temperature,
+                temperature=temp_arg,
                 ignore_index=cfg.ignore_index,
                 backend=cfg.backend,
                 tp_group=tp_group,
@@ -601,7 +615,7 @@ def rlvr_loss(
         batch.counts = counts
         if fused:
             tp = None if tp_group is None else (tp_group, vocab_start, grad_hidden)
-            loss, sums, active = F.fused_loss(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, tp)
+            loss, sums, active = F.fused_loss(cfg, _input, lin_weight, bias, batch, q, norm, ent_norm, tp, temp)
         else:
             loss, sums, active = token_pass(cfg, logp, ent, batch.rows(slice(None)), q, norm, ent_norm)
         # the normaliser was computed from the planned active tokens (an internal invariant: checked in eager mode,
@@ -614,7 +628,7 @@ def rlvr_loss(
 
 def _seq_split_loss(
     cfg, _input, lin_weight, ids, attention_mask, advantages, bias, ref, old, ref_input, ref_weight, ref_bias,
-    is_ratio, num_items_in_batch, *, seq_group, tp_group, vocab_start, grad_hidden, **kw,
+    is_ratio, num_items_in_batch, *, seq_group, tp_group, vocab_start, grad_hidden, temperature=None, **kw,
 ):  # fmt: skip
     """:func:`rlvr_loss` on sequence-split rows: this rank's tokens' log-probs, gathered with every per-token input
     into whole rows, then the loss of the whole rows (see :func:`rlvr_loss`)."""
@@ -636,15 +650,17 @@ def _seq_split_loss(
         raise ValueError("selected_token_ids must have attention_mask's shape [B, T_r]")
     local_ids = torch.where(valid, ids.long(), torch.full_like(ids, cfg.ignore_index, dtype=torch.long))
     tp = dict(tp_group=tp_group, vocab_start=vocab_start)
+    temp = _call_temperature(cfg, temperature, attention_mask, _input)  # this rank's columns
+    temp_arg = cfg.temperature if temp is None else temp
     with no_autocast(_input.device):
         logp, ent = fused_linear_logprobs(
-            _input, lin_weight, local_ids, bias=bias, temperature=cfg.temperature, ignore_index=cfg.ignore_index,
+            _input, lin_weight, local_ids, bias=bias, temperature=temp_arg, ignore_index=cfg.ignore_index,
             backend=cfg.backend, grad_hidden=grad_hidden, **tp,
         )  # fmt: skip
         if ref is None and ref_input is not None and cfg.beta != 0.0 and cfg.use_ref_model:
             with torch.no_grad():
                 ref, _ = fused_linear_logprobs(
-                    ref_input, ref_weight, local_ids, bias=ref_bias, temperature=cfg.temperature,
+                    ref_input, ref_weight, local_ids, bias=ref_bias, temperature=temp_arg,
                     ignore_index=cfg.ignore_index, return_entropy=False, backend=cfg.backend, **tp,
                 )  # fmt: skip
     widths = C.column_widths(attention_mask.shape[1], seq_group, attention_mask.device)
@@ -662,6 +678,43 @@ def _seq_split_loss(
         None, g(is_ratio), num_items_in_batch, tp_group=tp_group, vocab_start=vocab_start,
         _token_logprobs=(g(logp.float()), g(ent.float())), **kw,
     )  # fmt: skip
+
+
+def _call_temperature(cfg, temperature, mask, x) -> Optional[torch.Tensor]:
+    """This call's temperature (:meth:`RLVRLoss.forward`) as a ``[B, T]`` tensor of ``mask``'s shape with 1 outside
+    the loss mask, or None (the configuration's number). A number, a 0-dim, ``[B]``, ``[B, 1]`` or ``[B, T]`` float
+    tensor; > 0 and finite with ``1 / T`` finite in fp32 on the loss tokens: ``ValueError`` otherwise, in eager mode
+    (one host read); a device-side assert under torch.compile (unless ``compiled_value_checks=False``; the ops that
+    divide by it check it in their body either way)."""
+    if temperature is None:
+        return None
+    B, T = mask.shape
+    if not isinstance(temperature, torch.Tensor):
+        t = C.temperature(temperature)
+        return torch.full((B, T), t, dtype=torch.float32, device=mask.device)
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"temperature must be a number or a floating-point tensor, got {temperature.dtype}")
+    shapes = [(), (B,), (B, 1), (B, T)]
+    if tuple(temperature.shape) not in shapes:
+        raise ValueError(
+            f"temperature must be a number or a tensor of shape [B] = {(B,)} (one per row), {(B, 1)}, {(B, T)} "
+            f"(one per token) or (), got {tuple(temperature.shape)}"
+        )
+    if temperature.device != x.device:
+        raise ValueError(f"temperature is on {temperature.device} but _input is on {x.device}")
+    t = temperature.detach()
+    t = (t.unsqueeze(1) if t.dim() == 1 else t).expand(B, T)
+    valid = mask != 0
+    t64 = t.to(torch.float64)
+    ok = (torch.isfinite(t64) & (t64 > 0) & (1.0 / t64 <= C.F32_MAX)) | ~valid
+    msg = "temperature must be > 0 and finite (1 / temperature finite in float32) on loss tokens (attention_mask != 0)"
+    if torch.compiler.is_compiling():
+        if cfg.compiled_value_checks:
+            torch._assert_async(ok.all(), msg)
+    elif not bool(ok.all()):
+        r, c = (int(i) for i in (~ok).nonzero()[0])
+        raise ValueError(f"{msg}; row {r}, token {c} has {float(t64[r, c])!r}")
+    return torch.where(valid, t, torch.ones((), dtype=t.dtype, device=t.device))
 
 
 def _inert(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,12 @@ from rlvr_kernels.loss.token_pass import (
 )
 from rlvr_kernels.parallel import vocab as pv
 from rlvr_kernels.reference import logprobs as ref_lp
+from rlvr_kernels.vocab_pass import temperature_rows
+
+
+def cdt_of(x, w, b, use_triton: bool) -> torch.dtype:
+    """The dtype of the fused pass's GEMM operands: the weight's on Triton, else fp32 (float64 for float64)."""
+    return w.dtype if use_triton else ref_lp.compute_dtype(x, w, b)
 
 
 def chunk_budget(device: torch.device) -> int:
@@ -76,6 +82,7 @@ def fused_pass(
     need: tuple[bool, bool, bool],
     shard: Optional[pv.VocabShard] = None,
     reduce_dx: bool = True,
+    temperature: Optional[torch.Tensor] = None,
 ) -> FusedResult:
     """Loss, gradients and metric sums of the batch ``batch`` (``rlvr_kernels.loss.api.Batch``) over chunks.
 
@@ -84,7 +91,9 @@ def fused_pass(
     With ``shard`` (a vocabulary-sharded head: ``w``/``b`` are this rank's rows, the ids global) each chunk's row
     statistics are combined over the shard's group (:func:`rlvr_kernels.parallel.vocab.combine`: one all-gather of
     O(rows) values) before the token pass, which every rank then runs alike; dW/db are the shard's and each chunk's
-    dX is summed over the group (one all-reduce in fp32) unless ``reduce_dx`` is False.
+    dX is summed over the group (one all-reduce in fp32) unless ``reduce_dx`` is False. ``temperature``: a
+    ``[B, T]`` float tensor, one temperature per token (> 0 and finite where the id is not ``ignore_index``; the
+    others are not read), instead of ``cfg.temperature``; every shard's logits are divided by it alike.
     """
     B, T, H = x.shape
     V = w.shape[0]
@@ -92,9 +101,13 @@ def fused_pass(
     v_plan = V if shard is None else pv.max_over(V, shard.group, x.device)
     use_triton = resolve_backend(cfg.backend, x.device) == "triton"
     inv_temp = 1.0 / cfg.temperature
+    inv_all = None  # a temperature per token: 1 / T [B, T] in the dtype of the row statistics (1 on ignored tokens)
+    if temperature is not None:
+        stat_dtype = torch.float64 if cdt_of(x, w, b, use_triton) == torch.float64 else torch.float32
+        inv_all = temperature_rows(temperature, batch.ids, cfg.ignore_index, stat_dtype, True, False)
     need_x, need_w, need_b = need
     need_b = need_b and b is not None
-    cdt = w.dtype if use_triton else ref_lp.compute_dtype(x, w, b)
+    cdt = cdt_of(x, w, b, use_triton)
     w_mm = w if use_triton else w.to(cdt)
     # dz in the GEMM dtype (fp16: fp32, small gradients would underflow)
     dz_dtype = torch.float32 if (use_triton and w.dtype == torch.float16) else cdt
@@ -122,14 +135,17 @@ def fused_pass(
         tc = tc_all.index_select(0, keep)
         tc_loc, own = (tc, None) if shard is None else shard.local_ids(tc)
         xc = x[sl, cols].reshape(-1, H).index_select(0, keep).to(cdt)
+        it = inv_temp if inv_all is None else inv_all[sl, cols].reshape(-1).index_select(0, keep)
         if use_triton:
             from rlvr_kernels.kernels import logprobs as K
 
             z = _gemm.logits_fp32(xc, w, b)
-            lp_k, ent_k, lse_k = K.logits_forward(z, tc_loc, inv_temp, cfg.ignore_index)
+            lp_k, ent_k, lse_k = K.logits_forward(z, tc_loc, it, cfg.ignore_index)
         else:
             z = ref_lp._scaled_logits(xc, w_mm, None if b is None else b.to(cdt), 1.0, out=buf)
-            lp_k, ent_k, lse_k = vocab_rows.row_stats(z, tc_loc, inv_temp, cfg.ignore_index)
+            # the native rows take one scalar temperature; a temperature per token runs the reference rows
+            stats = vocab_rows.row_stats if inv_all is None else ref_lp.row_stats
+            lp_k, ent_k, lse_k = stats(z, tc_loc, it, cfg.ignore_index)
         if shard is not None:  # this shard's statistics -> the whole vocabulary's, on every rank alike
             every = torch.ones_like(tc, dtype=torch.bool)
             target_logit = torch.where(own, lp_k + lse_k, torch.zeros_like(lp_k))
@@ -152,11 +168,12 @@ def fused_pass(
         if use_triton:
             out = z if dz_dtype == torch.float32 else torch.empty(z.shape, device=z.device, dtype=dz_dtype)
             dz = K.logits_backward(
-                z, tc_loc, lse_k, ent_k, g_own, g_ent, inv_temp, cfg.ignore_index, out=out, c_p=g_lp.float()
+                z, tc_loc, lse_k, ent_k, g_own, g_ent, it, cfg.ignore_index, out=out, c_p=g_lp.float()
             )
         else:
             gl, gh, _, cp = ref_lp.upstream_coefficients(tc_loc, cfg.ignore_index, g_own, g_ent, None, None, cdt, g_lse)
-            dz = vocab_rows.row_grad_(z, tc_loc, lse_k, ent_k, gl, gh, cp, inv_temp, cfg.ignore_index)
+            grad = vocab_rows.row_grad_ if inv_all is None else ref_lp.row_grad_
+            dz = grad(z, tc_loc, lse_k, ent_k, gl, gh, cp, it, cfg.ignore_index)
         del z
         loss += chunk_loss.detach().float()
         active_all[sl, cols] = active.detach()
@@ -251,6 +268,7 @@ def _fused_loss_op(
     tp_group: str = "",
     vocab_start: int = 0,
     reduce_dx: bool = True,
+    temperature: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`fused_pass` of ``config`` (:meth:`LossConfig.to_json`) on the batch tensors (:class:`Batch`'s fields;
     ``q``: the schedule value, a 0-dim tensor, or None; ``norm`` / ``ent_norm``: fp32 0-dim divisors; ``need``:
@@ -260,7 +278,9 @@ def _fused_loss_op(
     inputs' dtypes (an empty tensor where not computed), the ``[B, T]`` fp32 mask of the tokens that took part and
     the metric numerators packed by :func:`rlvr_kernels.loss.token_pass.pack_sums`. Checks the ids' range first.
     ``tp_group``: the name of the process group over which ``w``/``b`` are vocabulary shards starting at
-    ``vocab_start`` ("" for none; ``reduce_dx``: sum dX over it)."""
+    ``vocab_start`` ("" for none; ``reduce_dx``: sum dX over it). ``temperature``: None (``config``'s), or a
+    ``[B, T]`` float tensor, one temperature per token (checked on the loss tokens: > 0, finite, ``1 / T`` finite in
+    fp32; ValueError otherwise)."""
     from rlvr_kernels.loss.config import config_from_json
 
     cfg = config_from_json(config)
@@ -270,10 +290,12 @@ def _fused_loss_op(
         check_token_ids(ids, ids != cfg.ignore_index, 2**62)  # the upper bound: after the shards' layout is known
     else:
         check_token_ids(ids, ids != cfg.ignore_index, w.shape[0])
+    if temperature is not None:
+        temperature_rows(temperature.reshape(-1), ids.reshape(-1), cfg.ignore_index, torch.float64, True, True)
     batch = Batch(x, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts)
     qf = None if q is None else float(q)
     with _autograd_inside_op(), torch.no_grad():
-        res = fused_pass(cfg, x, w, b, batch, qf, norm, ent_norm, tuple(need), shard, reduce_dx)
+        res = fused_pass(cfg, x, w, b, batch, qf, norm, ent_norm, tuple(need), shard, reduce_dx, temperature)
     got = frozenset(f.name for f in dataclasses.fields(res.sums) if getattr(res.sums, f.name) is not None)
     if got != present_sums(cfg):
         raise RuntimeError(f"internal error: the token pass gave the sums {sorted(got)}, not those planned")
@@ -284,7 +306,7 @@ def _fused_loss_op(
 
 @_fused_loss_op.register_fake
 def _(config, x, w, b, ids, valid, mask, adv, old, ref, is_ratio, mu, coef, old_ent, counts, q, norm, ent_norm, need,
-      tp_group="", vocab_start=0, reduce_dx=True):  # fmt: skip
+      tp_group="", vocab_start=0, reduce_dx=True, temperature=None):  # fmt: skip
     f32 = dict(dtype=torch.float32, device=x.device)
     empty = x.new_empty(0)
     B, T = mask.shape
@@ -320,17 +342,20 @@ def _fused_backward(ctx, g_loss, *_unused):
             return None
         return t if as_is else t * g_loss.to(t.dtype)
 
-    return (None, scale(dx, 1), scale(dw, 2), scale(db, 3)) + (None,) * 18
+    return (None, scale(dx, 1), scale(dw, 2), scale(db, 3)) + (None,) * 19
 
 
 _fused_loss_op.register_autograd(_fused_backward, setup_context=_fused_setup_context)
 
 
-def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm, tp=None) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
+def fused_loss(
+    cfg, x, w, b, batch: Batch, q, norm, ent_norm, tp=None, temperature=None
+) -> tuple[torch.Tensor, TokenSums, torch.Tensor]:
     """The fused path of :class:`rlvr_kernels.RLVRLoss` through ``rlvr_kernels::fused_loss``: ``(loss, sums,
     active)`` with ``loss`` differentiable w.r.t. ``x``, ``w``, ``b`` (gradients computed in the forward), the
     detached metric numerators and the ``[B, T]`` mask of active tokens. ``q``: a float, a 0-dim tensor or None.
-    ``tp``: ``(tp_group, vocab_start, grad_hidden)`` for a vocabulary-sharded head, or None."""
+    ``tp``: ``(tp_group, vocab_start, grad_hidden)`` for a vocabulary-sharded head, or None. ``temperature``: None
+    (``cfg.temperature``) or a ``[B, T]`` float tensor, one temperature per token."""
     tp_args = ("", 0, True)
     if tp is not None and tp[0] is not None:
         group, start, grad_hidden = tp
@@ -361,6 +386,7 @@ def fused_loss(cfg, x, w, b, batch: Batch, q, norm, ent_norm, tp=None) -> tuple[
         ent_norm,
         need,
         *tp_args,
+        temperature,
     )
     loss, _, _, _, active, scalars, rows = out
     return loss, unpack_sums(cfg, scalars.detach(), rows.detach()), active.detach()
