@@ -125,6 +125,29 @@ def _cache_bytes(name, v):
     return C.integer(name, v, low=0)
 
 
+def _rollout_rs(name, v):
+    """One rejection criterion or a comma-separated chain of them, normalised (``"a,b"``, no spaces)."""
+    if not isinstance(v, str):
+        return C.choice(name, v, _ref_loss.ROLLOUT_RS_MODES)
+    try:
+        crits = _ref_loss.rollout_rs_criteria(v)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("rollout_rs", name, 1)) from None
+    return ",".join(crits) if crits else "none"
+
+
+def _rollout_rs_bound(optional: bool):
+    """A rejection bound: None, one positive number (every criterion) or one per criterion (a sequence or a
+    comma-separated string), normalised to None, a float or a tuple."""
+
+    def check(name, v):
+        if isinstance(v, (str, list, tuple)):
+            return _ref_loss.rollout_rs_thresholds(name, v, optional=optional)
+        return C.optional_real(name, v, low=0.0, low_open=True)
+
+    return check
+
+
 _OPTION_LIST = (
     # the temporal schedule q(k) (docs/methods/tp-schedule.md, section "The schedule")
     Option(
@@ -247,21 +270,36 @@ _OPTION_LIST = (
     Option("rollout_is_low", None, _optional_pos, "Lower bound of the rollout IS weight (None: none)."),
     Option("rollout_is_high", 2.0, _optional_pos, "Upper bound of the rollout IS weight (None: none)."),
     Option(
+        "rollout_is_batch_normalize",
+        False,
+        C.flag,
+        "Divide the rollout IS weights (after rollout_is_high / the band) by their mean over the batch of the loss "
+        "call (token level: its loss tokens; sequence level: its non-empty rows), as verl's "
+        "rollout_is_batch_normalize; no all-reduce across ranks. Needs rollout_is.",
+    ),
+    Option(
         "rollout_rs",
         "none",
-        _choice(_ref_loss.ROLLOUT_RS_MODES),
-        "Rollout rejection (verl's criteria): *_k1 keep the tokens / sequences whose ratio (token_k1), product "
-        "(seq_sum_k1) or geometric mean (seq_mean_k1: Geo-RS) of pi_old / mu is in [rollout_rs_low, "
-        "rollout_rs_high]; *_k2 / *_k3 those whose divergence is <= rollout_rs_high. Rejected tokens leave the "
-        "loss and its token counts.",
+        _rollout_rs,
+        "Rollout rejection (verl's criteria), one or a comma-separated chain (a token stays only if every one "
+        "keeps it): *_k1 keep the tokens / sequences whose ratio (token_k1), product (seq_sum_k1) or geometric mean "
+        "(seq_mean_k1: Geo-RS) of pi_old / mu is in [rollout_rs_low, rollout_rs_high]; *_k2 / *_k3 those whose "
+        "divergence is <= rollout_rs_high. Rejected tokens leave the loss and its token counts.",
     ),
     Option(
         "rollout_rs_low",
         None,
-        _optional_pos,
-        "Lower ratio bound of the *_k1 rejections (None: 1 / rollout_rs_high).",
+        _rollout_rs_bound(True),
+        "Lower ratio bound of the *_k1 rejections (None: 1 / rollout_rs_high): one value for every k1 criterion or "
+        "one per criterion (None for the k2 / k3 ones).",
     ),
-    Option("rollout_rs_high", None, _optional_pos, "Upper bound of the rollout rejection (needed with rollout_rs)."),
+    Option(
+        "rollout_rs_high",
+        None,
+        _rollout_rs_bound(False),
+        "Upper bound of the rollout rejection (needed with rollout_rs): one value for every criterion or one per "
+        "criterion ('1.001,0.05' or a list).",
+    ),
 )
 OPTIONS: dict[str, Option] = {o.name: o for o in _OPTION_LIST}
 ROLLOUT_OPTIONS = (
@@ -269,6 +307,7 @@ ROLLOUT_OPTIONS = (
     "rollout_is_mode",
     "rollout_is_low",
     "rollout_is_high",
+    "rollout_is_batch_normalize",
     "rollout_rs",
     "rollout_rs_low",
     "rollout_rs_high",
@@ -348,15 +387,24 @@ def check_options(values: dict, *, prefix: str = "") -> dict:
 
 
 def _check_rollout(o: dict, prefix: str) -> None:
-    """The rollout-correction options together: bands in order, a rejection with its bound."""
-    for lo, hi in (("rollout_is_low", "rollout_is_high"), ("rollout_rs_low", "rollout_rs_high")):
-        if o[lo] is not None and o[hi] is not None and o[lo] > o[hi]:
-            raise ValueError(f"{prefix}{lo} = {o[lo]!r} must be <= {prefix}{hi} = {o[hi]!r}")
+    """The rollout-correction options together: bands in order, a rejection with its bound(s) (one value or one per
+    criterion of a chain), the batch normalisation with an IS weight."""
+    lo, hi = "rollout_is_low", "rollout_is_high"
+    if o[lo] is not None and o[hi] is not None and o[lo] > o[hi]:
+        raise ValueError(f"{prefix}{lo} = {o[lo]!r} must be <= {prefix}{hi} = {o[hi]!r}")
     rs = o["rollout_rs"]
-    if rs != "none" and o["rollout_rs_high"] is None:
-        raise ValueError(f"{prefix}rollout_rs={rs!r} needs {prefix}rollout_rs_high")
-    if rs != "none" and not rs.endswith("k1") and o["rollout_rs_low"] is not None:
-        raise ValueError(f"{prefix}rollout_rs_low applies to the *_k1 rejections, not {rs!r}")
+    if rs == "none":
+        lo, hi = "rollout_rs_low", "rollout_rs_high"
+        scalar = not isinstance(o[lo], tuple) and not isinstance(o[hi], tuple)
+        if scalar and o[lo] is not None and o[hi] is not None and o[lo] > o[hi]:
+            raise ValueError(f"{prefix}{lo} = {o[lo]!r} must be <= {prefix}{hi} = {o[hi]!r}")
+    else:
+        try:
+            _ref_loss.rollout_rs_bands(rs, o["rollout_rs_low"], o["rollout_rs_high"])
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("rollout_", prefix + "rollout_") if prefix else str(exc)) from None
+    if o["rollout_is_batch_normalize"] and o["rollout_is"] == "none":
+        raise ValueError(f"{prefix}rollout_is_batch_normalize=True needs an IS weight ({prefix}rollout_is != 'none')")
     if (
         o["rollout_is"] != "none"
         and o["rollout_is_mode"] == "mask"
@@ -941,7 +989,9 @@ def rollout_correction(cfg, old: torch.Tensor, mu: torch.Tensor, mask: torch.Ten
     """``(keep, weight)`` of the rollout correction of ``cfg`` (:func:`rlvr_kernels.reference.loss.
     rollout_correction`): ``old`` / ``mu`` the training / rollout engines' log-probs ``[B, T]``, ``mask`` the loss
     tokens. Applied before the vocabulary pass: ``keep`` multiplies the loss mask (the removed tokens leave every
-    token count, as a credit rule's static mask), ``weight`` the rollout IS ratio. (None, None) when inactive."""
+    token count, as a credit rule's static mask), ``weight`` the rollout IS ratio. (None, None) when inactive.
+    ``rollout_is_batch_normalize`` normalises the weight over this call's ``mask`` only (no collective: each rank /
+    micro-batch its own batch)."""
     if not rollout_correction_active(cfg):
         return None, None
     return _ref_loss.rollout_correction(
@@ -951,6 +1001,7 @@ def rollout_correction(cfg, old: torch.Tensor, mu: torch.Tensor, mask: torch.Ten
         is_mode=cfg.rollout_is_mode,
         is_low=cfg.rollout_is_low,
         is_high=cfg.rollout_is_high,
+        is_batch_normalize=getattr(cfg, "rollout_is_batch_normalize", False),
         rs=cfg.rollout_rs,
         rs_low=cfg.rollout_rs_low,
         rs_high=cfg.rollout_rs_high,

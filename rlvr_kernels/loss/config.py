@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -84,9 +84,10 @@ class LossConfig:
     rollout_is_mode: str = _D["rollout_is_mode"]
     rollout_is_low: Optional[float] = _D["rollout_is_low"]
     rollout_is_high: Optional[float] = _D["rollout_is_high"]
-    rollout_rs: str = _D["rollout_rs"]
-    rollout_rs_low: Optional[float] = _D["rollout_rs_low"]
-    rollout_rs_high: Optional[float] = _D["rollout_rs_high"]
+    rollout_is_batch_normalize: bool = _D["rollout_is_batch_normalize"]
+    rollout_rs: str = _D["rollout_rs"]  # one criterion or a comma-separated chain
+    rollout_rs_low: Union[float, tuple, None] = _D["rollout_rs_low"]  # one value or one per criterion
+    rollout_rs_high: Union[float, tuple, None] = _D["rollout_rs_high"]
     fused: object = "auto"
     backend: str = "auto"
     ignore_index: int = -100

@@ -350,10 +350,124 @@ ROLLOUT_RS_MODES = (
 )
 #: |log ratio| bound before any exp (verl's ``SAFETY_BOUND``)
 ROLLOUT_SAFETY_BOUND = 20.0
+#: below this batch mean the IS weights are left unnormalised (verl's guard)
+ROLLOUT_NORMALIZE_EPS = 1e-8
 
 
 def _log_or(v, default: float) -> float:
     return math.log(v) if v is not None else default
+
+
+def rollout_rs_criteria(rs) -> tuple[str, ...]:
+    """The rejection criteria of ``rs``: ``"none"`` (or None) -> ``()``; one criterion or a comma-separated chain
+    (verl's spelling, ``"token_k1,seq_max_k2"``) -> the criteria in order. ``ValueError`` for an unknown, empty or
+    repeated criterion (verl drops a repeat silently; here it is a mistake) or ``"none"`` inside a chain."""
+    if rs is None:
+        return ()
+    if not isinstance(rs, str):
+        raise ValueError(f"rollout_rs must be a string (one criterion or a comma-separated chain), got {rs!r}")
+    if rs.strip() == "none":
+        return ()
+    parts = [p.strip() for p in rs.split(",")]
+    seen: list[str] = []
+    for p in parts:
+        if p not in ROLLOUT_RS_MODES or p == "none":
+            if len(parts) == 1:
+                raise ValueError(f"rollout_rs must be one of {ROLLOUT_RS_MODES}, got {rs!r}")
+            raise ValueError(
+                f"rollout_rs={rs!r}: {p!r} is not a rejection criterion; each one of a chain must be one of "
+                f"{ROLLOUT_RS_MODES[1:]}"
+            )
+        if p in seen:
+            raise ValueError(f"rollout_rs={rs!r} names the criterion {p!r} twice")
+        seen.append(p)
+    return tuple(seen)
+
+
+def _rs_value(name: str, v, *, optional: bool):
+    """One threshold: a positive finite number (None / "none" / "null" when ``optional``)."""
+    if isinstance(v, str):
+        s = v.strip()
+        if optional and s.lower() in ("none", "null", ""):
+            return None
+        try:
+            v = float(s)
+        except ValueError:
+            raise ValueError(f"{name}: {s!r} is not a number") from None
+    if v is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}: every value must be a positive number, got None")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+        raise TypeError(f"{name} must be a number, a comma-separated string or a sequence of them, got {v!r}")
+    f = float(v)
+    if not (math.isfinite(f) and 0.0 < f <= 3.4028234663852886e38):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return f
+
+
+def rollout_rs_thresholds(name: str, value, *, optional: bool = True):
+    """A ``rollout_rs_low`` / ``rollout_rs_high`` value normalised: None, one float (for every criterion), or a
+    tuple with one entry per criterion (from a sequence or a comma-separated string such as ``"1.001,0.05"``;
+    entries of ``rollout_rs_low`` may be None / ``"none"`` for the k2 / k3 criteria)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("none", "null", ""):
+            return None
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
+        items = value.tolist()
+    else:
+        return _rs_value(name, value, optional=False)
+    if not items:
+        raise ValueError(f"{name} must not be empty")
+    vals = tuple(_rs_value(name, v, optional=optional) for v in items)
+    return vals[0] if len(vals) == 1 else vals
+
+
+def rollout_rs_bands(rs, low, high) -> tuple[tuple[str, float | None, float], ...]:
+    """``((criterion, low, high), ...)`` of a rejection (``rs`` one criterion or a chain): ``high`` one value for
+    every criterion or one per criterion (required); ``low`` (k1 criteria only, default ``1 / high``) one value for
+    every k1 criterion or one per criterion (None for the k2 / k3 ones). ``ValueError`` for a wrong count, a missing
+    bound, a lower bound on a k2 / k3 criterion or ``low > high``."""
+    crits = rollout_rs_criteria(rs)
+    if not crits:
+        return ()
+    n = len(crits)
+    high = rollout_rs_thresholds("rollout_rs_high", high, optional=False)
+    low = rollout_rs_thresholds("rollout_rs_low", low)
+    if high is None:
+        raise ValueError(f"rollout_rs={rs!r} needs rollout_rs_high")
+
+    def per(name, v):
+        if not isinstance(v, tuple):
+            return (v,) * n
+        if len(v) != n:
+            raise ValueError(
+                f"{name} has {len(v)} values for the {n} criteria of rollout_rs={rs!r}: give one value (for every "
+                f"criterion) or one per criterion"
+            )
+        return v
+
+    highs = per("rollout_rs_high", high)
+    if isinstance(low, tuple):
+        lows = per("rollout_rs_low", low)
+        for c, lo in zip(crits, lows):
+            if lo is not None and not c.endswith("k1"):
+                raise ValueError(f"rollout_rs_low applies to the *_k1 rejections, not {c!r} (give None for it)")
+    elif low is not None:
+        if not any(c.endswith("k1") for c in crits):
+            raise ValueError(f"rollout_rs_low applies to the *_k1 rejections, not {rs!r}")
+        lows = tuple(low if c.endswith("k1") else None for c in crits)
+    else:
+        lows = (None,) * n
+    for c, lo, hi in zip(crits, lows, highs):
+        if lo is not None and lo > hi:
+            raise ValueError(f"rollout_rs_low = {lo!r} must be <= rollout_rs_high = {hi!r} (criterion {c!r})")
+    return tuple(zip(crits, lows, highs))
 
 
 def rollout_correction(
@@ -364,9 +478,10 @@ def rollout_correction(
     is_mode: str = "truncate",
     is_low: float | None = None,
     is_high: float | None = None,
+    is_batch_normalize: bool = False,
     rs: str = "none",
-    rs_low: float | None = None,
-    rs_high: float | None = None,
+    rs_low=None,
+    rs_high=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rollout correction of a batch: ``(keep, weight)``, both detached fp32.
 
@@ -378,15 +493,24 @@ def rollout_correction(
       ``is_mode="truncate"`` clamps it to ``[is_low, is_high]`` (TIS; TRL's ``*_truncate``, verl's single threshold);
       ``"mask"`` keeps it inside the band and removes the tokens (sequences) outside it from the loss (TRL's
       ``*_mask``, IcePop / verl's ``"low_high"`` threshold at token level, sequence MIS at sequence level).
-    - Rejection (``rs``, verl's criteria on ``log pi_old - log mu``): ``*_k1`` keep the tokens / sequences whose
-      ratio (token), product (``seq_sum``) or geometric mean (``seq_mean``: Geo-RS) lies in ``[rs_low, rs_high]``
-      (``rs_low`` default ``1 / rs_high``); ``*_k2`` / ``*_k3`` keep those whose divergence (``0.5 lr^2``,
-      ``exp(lr) - 1 - lr``; per token, summed, averaged or the row's max) is ``<= rs_high``.
+    - ``is_batch_normalize`` (verl's ``rollout_is_batch_normalize``): the weights, after the truncation / band, are
+      divided by their mean over **this batch** (``mask``): token level the mean over the loss tokens, sequence level
+      over the rows with a loss token (one weight per row); a token (row) the band removes counts as weight 0, as
+      verl's zeroed IcePop weight does; the rejection (``rs``) does not enter the mean. A mean <= 1e-8 leaves the
+      weights as they are. The result may exceed ``is_high``. No collective: on several ranks (or micro-batches)
+      each call normalises its own batch.
+    - Rejection (``rs``, verl's criteria on ``log pi_old - log mu``; one criterion or a comma-separated chain, a
+      token kept only if every criterion keeps it): ``*_k1`` keep the tokens / sequences whose ratio (token),
+      product (``seq_sum``) or geometric mean (``seq_mean``: Geo-RS) lies in ``[rs_low, rs_high]`` (``rs_low``
+      default ``1 / rs_high``); ``*_k2`` / ``*_k3`` keep those whose divergence (``0.5 lr^2``, ``exp(lr) - 1 - lr``;
+      per token, summed, averaged or the row's max) is ``<= rs_high``. ``rs_low`` / ``rs_high``: one value for every
+      criterion or one per criterion (:func:`rollout_rs_bands`).
 
     ``keep [B, T]``: 1 for the loss tokens that stay, 0 elsewhere (the removed tokens leave the loss and every
     normaliser that counts tokens); ``weight``: ``[B, T]`` / ``[B, 1]`` or None (no IS weight), 1 at the removed
     tokens (the peers' weight 0 there is ``weight * keep``).
     """
+    bands = rollout_rs_bands(rs, rs_low, rs_high)
     with torch.no_grad():
         on = mask != 0
         f = on.to(torch.float32)
@@ -396,19 +520,39 @@ def rollout_correction(
         if is_level != "none":
             lw = lr if is_level == "token" else lr.sum(-1, keepdim=True).clamp(-ROLLOUT_SAFETY_BOUND, 20.0)
             lo, hi = _log_or(is_low, -math.inf), _log_or(is_high, math.inf)
+            inside = None
             if is_mode == "truncate":
                 weight = torch.exp(lw.clamp(lo, hi))
             else:
                 inside = (lw >= lo) & (lw <= hi)
                 keep = keep & inside
                 weight = torch.where(inside, torch.exp(lw), 1.0)  # 1 (inert) where removed: out of the loss
-        if rs != "none":
-            keep = keep & _rejection_keep(lr, f, rs, rs_low, rs_high)
+            if is_batch_normalize:
+                weight = _batch_normalize(weight, inside, on, f, is_level)
+        for crit, low, high in bands:
+            keep = keep & _rejection_keep(lr, f, crit, low, high)
         return keep.to(torch.float32), weight
 
 
+def _batch_normalize(weight, inside, on, f, is_level):
+    """verl's ``rollout_is_batch_normalize`` over this batch: the weights (0 where the band removes them) divided by
+    their mean over the loss tokens (token level) or the non-empty rows (sequence level); left as they are below
+    :data:`ROLLOUT_NORMALIZE_EPS`. Removed tokens keep their inert 1."""
+    w = weight if inside is None else torch.where(inside, weight, 0.0)
+    if is_level == "token":
+        n = f.sum()
+        total = (w * f).sum()
+    else:
+        rows = on.any(-1, keepdim=True).to(torch.float32)
+        n = rows.sum()
+        total = (w * rows).sum()
+    mean = total / n.clamp(min=1.0)
+    scaled = torch.where(mean > ROLLOUT_NORMALIZE_EPS, w / mean.clamp(min=ROLLOUT_NORMALIZE_EPS), w)
+    return scaled if inside is None else torch.where(inside, scaled, 1.0)
+
+
 def _rejection_keep(lr: torch.Tensor, f: torch.Tensor, rs: str, low, high) -> torch.Tensor:
-    """Bool ``[B, T]`` (or ``[B, 1]``) of what verl's criterion ``rs`` keeps."""
+    """Bool ``[B, T]`` (or ``[B, 1]``) of what verl's criterion ``rs`` (one criterion) keeps."""
     k1 = rs.endswith("k1")
     if rs.endswith("k1"):
         stat = lr

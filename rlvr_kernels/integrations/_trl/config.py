@@ -9,7 +9,7 @@ cache budget and the kernel backend.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from trl import GRPOConfig
 
@@ -114,9 +114,11 @@ class RLVRGRPOConfig(GRPOConfig):
     rollout_is_mode: str = _option("rollout_is_mode")
     rollout_is_low: Optional[float] = _option("rollout_is_low")
     rollout_is_high: Optional[float] = _option("rollout_is_high")
+    rollout_is_batch_normalize: bool = _option("rollout_is_batch_normalize")
     rollout_rs: str = _option("rollout_rs")
-    rollout_rs_low: Optional[float] = _option("rollout_rs_low")
-    rollout_rs_high: Optional[float] = _option("rollout_rs_high")
+    # one value, or one per criterion of a rollout_rs chain ("1.001,0.05" on the command line: parsed as str)
+    rollout_rs_low: Union[float, str, None] = _option("rollout_rs_low")
+    rollout_rs_high: Union[float, str, None] = _option("rollout_rs_high")
     rlvr_backend: str = field(
         default="auto",
         metadata=_help("rlvr_kernels backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'."),
