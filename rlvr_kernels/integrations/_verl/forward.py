@@ -3,6 +3,10 @@
 
 - ``verl.models.transformers.monkey_patch.patch_forward_with_backends`` accepts the ``rlvr*`` backends and then
   installs :func:`patch_forward_with_rlvr` (:func:`wrap_patch_forward_with_backends`);
+- ``FSDPEngineWithLMHead.prepare_model_inputs`` / ``prepare_model_outputs`` (:func:`wrap_prepare_model_inputs`,
+  :func:`wrap_prepare_model_outputs`): verl's optimal-token baseline (``calculate_sum_pi_squared``) with the rlvr
+  forward: the forward also returns ``sum_pi_squared`` (:func:`log_sum_sq_rows`, no logits), which verl's fused path
+  refuses for its own backends;
 - ``EngineRegistry.new`` installs the Megatron form (:mod:`.megatron`) for ``impl_backend=rlvr*`` on verl's own
   Megatron engine, and refuses it with ``use_fused_kernels`` on any other engine that never reads it (every strategy
   but ``fsdp`` / ``fsdp2``) instead of letting it be silently ignored (:func:`wrap_engine_new`).
@@ -39,22 +43,51 @@ FORWARD_BACKENDS = {"rlvr": "auto", "rlvr_triton": "triton", "rlvr_torch": "torc
 _FORWARD_BACKEND_STRATEGIES = ("fsdp", "fsdp2")
 
 
-def _head_logprobs(head, hidden, labels, temperature: float, backend: str):
-    """``fused_linear_logprobs`` of ``hidden`` through ``head`` (its ``weight`` / ``bias``) at ``labels``."""
+#: The micro-batch flag verl's engines read for the optimal-token baseline, and the output key they return.
+SUM_PI_SQUARED = "sum_pi_squared"
+#: The keyword :func:`wrap_prepare_model_inputs` passes the rlvr forward to ask for ``sum_pi_squared``.
+SUM_PI_SQUARED_KWARG = "rlvr_sum_pi_squared"
+
+
+def log_sum_sq_rows(hidden, weight, bias, temperature: float, backend: str):
+    """``(log sum_v p_v^2, lse)`` fp32 ``[N]`` (fp64 for fp64 inputs) of ``softmax((hidden @ weight.T + bias) /
+    temperature)`` for ``hidden [N, H]`` (already in the GEMM dtype): one pass of the package's chunked vocabulary
+    pass with the ``log_sum_sq_probs`` extra output (the one TRL's drop-in uses); the ``[N, V]`` logits are never
+    materialised. Not differentiable (verl's optimal-token baseline reads it in ``compute_log_prob`` only). With
+    ``weight`` a vocabulary shard, both are the shard's (``lse`` over its columns), for the exact combination
+    across shards."""
+    from rlvr_kernels._backend import resolve_backend
+    from rlvr_kernels.integrations._trl.chunked import _forward_pass
+
+    which = resolve_backend(backend, hidden.device)
+    if hidden.dtype == torch.float64:
+        which = "torch"
+    with torch.no_grad(), torch.autocast(device_type=hidden.device.type, enabled=False):
+        x = hidden.detach().reshape(-1, hidden.shape[-1])
+        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the target is irrelevant here
+        b = None if bias is None else bias.detach()
+        _, _, lse, ex = _forward_pass(
+            x, weight.detach(), b, t, 1.0 / float(temperature), 1.0, None, ("log_sum_sq_probs",), which
+        )
+    out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return ex["log_sum_sq_probs"].to(out), lse.to(out)
+
+
+def _head_logprobs(head, hidden, labels, temperature: float, backend: str, sum_sq: bool = False):
+    """``fused_linear_logprobs`` of ``hidden`` through ``head`` (its ``weight`` / ``bias``) at ``labels``; with
+    ``sum_sq`` also ``sum_v p_v^2`` (fp32, hidden's leading shape, no gradient) as a third element."""
     weight, bias = head.weight, getattr(head, "bias", None)
     dev = hidden.device.type
     # Under autocast the GEMM runs in the autocast dtype (as a plain lm_head would); our op then keeps its fp32
     # statistics and dtype checks, so autocast is disabled inside it.
     dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
     with torch.autocast(device_type=dev, enabled=False):
-        return fused_linear_logprobs(
-            hidden.to(dt),
-            weight.to(dt),
-            labels,
-            bias=None if bias is None else bias.to(dt),
-            temperature=temperature,
-            backend=backend,
-        )
+        h, w, b = hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
+        logp, ent = fused_linear_logprobs(h, w, labels, bias=b, temperature=temperature, backend=backend)
+        if not sum_sq:
+            return logp, ent
+        lss, _ = log_sum_sq_rows(h, w, b, temperature, backend)
+    return logp, ent, lss.exp().reshape(hidden.shape[:-1])
 
 
 def _is_fsdp2_unit(module) -> bool:
@@ -112,6 +145,7 @@ def _rlvr_forward(
     logits_to_keep=0,
     temperature=1.0,
     shift_labels=None,
+    rlvr_sum_pi_squared=False,
     **kwargs,
 ):
     from verl.models.transformers.dense_common import CausalLMOutputForPPO
@@ -153,17 +187,21 @@ def _rlvr_forward(
         temperature = float(temperature.item())
     head = self.get_output_embeddings()
     backend = getattr(self, "_rlvr_backend", "auto")
+    args = (hidden, rolled.long(), float(temperature), backend)
+    kw = {"sum_sq": True} if rlvr_sum_pi_squared else {}
     if _is_fsdp2_unit(head):
-        logp, ent = _fsdp2_head_method(head)(hidden, rolled.long(), float(temperature), backend)
+        res = _fsdp2_head_method(head)(*args, **kw)
     else:
-        logp, ent = _head_logprobs(head, hidden, rolled.long(), float(temperature), backend)
+        res = _head_logprobs(head, *args, **kw)
     out = CausalLMOutputForPPO(
-        log_probs=logp,
-        entropy=ent,
+        log_probs=res[0],
+        entropy=res[1],
         past_key_values=getattr(outputs, "past_key_values", None),
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),
     )
+    if rlvr_sum_pi_squared:  # not a field of verl's output class: an attribute, read by wrap_prepare_model_outputs
+        object.__setattr__(out, SUM_PI_SQUARED, res[2])
     return out if return_dict is not False else out.to_tuple()
 
 
@@ -174,7 +212,9 @@ def patch_forward_with_rlvr(model, *, backend: str = "auto"):
     ``temperature`` (a float), labels rolled by -1 (``shift_labels`` when given, else ``labels``, else
     ``input_ids``), ``log_probs`` and ``entropy`` fp32 with the leading shape of ``input_ids``, both differentiable;
     computed by :func:`rlvr_kernels.fused_linear_logprobs` from the last hidden states and ``lm_head`` without the
-    ``[tokens, vocab]`` logits (on the Triton backend). Patches this instance only; returns ``model``.
+    ``[tokens, vocab]`` logits (on the Triton backend). With ``rlvr_sum_pi_squared=True`` the output also has the
+    attribute ``sum_pi_squared`` (``sum_v p_v^2`` at the same temperature, fp32, same shape, no gradient) for verl's
+    optimal-token baseline. Patches this instance only; returns ``model``.
     ``backend`` as in :func:`rlvr_kernels.fused_linear_logprobs`.
     """
     from rlvr_kernels._backend import BACKENDS
@@ -256,3 +296,97 @@ def wrap_engine_new(orig):
 
     new._rlvr_wrapped = True
     return classmethod(new)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verl's optimal-token baseline (actor.calculate_sum_pi_squared) on the FSDP engine
+
+
+def _flag(micro_batch, key: str, default):
+    from verl.utils import tensordict_utils as tu
+
+    return tu.get_non_tensor_data(data=micro_batch, key=key, default=default)
+
+
+def _is_rlvr_module(module) -> bool:
+    """Whether the engine's module (FSDP1 forwards attribute look-ups to the wrapped model; FSDP2 keeps the
+    instance) carries the rlvr fused forward (:func:`patch_forward_with_rlvr`)."""
+    for _ in range(4):
+        if not isinstance(module, torch.nn.Module):
+            return False
+        if getattr(module, "_verl_fused_kernels_backend", None) == "rlvr":
+            return True
+        inner = module._modules
+        module = inner.get("_fsdp_wrapped_module", None) or inner.get("module", None)
+    return False
+
+
+def wrap_prepare_model_inputs(orig):
+    """``FSDPEngineWithLMHead.prepare_model_inputs``: when the micro-batch asks for ``calculate_sum_pi_squared`` with
+    ``use_fused_kernels`` and the module carries the rlvr forward, ask that forward for ``sum_pi_squared`` too."""
+    if getattr(orig, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(orig)
+    def prepare_model_inputs(self, micro_batch, *args, **kwargs):
+        model_inputs, output_args = orig(self, micro_batch, *args, **kwargs)
+        if (
+            _flag(micro_batch, "calculate_sum_pi_squared", False)
+            and _flag(micro_batch, "use_fused_kernels", False)
+            and _is_rlvr_module(getattr(self, "module", None))
+        ):
+            model_inputs[SUM_PI_SQUARED_KWARG] = True
+        return model_inputs, output_args
+
+    prepare_model_inputs._rlvr_wrapped = True
+    return prepare_model_inputs
+
+
+def _without_sum_pi_squared(micro_batch):
+    """A shallow copy of the micro-batch with ``calculate_sum_pi_squared=False`` (the caller's is left as it is)."""
+    from verl.utils import tensordict_utils as tu
+
+    copy = micro_batch.copy()
+    tu.assign_non_tensor(copy, calculate_sum_pi_squared=False)
+    return copy
+
+
+def _sum_pi_squared_layout(self, value, output_args, micro_batch):
+    """The rlvr forward's ``sum_pi_squared`` laid out as verl's ``prepare_model_outputs`` lays out ``log_probs`` on
+    its fused path: nested/jagged ``(bsz, j1)`` over the micro-batch's sequences."""
+    input_ids = micro_batch["input_ids"]
+    cu_seqlens = input_ids.offsets()
+    if _flag(micro_batch, "use_remove_padding", True):
+        # packed [1, total_nnz (+ pad, / sp)]: gather across the Ulysses group and drop the packing pad, as verl does
+        v = self._gather_and_unpad_packed(value.squeeze(0), output_args["pad_size"])
+    else:
+        seq_lengths = cu_seqlens.diff()
+        mask = torch.arange(value.shape[1], device=value.device) < seq_lengths.unsqueeze(1)
+        v = value[mask]
+    return torch.nested.nested_tensor_from_jagged(v.float(), cu_seqlens)
+
+
+def wrap_prepare_model_outputs(orig):
+    """``FSDPEngineWithLMHead.prepare_model_outputs``: verl refuses ``calculate_sum_pi_squared`` with
+    ``use_fused_kernels`` (its fused kernels never materialise the logits). When the forward's output carries
+    ``sum_pi_squared`` (only the rlvr forward puts it there, asked by :func:`wrap_prepare_model_inputs`), verl's
+    own processing runs without the flag and ``model_output["sum_pi_squared"]`` is ours; otherwise (verl's own fused
+    backends) verl's check raises as before."""
+    if getattr(orig, "_rlvr_wrapped", False):
+        return orig
+
+    @functools.wraps(orig)
+    def prepare_model_outputs(self, output, output_args, micro_batch, *args, **kwargs):
+        value = getattr(output, SUM_PI_SQUARED, None)
+        if (
+            value is None
+            or not _flag(micro_batch, "calculate_sum_pi_squared", False)
+            or not _flag(micro_batch, "use_fused_kernels", False)
+        ):
+            return orig(self, output, output_args, micro_batch, *args, **kwargs)
+        model_output = orig(self, output, output_args, _without_sum_pi_squared(micro_batch), *args, **kwargs)
+        model_output[SUM_PI_SQUARED] = _sum_pi_squared_layout(self, value, output_args, micro_batch)
+        return model_output
+
+    prepare_model_outputs._rlvr_wrapped = True
+    return prepare_model_outputs

@@ -10,7 +10,9 @@ verl 0.9.1 hands a policy loss nothing but its 7 arguments, so small, idempotent
   ``calculate_entropy`` on for the losses that read the entropy, and opens the per-micro-batch loss context
   (:func:`wrap_train_mini_batch`);
 - configuration: ``ActorConfig.__post_init__`` rejects a misspelt ``rlvr_*`` loss mode;
-- engines: ``patch_forward_with_backends`` and ``EngineRegistry.new`` (:mod:`.forward`).
+- engines: ``patch_forward_with_backends`` and ``EngineRegistry.new`` (:mod:`.forward`); the optimal-token baseline
+  (``calculate_sum_pi_squared``) with the rlvr forward: ``FSDPEngineWithLMHead.prepare_model_inputs`` /
+  ``prepare_model_outputs`` (:mod:`.forward`) and ``MegatronEngineWithLMHead.forward_step`` (:mod:`.megatron`).
 
 Installation: :func:`install_hooks` registers each entry of :data:`_HOOKS` with ``wrapt``'s post-import hooks
 (``wrapt.register_post_import_hook``: run when the module is first imported, or at once when it already is). A hook
@@ -31,7 +33,12 @@ import wrapt
 from rlvr_kernels.integrations._verl import context as _ctx
 from rlvr_kernels.integrations._verl.context import check_step, current, logger, loss_context, pushed, warn_once
 from rlvr_kernels.integrations._verl.delta_worker import delta_for_update
-from rlvr_kernels.integrations._verl.forward import wrap_engine_new, wrap_patch_forward_with_backends
+from rlvr_kernels.integrations._verl.forward import (
+    wrap_engine_new,
+    wrap_patch_forward_with_backends,
+    wrap_prepare_model_inputs,
+    wrap_prepare_model_outputs,
+)
 from rlvr_kernels.integrations._verl.losses import loss_config, resolve_total_steps
 from rlvr_kernels.integrations._verl.options import (
     STEP_KEY,
@@ -310,6 +317,17 @@ def _hook_engine_registry(mod):
     _patch_attr(mod.EngineRegistry, "new", wrap_engine_new)
 
 
+def _hook_fsdp_engine(mod):
+    _patch_attr(mod.FSDPEngineWithLMHead, "prepare_model_inputs", wrap_prepare_model_inputs)
+    _patch_attr(mod.FSDPEngineWithLMHead, "prepare_model_outputs", wrap_prepare_model_outputs)
+
+
+def _hook_megatron_engine(mod):
+    from rlvr_kernels.integrations._verl.megatron import wrap_megatron_forward_step
+
+    _patch_attr(mod.MegatronEngineWithLMHead, "forward_step", wrap_megatron_forward_step)
+
+
 #: verl module -> the hooks applied to it once it is imported (what :func:`install_hooks` registers).
 _HOOKS: dict[str, tuple] = {
     "verl.workers.engine_workers": (_hook_engine_workers,),
@@ -318,6 +336,8 @@ _HOOKS: dict[str, tuple] = {
     "verl.models.transformers.monkey_patch": (_hook_monkey_patch,),
     "verl.workers.config.actor": (_hook_actor_config,),
     "verl.workers.engine.base": (_hook_engine_registry,),
+    "verl.workers.engine.fsdp.transformer_impl": (_hook_fsdp_engine,),
+    "verl.workers.engine.megatron.transformer_impl": (_hook_megatron_engine,),
 }
 
 

@@ -33,7 +33,15 @@ What Megatron hands the output layer, and what this module does with it:
 - dW is the shard's own; non-last pipeline stages never reach the processor (Megatron and verl's legacy forward
   return the hidden states there); context parallelism needs nothing (each rank's tokens are its own rows).
 
-User guide and what is tested: ``docs/integrations/verl-megatron.md``.
+verl's optimal-token baseline (``actor.calculate_sum_pi_squared``), which verl refuses on its fused path: with the
+rlvr forward installed, :func:`wrap_megatron_forward_step` (hooked on ``MegatronEngineWithLMHead.forward_step``) lets
+the micro-batch through verl's check, the processor (or the legacy ``linear_cross_entropy``) also computes
+``sum_v p_v^2`` per token (:func:`vocab_parallel_sum_pi_squared`: each shard's ``log sum exp(2 z)`` and ``lse``,
+combined exactly over the group, no logits), verl's ``postprocess_thd_engine`` lays it out as it lays out the
+log-probs, and ``forward_step``'s output gets ``sum_pi_squared``. verl's own fused backends still raise.
+
+User guide and what is tested: ``docs/integrations/verl-megatron.md`` (the optimal-token baseline has a section
+there).
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ _STATE: dict = {"backend": "auto", "originals": None}
 # set while verl's legacy GPTModel.forward runs under install_megatron_forward: what its linear_cross_entropy
 # call needs beyond its six arguments (sequence parallelism decides grad_hidden)
 _LEGACY_SCOPE: contextvars.ContextVar = contextvars.ContextVar("rlvr_megatron_legacy_scope", default=None)
+# set by wrap_megatron_forward_step around verl's forward_step: {"want": bool, "pending": [tokens] or None,
+# "result": verl's layout or None}
+_SUM_SQ_SCOPE: contextvars.ContextVar = contextvars.ContextVar("rlvr_megatron_sum_sq_scope", default=None)
+#: The micro-batch flag / output key of verl's optimal-token baseline.
+SUM_PI_SQUARED = "sum_pi_squared"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,6 +102,63 @@ def _world(group) -> int:
     return torch.distributed.get_world_size(group)
 
 
+def _label_order(hidden_states, labels):
+    """Hidden states in the labels' token order: Megatron's ``[s, b, h]`` to ``[b, s, h]``; flattened to
+    ``[tokens, h]`` (labels ``[tokens]``) when the shapes still differ."""
+    h = hidden_states
+    if h.dim() == 3 and labels.dim() == 2 and tuple(labels.shape) == (h.shape[1], h.shape[0]):
+        h = h.transpose(0, 1)  # Megatron's [s, b, h] to the labels' [b, s]
+    if tuple(h.shape[:-1]) != tuple(labels.shape):
+        h = h.reshape(-1, h.shape[-1])
+        labels = labels.reshape(-1)
+    return h, labels
+
+
+def vocab_parallel_sum_pi_squared(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    tp_group=None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``sum_v p_v^2`` fp32 ``[tokens]`` (fp64 for fp64 inputs; the labels' order, as
+    :func:`vocab_parallel_logprobs`) of ``softmax(hidden @ W.T / temperature)`` over the full vocabulary, from this
+    rank's shard ``weight`` ``[V_local, H]``: verl's ``vocab_parallel_sum_pi_squared`` without the logits. Each shard's
+    ``log sum_v exp(2 z_v)`` and ``lse`` (one chunked pass, :func:`.forward.log_sum_sq_rows`) are all-gathered
+    (``2 N`` floats per rank) and combined exactly: ``logsumexp_r(log S2_r) - 2 logsumexp_r(lse_r)``. Identical on
+    every rank; no gradient (verl reads it in ``compute_log_prob`` only). ``labels`` only fix the token order."""
+    from rlvr_kernels.integrations._verl.forward import log_sum_sq_rows
+
+    h, labels = _label_order(hidden_states, labels)
+    if isinstance(temperature, torch.Tensor):
+        temperature = float(temperature.item())
+    dev = h.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    lss, lse = log_sum_sq_rows(h.to(dt), weight.to(dt), None, float(temperature), backend or _STATE["backend"])
+    world = _world(tp_group)
+    if world > 1:
+        with torch.no_grad():
+            mine = torch.stack([lse, lss + 2.0 * lse])  # [2, N]: this shard's lse and log sum exp(2 z)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            torch.distributed.all_gather(parts, mine.contiguous(), group=tp_group)
+            both = torch.stack(parts)  # [world, 2, N]
+            lss = torch.logsumexp(both[:, 1], 0) - 2.0 * torch.logsumexp(both[:, 0], 0)
+    return lss.exp().reshape(-1)
+
+
+def _stash_sum_sq(hidden_states, weight, labels, temperature, group) -> Optional[torch.Tensor]:
+    """Inside :func:`wrap_megatron_forward_step` with the baseline asked for: compute ``sum_pi_squared`` and keep it
+    for verl's ``postprocess_thd_engine``; else nothing."""
+    scope = _SUM_SQ_SCOPE.get()
+    if scope is None or not scope.get("want"):
+        return None
+    value = vocab_parallel_sum_pi_squared(hidden_states, weight, labels, temperature, tp_group=group)
+    scope["pending"] = value
+    return value
+
+
 def vocab_parallel_logprobs(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
@@ -108,12 +178,7 @@ def vocab_parallel_logprobs(
     ``sequence_parallel_gathered``: the hidden states came through ``gather_from_sequence_parallel_region``, whose
     backward reduce-scatters d hidden, so the op leaves each rank its partial sum; otherwise it all-reduces it.
     """
-    h = hidden_states
-    if h.dim() == 3 and labels.dim() == 2 and tuple(labels.shape) == (h.shape[1], h.shape[0]):
-        h = h.transpose(0, 1)  # Megatron's [s, b, h] to the labels' [b, s]
-    if tuple(h.shape[:-1]) != tuple(labels.shape):
-        h = h.reshape(-1, h.shape[-1])
-        labels = labels.reshape(-1)
+    h, labels = _label_order(hidden_states, labels)
     if isinstance(temperature, torch.Tensor):
         temperature = float(temperature.item())
     world = _world(tp_group)
@@ -188,9 +253,12 @@ def megatron_fused_output_processor(
         tp_group=group,
         sequence_parallel_gathered=sp,
     )
+    sum_sq = _stash_sum_sq(hidden_states, weight, labels, float(context.temperature), group)
     _log_config(config, _ignored, logprobs, entropy)
     output.entropy = entropy
     output.log_probs = logprobs
+    if sum_sq is not None:  # not a field of verl's output class: an attribute
+        object.__setattr__(output, SUM_PI_SQUARED, sum_sq)
     return output
 
 
@@ -236,9 +304,24 @@ def _linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="no
     if reduction != "none":
         raise NotImplementedError(f"rlvr_kernels' Megatron forward computes per-token values (reduction={reduction!r})")
     sp = scope["sequence_parallel"] and _world(dist_process_group) > 1
-    return vocab_parallel_logprobs(
+    out = vocab_parallel_logprobs(
         hidden, weight, labels, temperature, tp_group=dist_process_group, sequence_parallel_gathered=sp
     )
+    _stash_sum_sq(hidden, weight, labels, temperature, dist_process_group)
+    return out
+
+
+def _postprocess_thd_engine(tensor, *args, **kwargs):
+    """verl's ``postprocess_thd_engine`` (packed per-token values to verl's per-sequence layout, context-parallel
+    gather included); the first call after our processor stashed ``sum_pi_squared`` (verl's, of the log-probs)
+    lays that out the same way."""
+    orig = _STATE["originals"]["postprocess_thd_engine"]
+    out = orig(tensor, *args, **kwargs)
+    scope = _SUM_SQ_SCOPE.get()
+    if scope is not None and scope.get("pending") is not None:
+        pending, scope["pending"] = scope["pending"], None
+        scope["result"] = orig(pending.unsqueeze(0) if pending.dim() == 1 else pending, *args, **kwargs)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,6 +332,8 @@ _REPLACED = {
     "_fused_GPTModel_forward": _legacy_gpt_forward,
     "linear_cross_entropy": _linear_cross_entropy,
 }
+# replaced where verl's module has them (its engine forward's layout step, for sum_pi_squared)
+_OPTIONAL = {"postprocess_thd_engine": _postprocess_thd_engine}
 
 
 def install_megatron_forward(backend: str = "auto") -> None:
@@ -270,8 +355,10 @@ def install_megatron_forward(backend: str = "auto") -> None:
     _STATE["backend"] = backend
     if _STATE["originals"] is None:
         _STATE["originals"] = {name: getattr(mod, name) for name in _REPLACED}
-    for name, fn in _REPLACED.items():
-        setattr(mod, name, fn)
+        _STATE["originals"].update({name: getattr(mod, name) for name in _OPTIONAL if hasattr(mod, name)})
+    for name, fn in {**_REPLACED, **_OPTIONAL}.items():
+        if name in _STATE["originals"]:
+            setattr(mod, name, fn)
     logger.info("rlvr_kernels: verl's Megatron fused forward uses the rlvr op (backend=%s)", backend)
 
 
@@ -322,3 +409,68 @@ def route_megatron_engine(engine_cls, model_config, backends: dict, engine_confi
         return True
     install_megatron_forward(backend=backends[impl])
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verl's optimal-token baseline (actor.calculate_sum_pi_squared)
+
+
+class _SumSqBatches:
+    """``forward_step``'s ``batch_iter``: the next micro-batch, taken out of verl's ``calculate_sum_pi_squared`` +
+    ``use_fused_kernels`` refusal (a shallow copy with the flag off) and recorded in ``scope`` as wanting it."""
+
+    def __init__(self, it, scope, fused_default):
+        self._it, self._scope, self._fused_default = it, scope, fused_default
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from verl.utils import tensordict_utils as tu
+
+        batch = next(self._it)
+        want = tu.get_non_tensor_data(batch, key="calculate_sum_pi_squared", default=False)
+        fused = tu.get_non_tensor_data(batch, key="use_fused_kernels", default=self._fused_default)
+        if want and fused:
+            batch = batch.copy()
+            tu.assign_non_tensor(batch, calculate_sum_pi_squared=False)
+            self._scope["want"] = True
+        return batch
+
+
+def wrap_megatron_forward_step(orig):
+    """``MegatronEngineWithLMHead.forward_step``: with the rlvr forward installed (:func:`install_megatron_forward`)
+    and the micro-batch asking for ``calculate_sum_pi_squared`` with fused kernels, verl's forward step runs without
+    the flag (its refusal is for kernels that cannot compute it), our processor computes ``sum_pi_squared``
+    (:func:`vocab_parallel_sum_pi_squared`) and the output dict gets it in verl's layout (last pipeline stage).
+    Without the rlvr forward (verl's own fused backends) verl's check raises as before."""
+    if getattr(orig, "_rlvr_wrapped", False):
+        return orig
+
+    import functools
+
+    @functools.wraps(orig)
+    def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func, *args, **kwargs):
+        if not megatron_forward_installed():
+            return orig(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func, *args, **kwargs)
+        scope = {"want": False, "pending": None, "result": None}
+        fused_default = getattr(getattr(self, "engine_config", None), "use_fused_kernels", False)
+        batches = _SumSqBatches(batch_iter, scope, fused_default)
+        token = _SUM_SQ_SCOPE.set(scope)
+        try:
+            output, post = orig(
+                self, batches, model, logits_processor_func, postprocess_micro_batch_func, *args, **kwargs
+            )
+        finally:
+            _SUM_SQ_SCOPE.reset(token)
+        if scope["want"] and isinstance(output, dict) and "log_probs" in output:
+            if scope["result"] is None:
+                raise RuntimeError(
+                    "rlvr_kernels: calculate_sum_pi_squared was asked for, but verl's fused Megatron forward did not "
+                    "lay out sum_pi_squared (unsupported verl version?)"
+                )
+            output[SUM_PI_SQUARED] = scope["result"]
+        return output, post
+
+    forward_step._rlvr_wrapped = True
+    return forward_step
