@@ -6,7 +6,8 @@
 - ``FSDPEngineWithLMHead.prepare_model_inputs`` / ``prepare_model_outputs`` (:func:`wrap_prepare_model_inputs`,
   :func:`wrap_prepare_model_outputs`): verl's optimal-token baseline (``calculate_sum_pi_squared``) with the rlvr
   forward: the forward also returns ``sum_pi_squared`` (:func:`log_sum_sq_rows`, no logits), which verl's fused path
-  refuses for its own backends;
+  refuses for its own backends; and a per-sample temperature (a ``(bsz,)`` tensor, which verl's fused path asserts
+  against for its own backends) reaches the rlvr forward per token, in the labels' layout;
 - ``EngineRegistry.new`` installs the Megatron form (:mod:`.megatron`) for ``impl_backend=rlvr*`` on verl's own
   Megatron engine, and refuses it with ``use_fused_kernels`` on any other engine that never reads it (every strategy
   but ``fsdp`` / ``fsdp2``) instead of letting it be silently ignored (:func:`wrap_engine_new`).
@@ -21,6 +22,7 @@ import torch
 
 from rlvr_kernels.integrations._verl.context import logger
 from rlvr_kernels.integrations._verl.megatron import route_megatron_engine
+from rlvr_kernels.integrations._verl.sum_sq import log_sum_sq_rows
 from rlvr_kernels.logprobs import fused_linear_logprobs
 
 # model types for which verl ships its own (multimodal) fused forward; ours only handles text causal LMs
@@ -49,33 +51,10 @@ SUM_PI_SQUARED = "sum_pi_squared"
 SUM_PI_SQUARED_KWARG = "rlvr_sum_pi_squared"
 
 
-def log_sum_sq_rows(hidden, weight, bias, temperature: float, backend: str):
-    """``(log sum_v p_v^2, lse)`` fp32 ``[N]`` (fp64 for fp64 inputs) of ``softmax((hidden @ weight.T + bias) /
-    temperature)`` for ``hidden [N, H]`` (already in the GEMM dtype): one pass of the package's chunked vocabulary
-    pass with the ``log_sum_sq_probs`` extra output (the one TRL's drop-in uses); the ``[N, V]`` logits are never
-    materialised. Not differentiable (verl's optimal-token baseline reads it in ``compute_log_prob`` only). With
-    ``weight`` a vocabulary shard, both are the shard's (``lse`` over its columns), for the exact combination
-    across shards."""
-    from rlvr_kernels._backend import resolve_backend
-    from rlvr_kernels.integrations._trl.chunked import _forward_pass
-
-    which = resolve_backend(backend, hidden.device)
-    if hidden.dtype == torch.float64:
-        which = "torch"
-    with torch.no_grad(), torch.autocast(device_type=hidden.device.type, enabled=False):
-        x = hidden.detach().reshape(-1, hidden.shape[-1])
-        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the target is irrelevant here
-        b = None if bias is None else bias.detach()
-        _, _, lse, ex = _forward_pass(
-            x, weight.detach(), b, t, 1.0 / float(temperature), 1.0, None, ("log_sum_sq_probs",), which
-        )
-    out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return ex["log_sum_sq_probs"].to(out), lse.to(out)
-
-
-def _head_logprobs(head, hidden, labels, temperature: float, backend: str, sum_sq: bool = False):
+def _head_logprobs(head, hidden, labels, temperature, backend: str, sum_sq: bool = False):
     """``fused_linear_logprobs`` of ``hidden`` through ``head`` (its ``weight`` / ``bias``) at ``labels``; with
-    ``sum_sq`` also ``sum_v p_v^2`` (fp32, hidden's leading shape, no gradient) as a third element."""
+    ``sum_sq`` also ``sum_v p_v^2`` (fp32, hidden's leading shape, no gradient) as a third element. ``temperature``:
+    a float, or a float tensor of ``labels``' shape (one per token)."""
     weight, bias = head.weight, getattr(head, "bias", None)
     dev = hidden.device.type
     # Under autocast the GEMM runs in the autocast dtype (as a plain lm_head would); our op then keeps its fp32
@@ -129,6 +108,27 @@ def _fsdp2_head_method(head):
     return method
 
 
+def _forward_temperature(temperature, labels):
+    """The forward's ``temperature`` keyword -> a float (a number or a one-element tensor: the scalar path), or a
+    float32 tensor of ``labels``' shape (one temperature per token; a ``(bsz,)`` tensor for ``(bsz, L)`` labels is
+    one per sample, expanded along the sequence)."""
+    if not isinstance(temperature, torch.Tensor):
+        return float(temperature)
+    if temperature.numel() == 1:
+        return float(temperature.item())
+    t = temperature.detach()
+    if t.dim() == 1 and labels.dim() == 2 and t.shape[0] == labels.shape[0]:
+        t = t.unsqueeze(1)  # one per sample
+    try:
+        t = t.expand(labels.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"the rlvr fused forward takes a number or one temperature per token (labels' shape "
+            f"{tuple(labels.shape)}, or one per sample), got a tensor of shape {tuple(temperature.shape)}"
+        ) from None
+    return t.to(device=labels.device, dtype=torch.float32).contiguous()
+
+
 def _rlvr_forward(
     self,
     input_ids=None,
@@ -179,15 +179,10 @@ def _rlvr_forward(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise RuntimeError("the rlvr fused forward needs input_ids, labels or shift_labels")
-    if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(
-                "the rlvr fused forward takes one temperature per call (verl's fused path asserts the same)"
-            )
-        temperature = float(temperature.item())
+    temperature = _forward_temperature(temperature, rolled)
     head = self.get_output_embeddings()
     backend = getattr(self, "_rlvr_backend", "auto")
-    args = (hidden, rolled.long(), float(temperature), backend)
+    args = (hidden, rolled.long(), temperature, backend)
     kw = {"sum_sq": True} if rlvr_sum_pi_squared else {}
     if _is_fsdp2_unit(head):
         res = _fsdp2_head_method(head)(*args, **kw)
@@ -209,7 +204,9 @@ def patch_forward_with_rlvr(model, *, backend: str = "auto"):
     """Make ``model(...)`` (a Hugging Face causal LM) return verl's ``CausalLMOutputForPPO(log_probs, entropy)``.
 
     Same contract as verl's ``use_fused_kernels`` forwards (``verl.models.transformers.dense_common``): keyword
-    ``temperature`` (a float), labels rolled by -1 (``shift_labels`` when given, else ``labels``, else
+    ``temperature`` (a float; or, unlike verl's, a float tensor with one temperature per token of the labels' shape,
+    or one per sample for ``(bsz, L)`` inputs, as :func:`wrap_prepare_model_inputs` passes verl's per-sample
+    temperature), labels rolled by -1 (``shift_labels`` when given, else ``labels``, else
     ``input_ids``), ``log_probs`` and ``entropy`` fp32 with the leading shape of ``input_ids``, both differentiable;
     computed by :func:`rlvr_kernels.fused_linear_logprobs` from the last hidden states and ``lm_head`` without the
     ``[tokens, vocab]`` logits (on the Triton backend). With ``rlvr_sum_pi_squared=True`` the output also has the
@@ -321,20 +318,67 @@ def _is_rlvr_module(module) -> bool:
     return False
 
 
+def _temperature_of(micro_batch):
+    try:
+        return micro_batch["temperature"]
+    except KeyError:  # verl's own code raises its error
+        return None
+
+
+def _with_flags(micro_batch, **flags):
+    """A shallow copy of the micro-batch with these non-tensor flags (the caller's is left as it is)."""
+    from verl.utils import tensordict_utils as tu
+
+    copy = micro_batch.copy()
+    tu.assign_non_tensor(copy, **flags)
+    return copy
+
+
+def _per_sample_temperature_inputs(self, orig, micro_batch, args, kwargs):
+    """verl's ``prepare_model_inputs`` for a per-sample temperature with the rlvr forward. verl asserts a scalar
+    temperature with ``use_fused_kernels``; its non-fused path already lays the per-sample temperature out per token
+    (``output_args["temperature_rmpad"]``: expanded over the packed sequence, padded with 1, Ulysses-sliced exactly
+    like ``input_ids_rmpad_rolled``). So verl's own code runs with ``use_fused_kernels=False`` (the flag only decides
+    that assertion and these extra arguments), and the arguments verl's fused path adds are added here, the scalar
+    ``temperature`` replaced by the per-token tensor aligned with the labels."""
+    model_inputs, output_args = orig(self, _with_flags(micro_batch, use_fused_kernels=False), *args, **kwargs)
+    if _flag(micro_batch, "use_remove_padding", True):
+        labels = output_args["input_ids_rmpad_rolled"].unsqueeze(0)  # (1, total_nnz (+ pad) [/ sp])
+        temperature = output_args["temperature_rmpad"].unsqueeze(0)
+        model_inputs["shift_labels"] = labels
+    else:
+        labels = model_inputs["input_ids"]  # (bsz, max_seq_len), rolled inside the forward
+        temperature = output_args["temperature"].unsqueeze(1).expand(labels.shape)
+    if temperature.shape != labels.shape:  # a layout this verl does not build: never a silent misalignment
+        raise RuntimeError(
+            f"rlvr_kernels: per-token temperature {tuple(temperature.shape)} does not match the labels "
+            f"{tuple(labels.shape)}"
+        )
+    model_inputs["temperature"] = temperature.to(torch.float32).contiguous()
+    model_inputs["return_dict"] = True
+    return model_inputs, output_args
+
+
 def wrap_prepare_model_inputs(orig):
-    """``FSDPEngineWithLMHead.prepare_model_inputs``: when the micro-batch asks for ``calculate_sum_pi_squared`` with
-    ``use_fused_kernels`` and the module carries the rlvr forward, ask that forward for ``sum_pi_squared`` too."""
+    """``FSDPEngineWithLMHead.prepare_model_inputs`` with ``use_fused_kernels`` and the rlvr forward on the module:
+
+    - a per-sample temperature (a ``(bsz,)`` tensor, which verl's fused path asserts against) reaches the forward
+      as a per-token tensor in the labels' layout (:func:`_per_sample_temperature_inputs`); a scalar one goes
+      through verl's code unchanged;
+    - when the micro-batch asks for ``calculate_sum_pi_squared``, ask that forward for ``sum_pi_squared`` too.
+
+    Anything else (verl's own fused backends included) is verl's code as it is."""
     if getattr(orig, "_rlvr_wrapped", False):
         return orig
 
     @functools.wraps(orig)
     def prepare_model_inputs(self, micro_batch, *args, **kwargs):
-        model_inputs, output_args = orig(self, micro_batch, *args, **kwargs)
-        if (
-            _flag(micro_batch, "calculate_sum_pi_squared", False)
-            and _flag(micro_batch, "use_fused_kernels", False)
-            and _is_rlvr_module(getattr(self, "module", None))
-        ):
+        rlvr = _flag(micro_batch, "use_fused_kernels", False) and _is_rlvr_module(getattr(self, "module", None))
+        if rlvr and isinstance(_temperature_of(micro_batch), torch.Tensor):
+            model_inputs, output_args = _per_sample_temperature_inputs(self, orig, micro_batch, args, kwargs)
+        else:
+            model_inputs, output_args = orig(self, micro_batch, *args, **kwargs)
+        if rlvr and _flag(micro_batch, "calculate_sum_pi_squared", False):
             model_inputs[SUM_PI_SQUARED_KWARG] = True
         return model_inputs, output_args
 
@@ -344,11 +388,7 @@ def wrap_prepare_model_inputs(orig):
 
 def _without_sum_pi_squared(micro_batch):
     """A shallow copy of the micro-batch with ``calculate_sum_pi_squared=False`` (the caller's is left as it is)."""
-    from verl.utils import tensordict_utils as tu
-
-    copy = micro_batch.copy()
-    tu.assign_non_tensor(copy, calculate_sum_pi_squared=False)
-    return copy
+    return _with_flags(micro_batch, calculate_sum_pi_squared=False)
 
 
 def _sum_pi_squared_layout(self, value, output_args, micro_batch):

@@ -126,10 +126,10 @@ def vocab_parallel_sum_pi_squared(
     """``sum_v p_v^2`` fp32 ``[tokens]`` (fp64 for fp64 inputs; the labels' order, as
     :func:`vocab_parallel_logprobs`) of ``softmax(hidden @ W.T / temperature)`` over the full vocabulary, from this
     rank's shard ``weight`` ``[V_local, H]``: verl's ``vocab_parallel_sum_pi_squared`` without the logits. Each shard's
-    ``log sum_v exp(2 z_v)`` and ``lse`` (one chunked pass, :func:`.forward.log_sum_sq_rows`) are all-gathered
+    ``log sum_v exp(2 z_v)`` and ``lse`` (one chunked pass, :func:`.sum_sq.log_sum_sq_rows`) are all-gathered
     (``2 N`` floats per rank) and combined exactly: ``logsumexp_r(log S2_r) - 2 logsumexp_r(lse_r)``. Identical on
     every rank; no gradient (verl reads it in ``compute_log_prob`` only). ``labels`` only fix the token order."""
-    from rlvr_kernels.integrations._verl.forward import log_sum_sq_rows
+    from rlvr_kernels.integrations._verl.sum_sq import log_sum_sq_rows
 
     h, labels = _label_order(hidden_states, labels)
     if isinstance(temperature, torch.Tensor):
