@@ -29,14 +29,16 @@ EXPRESSED = {
 }
 #: verl's own keys of the objectives (read by both verl's loss and the rlvr_* mode)
 VERL_KEYS = dict(dro_beta=0.3, kl_cov_ratio=0.1, ppo_kl_coef=0.7, clip_cov_ratio=0.1, clip_cov_lb=0.02, clip_cov_ub=3.0)
+#: verl losses configured by policy_loss.rollout_correction (their own parity test below; tests/test_verl_bypass.py)
+EXPRESSED_BY_ROLLOUT_CORRECTION = {"bypass_mode": "rlvr_bypass_mode"}
 #: verl losses without an rlvr_* mode yet
-NOT_EXPRESSED = {"bypass_mode"}
+NOT_EXPRESSED: set = set()
 AGG = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 def test_inventory_of_verl_losses():
     assert set(POLICY_LOSS_REGISTRY) - {n for n in POLICY_LOSS_REGISTRY if n.startswith("rlvr_")} == (
-        set(EXPRESSED) | NOT_EXPRESSED
+        set(EXPRESSED) | set(EXPRESSED_BY_ROLLOUT_CORRECTION) | NOT_EXPRESSED
     )
 
 
@@ -81,6 +83,24 @@ def test_rlvr_mode_matches_verl(verl_name, agg):
         torch.testing.assert_close(go, gv, rtol=1e-5, atol=1e-6)
         if verl_name.startswith("dppo"):
             assert 0 < met["rlvr/trust_region_masked_fraction"] < 1
+
+
+@pytest.mark.parametrize("agg", AGG)
+@pytest.mark.parametrize("preset", ["bypass_ppo_clip", "bypass_pg_is", "bypass_pg_token_icepop"])
+def test_rlvr_bypass_mode_matches_verl(preset, agg):
+    """verl's bypass mode (old_log_prob = the rollout's) with one of its presets as policy_loss.rollout_correction."""
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
+
+    rc = getattr(RolloutCorrectionConfig, preset)()
+    ours = EXPRESSED_BY_ROLLOUT_CORRECTION["bypass_mode"]
+    for seed in (0, 1):
+        old, lp, adv, mask, isw = _batch(seed)
+        lv, gv, _ = _run("bypass_mode", _cfg(PolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rc), agg),
+                         old, lp, adv, mask.float(), agg, isw)  # fmt: skip
+        cfg = _cfg(rv.RLVRPolicyLossConfig(loss_mode=ours, rollout_correction=rc), agg)
+        lo, go, _ = _run(ours, cfg, old, lp, adv, mask.float(), agg, isw)  # rollout_is_weights: ignored by both
+        torch.testing.assert_close(lo, lv, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(go, gv, rtol=1e-5, atol=1e-6)
 
 
 def test_binary_kl_differs_from_binary_tv():

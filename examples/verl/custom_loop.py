@@ -45,6 +45,7 @@ def parse_args(argv=None):
         help="a policy_loss.rlvr option (YAML value), repeatable; default: schedule_end_frac=1.0, and schedule=true "
         "for the credit rules with a scheduled variant (forking, entropy_adv, d3s)",
     )
+    p.add_argument("--dro_beta", type=float, default=0.1, help="verl's policy_loss.dro_beta (the rlvr_*dro losses)")
     p.add_argument("--steps", type=int, default=8, help="training steps (one rollout batch each)")
     p.add_argument("--ppo_epochs", type=int, default=2, help="updates per rollout batch")
     p.add_argument("--prompts", type=int, default=4)
@@ -82,7 +83,9 @@ def main(args) -> list[dict]:
         clip_ratio_low=0.2,
         clip_ratio_high=0.28,
         loss_agg_mode="token-mean",
-        policy_loss=rv.RLVRPolicyLossConfig(loss_mode=args.loss_mode, rlvr=rlvr_options(args.rlvr, args.loss_mode)),
+        policy_loss=rv.RLVRPolicyLossConfig(
+            loss_mode=args.loss_mode, rlvr=rlvr_options(args.rlvr, args.loss_mode), dro_beta=args.dro_beta
+        ),
     )
     opts = {**rv.RLVR_OPTION_DEFAULTS, **config.policy_loss.rlvr}
     loss_fn = get_policy_loss_fn(config.policy_loss.loss_mode)

@@ -92,6 +92,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         "rlvr_kernels.integrations.verl needs verl (pip install 'rlvr-kernels[verl]', verl==0.9.1)"
     ) from exc
 
+from rlvr_kernels.integrations._verl import bypass as _bypass  # importing it registers rlvr_bypass_mode
 from rlvr_kernels.integrations._verl import losses as _losses  # importing it registers the losses with verl
 from rlvr_kernels.integrations._verl.context import clear_training_step, loss_context, set_training_step
 from rlvr_kernels.integrations._verl.forward import FORWARD_BACKENDS, patch_forward_with_rlvr
@@ -138,7 +139,7 @@ __all__ = [
 RLVRPolicyLossConfig.__module__ = __name__
 
 # private aliases that tests/test_readme.py checks the README recipe against (its loss, options, forward backend)
-_LOSSES = _losses.LOSSES
+_LOSSES = {**_losses.LOSSES, _bypass.NAME: _bypass.LOSS}
 _options = options_of
 _FORWARD_BACKENDS = FORWARD_BACKENDS
 

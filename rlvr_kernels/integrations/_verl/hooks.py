@@ -31,6 +31,7 @@ import torch
 import wrapt
 
 from rlvr_kernels.integrations._verl import context as _ctx
+from rlvr_kernels.integrations._verl.bypass import hook_rollout_corr_helper
 from rlvr_kernels.integrations._verl.context import check_step, current, logger, loss_context, pushed, warn_once
 from rlvr_kernels.integrations._verl.delta_worker import delta_for_update
 from rlvr_kernels.integrations._verl.forward import (
@@ -338,6 +339,7 @@ _HOOKS: dict[str, tuple] = {
     "verl.workers.engine.base": (_hook_engine_registry,),
     "verl.workers.engine.fsdp.transformer_impl": (_hook_fsdp_engine,),
     "verl.workers.engine.megatron.transformer_impl": (_hook_megatron_engine,),
+    "verl.trainer.ppo.rollout_corr_helper": (hook_rollout_corr_helper,),
 }
 
 

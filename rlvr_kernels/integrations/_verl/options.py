@@ -125,19 +125,22 @@ def _specs() -> dict[str, LossSpec]:
 
 SPECS: dict[str, LossSpec] = _specs()
 LOSS_NAMES: tuple = tuple(SPECS)
+#: ``rlvr_*`` losses outside the catalogue (no :class:`LossSpec`): verl's bypass mode (:mod:`.bypass`)
+OTHER_LOSS_NAMES: tuple = ("rlvr_bypass_mode",)
 
 
 def check_loss_mode(loss_mode) -> None:
     """Raise ``ValueError`` for a ``loss_mode`` that starts with ``rlvr_`` but is none of :data:`LOSS_NAMES` (a typo
     that verl itself would only report at the first actor update, after the first rollout). Other names are verl's
     business (its registry may gain losses later)."""
-    if not isinstance(loss_mode, str) or not loss_mode.startswith("rlvr_") or loss_mode in SPECS:
+    names = LOSS_NAMES + OTHER_LOSS_NAMES
+    if not isinstance(loss_mode, str) or not loss_mode.startswith("rlvr_") or loss_mode in names:
         return
-    close = difflib.get_close_matches(loss_mode, LOSS_NAMES, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(loss_mode, names, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ValueError(
         f"unknown policy loss actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: {hint}"
-        f"the rlvr_* losses are {', '.join(LOSS_NAMES)}"
+        f"the rlvr_* losses are {', '.join(names)}"
     )
 
 
