@@ -22,7 +22,6 @@ pytest.importorskip("trl")
 
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction as TRLFunction  # noqa: E402
 
-import rlvr_kernels.integrations._trl.chunked as chunked  # noqa: E402
 from rlvr_kernels._backend import triton_interpreting  # noqa: E402
 from rlvr_kernels.integrations.trl import (  # noqa: E402
     OPTIONAL_OUTPUTS,
@@ -256,8 +255,11 @@ def test_function_against_autograd_on_full_logits(case):
 
 def test_cpu_routes_plain_case_to_native_rows(monkeypatch):
     seen = []
-    real_native, real_ext = chunked.vocab_rows.row_stats, ref.row_stats_ext
-    monkeypatch.setattr(chunked.vocab_rows, "row_stats", lambda *a, **k: seen.append("native") or real_native(*a, **k))
+    from rlvr_kernels import vocab_pass  # the pass with extra outputs lives there
+
+    rows = vocab_pass.vocab_rows
+    real_native, real_ext = rows.row_stats, ref.row_stats_ext
+    monkeypatch.setattr(rows, "row_stats", lambda *a, **k: seen.append("native") or real_native(*a, **k))
     monkeypatch.setattr(ref, "row_stats_ext", lambda *a, **k: seen.append("ext") or real_ext(*a, **k))
     monkeypatch.setenv("RLVR_KERNELS_BACKEND", "torch")
     h, w, b, t = inputs(torch.float32)

@@ -20,16 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from rlvr_kernels import _gemm
 from rlvr_kernels._backend import first_order_backward, no_autocast, resolve_backend
-from rlvr_kernels.cpu import vocab_rows
-from rlvr_kernels.reference import logprobs as ref
+from rlvr_kernels.vocab_pass import linear_backward_extras, linear_forward_extras
 
 #: TRL's per-token outputs besides the log-probabilities (``trl.kernels.chunked_logprob.OPTIONAL_OUTPUTS``).
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _EXTRAS = OPTIONAL_OUTPUTS[1:]
-# Never a clamped target (every row of the pass counts; TRL ignores no row, its callers mask)
-_NO_IGNORE = -1
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -50,79 +46,6 @@ def _targets(targets: torch.Tensor, v: int) -> tuple[torch.Tensor, torch.Tensor]
     log-prob is ``-logsumexp``, its gradient ``-p``); the pass reads a clamped id and the callers fix the rest."""
     t = targets.reshape(-1).long()
     return t.clamp(0, v - 1), (t >= 0) & (t < v)
-
-
-def _forward_pass(x, w, b, t, inv_temp, logit_scale, softcap, extras, which):
-    """One vocabulary pass over ``x [N, H]`` (compute dtype), ``w [V, H]``, ``b [V]``: ``(logp, entropy, lse)`` ``[N]``
-    in the pass's precision (fp32; fp64 for fp64 inputs on the torch backend) and ``extras`` filled with the requested
-    extra outputs. One chunk of logits at a time (the package's chunk budget)."""
-    n, v = x.shape[0], w.shape[0]
-    plain = softcap is None and not extras
-    if softcap is None:  # a scale without softcap is a temperature
-        inv_temp, logit_scale = inv_temp * logit_scale, 1.0
-    parts = []
-    if which == "triton":
-        from rlvr_kernels.kernels import logprobs as K
-
-        step = max(1, _gemm.chunk_bytes(x.device) // max(1, v * 4))
-        for r0 in range(0, n, step):
-            z = _gemm.logits_fp32(x[r0 : r0 + step], w, b)
-            ex = dict.fromkeys(extras) if extras else None
-            out = K.logits_forward(
-                z, t[r0 : r0 + step], inv_temp, _NO_IGNORE, logit_scale=logit_scale, softcap=softcap, extras=ex
-            )
-            parts.append((*out, ex or {}))
-            del z
-        cdt = torch.float32
-    else:
-        cdt = ref.compute_dtype(x, w, b)
-        w, b = w.to(cdt), (None if b is None else b.to(cdt))
-        step = ref.default_chunk(v, x.device, cdt)
-        buf = x.new_empty((min(n, step), v), dtype=cdt)
-        for r0 in range(0, n, step):
-            z = ref._scaled_logits(x[r0 : r0 + step], w, b, 1.0, out=buf)
-            tc = t[r0 : r0 + step]
-            if plain:
-                parts.append((*vocab_rows.row_stats(z, tc, inv_temp, _NO_IGNORE), {}))
-            else:
-                flags = dict.fromkeys(extras, True)
-                parts.append(
-                    ref.row_stats_ext(z, tc, inv_temp, _NO_IGNORE, logit_scale=logit_scale, softcap=softcap, **flags)
-                )
-    if not parts:
-        empty = x.new_zeros((0,), dtype=cdt)
-        return empty, empty.clone(), empty.clone(), {k: (empty > 0 if k == "is_top1" else empty) for k in extras}
-    logp, ent, lse = (torch.cat([p[i] for p in parts]) for i in range(3))
-    return logp, ent, lse, {k: torch.cat([p[3][k] for p in parts]) for k in extras}
-
-
-def _backward_pass(x, w, b, t, lse, ent, g_logp, g_ent, g_lse, inv_temp, logit_scale, softcap, need, which):
-    """The analytic backward of :func:`_forward_pass` (recomputing the logits chunk by chunk): ``(dx, dw, db)``, None
-    where ``need`` says no. ``g_lse``: the log-normaliser's own upstream gradient."""
-    if softcap is None:
-        inv_temp, logit_scale = inv_temp * logit_scale, 1.0
-    if which == "triton":
-        from rlvr_kernels.vocab_pass import _triton_linear_backward
-
-        return _triton_linear_backward(
-            x, w, b, t, None, lse, ent, g_logp, g_ent, None, inv_temp, _NO_IGNORE, need, g_lse=g_lse, cast=False,
-            logit_scale=logit_scale, softcap=softcap,
-        )  # fmt: skip
-    cdt = ref.compute_dtype(x, w, b)
-    w, b = w.to(cdt), (None if b is None else b.to(cdt))
-    if softcap is None:
-        grad = vocab_rows.row_grad_
-    else:
-
-        def grad(z, tc, ls, en, gl, gh, cp, inv_t, ignore_index):
-            return ref.row_grad_ext_(
-                z, tc, ls, en, gl, gh, cp, inv_t, ignore_index, logit_scale=logit_scale, softcap=softcap
-            )
-
-    return ref.chunked_linear_backward(
-        x, w, b, t, None, lse.to(cdt), ent.to(cdt), g_logp, g_ent, None, inv_temp, _NO_IGNORE,
-        ref.default_chunk(w.shape[0], x.device, cdt), need, grad=grad, g_lse=g_lse,
-    )  # fmt: skip
 
 
 class ChunkedLogProbFunction(torch.autograd.Function):
@@ -179,7 +102,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             x = hidden.to(cdt)
             w = weight.to(cdt)
             b = None if bias is None else bias.to(cdt)
-            logp, ent, lse, ex = _forward_pass(x, w, b, t, inv_temp, logit_scale, softcap, extras, which)
+            logp, ent, lse, ex = linear_forward_extras(x, w, b, t, inv_temp, logit_scale, softcap, extras, which)
         # TRL: a target outside [0, V) has the target logit 0
         logp = torch.where(in_range, logp, -lse).float()
         entropy = ent.float() if want_entropy else None
@@ -221,7 +144,7 @@ class ChunkedLogProbFunction(torch.autograd.Function):
             x = hidden.to(cdt)
             w = weight.to(cdt)
             b = None if bias is None else bias.to(cdt)
-            dx, dw, db = _backward_pass(
+            dx, dw, db = linear_backward_extras(
                 x, w, b, t, lse, ent, g_logp, g_ent, g_lse, inv_temp, logit_scale, softcap, need, ctx.which
             )
         return (

@@ -20,7 +20,7 @@ def log_sum_sq_rows(hidden, weight, bias, temperature, backend: str):
     if isinstance(temperature, torch.Tensor):
         temperature = float(temperature.item())
     from rlvr_kernels._backend import resolve_backend
-    from rlvr_kernels.integrations._trl.chunked import _forward_pass
+    from rlvr_kernels.vocab_pass import linear_forward_extras
 
     which = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64:
@@ -29,7 +29,7 @@ def log_sum_sq_rows(hidden, weight, bias, temperature, backend: str):
         x = hidden.detach().reshape(-1, hidden.shape[-1])
         t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the target is irrelevant here
         b = None if bias is None else bias.detach()
-        _, _, lse, ex = _forward_pass(
+        _, _, lse, ex = linear_forward_extras(
             x, weight.detach(), b, t, 1.0 / float(temperature), 1.0, None, ("log_sum_sq_probs",), which
         )
     out = torch.float64 if hidden.dtype == torch.float64 else torch.float32
